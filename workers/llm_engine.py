@@ -1,0 +1,237 @@
+"""The engine loop: requests in, one scheduled forward pass per `step()`, outputs out.
+
+Owns the request table. Validation happens before a request touches any engine state, so a
+bad request raises a clear `ValueError` and the others keep running.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+
+from workers.block_manager import BlockManager, CacheEvent
+from workers.config import EngineConfig
+from workers.detokenizer import IncrementalDetokenizer
+from workers.model_runner import ModelRunner, load_hf_config
+from workers.outputs import CompletionOutput, RequestOutput
+from workers.sampler import Sampler
+from workers.sampling_params import SamplingParams
+from workers.scheduler import Scheduler
+from workers.sequence import Sequence
+
+PromptType = Union[str, dict, list]
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer]
+    sent_tokens: list[int] = field(default_factory=list)  # per output: tokens already reported
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_running_tokens: int
+    num_waiting_tokens: int
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from transformers import AutoTokenizer
+
+        torch.manual_seed(config.seed)
+        self.config = config
+        self.hf_config = load_hf_config(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.runner = ModelRunner(config, self.hf_config)
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.eos_token_ids = self._eos_ids()
+        self.sampler = Sampler(self.runner.device, self.eos_token_ids)
+        self.max_model_len = min(config.max_model_len or self.hf_config.max_position_embeddings,
+                                 self.hf_config.max_position_embeddings)
+        self.vocab_size = self.hf_config.vocab_size
+        self.requests: dict[str, _Request] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.hf_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        try:
+            from transformers import GenerationConfig
+
+            gen_eos = GenerationConfig.from_pretrained(self.config.model).eos_token_id
+            ids.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+        except OSError:
+            pass
+        return ids
+
+    # ------------------------------------------------------------ validation
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt and isinstance(prompt["prompt"], str):
+                return self.tokenize_prompt(prompt["prompt"])
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError("a prompt must be a string, a list of token ids, or a dict with "
+                         "'prompt_token_ids' or 'prompt'")
+
+    def validate(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int], SamplingParams]:
+        """Check a request without touching engine state; raises ValueError with the reason."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self.tokenize_prompt(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in ids):
+            bad = next(t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size)
+            raise ValueError(f"prompt token id {bad!r} is out of the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this model's context length is "
+                             f"{self.max_model_len}, and at least one token must be generated")
+        max_tokens = params.max_tokens or (self.max_model_len - len(ids))
+        if len(ids) + max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                             f"length {self.max_model_len}")
+        need = self.block_manager.blocks_needed(len(ids) + max_tokens)
+        if need > self.block_manager.num_blocks:
+            raise ValueError(f"the request needs {need} KV blocks but the cache has only "
+                             f"{self.block_manager.num_blocks}")
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise ValueError("stop_token_ids contains ids outside the vocabulary")
+        return text, ids, params
+
+    # -------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids, params = self.validate(prompt, params)
+        now = arrival_time if arrival_time is not None else time.monotonic()
+        seqs, detoks = [], []
+        for i in range(params.n):
+            seq = Sequence(request_id, ids, params, arrival_time=now, output_index=i)
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
+                                                 params.stop_list, params.include_stop_str_in_output))
+            self.scheduler.add(seq)
+        self.requests[request_id] = _Request(request_id, text, ids, params, seqs, detoks, [0] * params.n)
+        self.prompt_tokens_total += len(ids)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final (aborted) output."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+                self.sampler.forget(seq)
+        return self._emit(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("the scheduler cannot admit any waiting request (KV cache too small)")
+            return []
+        logits = self.runner.execute(sched)
+        sampling = [item.seq for item in sched.scheduled if item.samples]
+        for item in sched.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(item.seq)
+        results = self.sampler(logits, sampling) if sampling else []
+        touched: dict[str, _Request] = {}
+        for seq, result in zip(sampling, results):
+            req = self.requests[seq.request_id]
+            self._append_token(req, seq, result.token_id, result.logprobs)
+            touched[req.request_id] = req
+        return [self._emit(req) for req in touched.values()]
+
+    def _append_token(self, req: _Request, seq: Sequence, token: int, logprobs) -> None:
+        seq.token_ids.append(token)
+        self.generation_tokens_total += 1
+        if logprobs is not None:
+            seq.output_logprobs.append(logprobs)
+        params = seq.sampling_params
+        stop_str = req.detoks[seq.output_index].add_token(token)
+        max_tokens = params.max_tokens or (self.max_model_len - seq.num_prompt_tokens)
+        can_stop = seq.num_output_tokens >= params.min_tokens
+        if can_stop and not params.ignore_eos and token in self.eos_token_ids:
+            self._finish(seq, "stop", None)
+        elif can_stop and token in params.stop_token_ids:
+            self._finish(seq, "stop", token)
+        elif can_stop and stop_str is not None:
+            self._finish(seq, "stop", stop_str)
+        elif seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length", None)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        self.scheduler.finish(seq, reason, stop_reason)
+        self.sampler.forget(seq)
+
+    def _emit(self, req: _Request) -> RequestOutput:
+        outputs = []
+        for i, (seq, detok) in enumerate(zip(req.seqs, req.detoks)):
+            token_ids = seq.output_token_ids
+            logprobs = list(seq.output_logprobs) if req.params.logprobs is not None else None
+            cumulative = None
+            if logprobs is not None:
+                cumulative = sum(lp[t].logprob for lp, t in zip(logprobs, token_ids))
+            outputs.append(CompletionOutput(
+                index=i, text=detok.text, token_ids=token_ids,
+                delta_text=detok.take_stream_delta(seq.is_finished),
+                delta_token_ids=token_ids[req.sent_tokens[i]:],
+                cumulative_logprob=cumulative, logprobs=logprobs,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            ))
+            req.sent_tokens[i] = len(token_ids)
+        finished = all(seq.is_finished for seq in req.seqs)
+        if finished:
+            del self.requests[req.request_id]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished,
+                             num_cached_tokens=req.seqs[0].num_cached_tokens)
+
+    # ------------------------------------------------------------- telemetry
+    def drain_cache_events(self) -> list[CacheEvent]:
+        return self.block_manager.drain_events()
+
+    def stats(self) -> EngineStats:
+        bm, sch = self.block_manager, self.scheduler
+        return EngineStats(
+            num_running=len(sch.running), num_waiting=len(sch.waiting),
+            num_running_tokens=sch.num_running_tokens, num_waiting_tokens=sch.num_waiting_tokens,
+            num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks, kv_usage=bm.usage,
+            prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
+            num_preemptions=sch.num_preemptions, prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+        )
