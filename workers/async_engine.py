@@ -1,0 +1,151 @@
+"""The engine behind a server: one background thread runs `LLMEngine.step()` in a loop while
+callers on an asyncio loop submit requests and read their outputs as streams.
+
+The engine is touched only by its thread; `generate()` validates the request in the caller
+(so bad input raises there, at once) and hands it over through a queue. Leaving the stream
+early (client gone, task cancelled) aborts the request and frees its blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from workers.config import EngineConfig
+from workers.llm_engine import EngineStats, LLMEngine, PromptType
+from workers.outputs import RequestOutput
+from workers.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._stats = engine.stats()
+        self._error: BaseException | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncLLM":
+        return cls(LLMEngine(config))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    # -------------------------------------------------------------- public
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream this request's outputs (each carries the text/tokens so far and the delta)."""
+        if self._error is not None:
+            raise EngineDeadError(f"the engine loop died: {self._error!r}")
+        self.engine.validate(prompt, sampling_params)  # pure: safe outside the engine thread
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._commands.put(("add", request_id, prompt, sampling_params))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        """A snapshot taken by the engine thread after its last step."""
+        return self._stats
+
+    def call_in_engine(self, fn, *args):
+        """Run `fn(engine, *args)` on the engine thread at a step boundary; returns a future."""
+        import concurrent.futures
+
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", fn, args, fut))
+        return fut
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._commands.put(("wake",))
+        self._thread.join(timeout=10)
+
+    # --------------------------------------------------------- engine thread
+    def _handle(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, request_id, prompt, params = cmd
+            stream = self._streams.get(request_id)
+            if stream is None:
+                return  # the caller already left
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except ValueError as e:
+                stream.put(e)
+        elif kind == "abort":
+            out = self.engine.abort_request(cmd[1])
+            stream = self._streams.get(cmd[1])
+            if out is not None and stream is not None:
+                stream.put(out)
+        elif kind == "call":
+            _, fn, args, fut = cmd
+            try:
+                fut.set_result(fn(self.engine, *args))
+            except Exception as e:  # reported to the caller, the loop goes on
+                fut.set_exception(e)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                idle = not self.engine.has_unfinished_requests()
+                try:
+                    # idle: sleep until a command arrives; busy: take what is queued, then step
+                    self._handle(self._commands.get(timeout=0.5) if idle else self._commands.get_nowait())
+                    while True:
+                        self._handle(self._commands.get_nowait())
+                except queue.Empty:
+                    pass
+                if not self.engine.has_unfinished_requests():
+                    self._stats = self.engine.stats()
+                    continue
+                for out in self.engine.step():
+                    stream = self._streams.get(out.request_id)
+                    if stream is not None:
+                        stream.put(out)
+                self._stats = self.engine.stats()
+        except BaseException as e:  # the engine is broken: fail every open stream loudly
+            self._error = e
+            for stream in list(self._streams.values()):
+                stream.put(EngineDeadError(f"the engine loop died: {e!r}"))
+            raise
