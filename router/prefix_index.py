@@ -1,0 +1,350 @@
+"""The prefix index: which replica of a pool holds which cached prefix, as a radix tree.
+
+One tree per pool, over block-hash chains (`workers/prefix_hash.py`). Each node is a run of
+block hashes with no branch inside and one set of replicas that hold every block of the run
+(SGLang's radix cache, with replica sets in place of lock refs). Because a block hash names its
+whole prefix, `_node_of` maps any hash straight to its node, so a `BlocksStored` event can be
+placed under its `parent_hash` without replaying the path.
+
+A replica can use a block only if it holds every block before it, so `match` walks the
+request's chain once and, per replica, counts blocks until the first one it does not hold.
+
+The index is a view fed by worker events and never claims more than the workers reported:
+blocks whose parent it does not know are dropped, a replica's view is dropped on an event gap,
+and above `max_blocks` the least recently matched leaves are evicted. Each of those costs hit
+rate only.
+"""
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Sequence
+
+from router.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEvent, KVEventBatch
+from workers.prefix_hash import ROOT_HASH
+
+
+class _Node:
+    __slots__ = ("block_hashes", "replica_ids", "children", "parent", "last_access")
+
+    def __init__(self, block_hashes: list[int], replica_ids: set[str], parent: _Node | None, last_access: int) -> None:
+        self.block_hashes = block_hashes
+        self.replica_ids = replica_ids
+        self.children: dict[int, _Node] = {}  # first hash of the child's run -> child
+        self.parent = parent
+        self.last_access = last_access
+
+
+class PrefixIndex:
+    """Radix tree over block-hash chains with per-node replica sets, bounded to `max_blocks`."""
+
+    def __init__(self, max_blocks: int = 1_000_000, evict_to_fraction: float = 0.9) -> None:
+        self._root = _Node([], set(), None, 0)
+        self._node_of: dict[int, _Node] = {}
+        self._clock = 0
+        self.num_evicted_blocks = 0
+        self._evict_to_fraction = evict_to_fraction
+        self.set_max_blocks(max_blocks)
+        self._last_seq: dict[str, int] = {}
+        self.num_dropped_blocks = 0  # stored blocks whose parent the index did not know
+        self.num_view_drops = 0  # replica views dropped on a sequence gap or restart
+
+    def set_max_blocks(self, max_blocks: int) -> None:
+        if max_blocks < 1:
+            raise ValueError("max_blocks must be >= 1")
+        self.max_blocks = max_blocks
+        # Evict down to this many at once so a full index does not scan its leaves per insert.
+        self._evict_to = max(0, min(max_blocks - 1, int(max_blocks * self._evict_to_fraction)))
+        if self.num_blocks > max_blocks:
+            self.evict(self.num_blocks - self._evict_to)
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._node_of)
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes other than the root."""
+        count, stack = 0, list(self._root.children.values())
+        while stack:
+            node = stack.pop()
+            count += 1
+            stack.extend(node.children.values())
+        return count
+
+    def match(self, block_hashes: Sequence[int], candidates: Iterable[str] | None = None) -> dict[str, int]:
+        """Per replica, how many leading blocks of `block_hashes` it holds (only those > 0)."""
+        self._clock += 1
+        allowed = set(candidates) if candidates is not None else None
+        matched: dict[str, int] = {}
+        alive: set[str] | None = None
+        node, depth, total = self._root, 0, len(block_hashes)
+        while depth < total:
+            child = node.children.get(block_hashes[depth])
+            if child is None:
+                break
+            run = child.block_hashes
+            length = 1
+            limit = min(len(run), total - depth)
+            while length < limit and run[length] == block_hashes[depth + length]:
+                length += 1
+            if alive is None:
+                alive = set(child.replica_ids) if allowed is None else child.replica_ids & allowed
+            else:
+                for replica_id in alive - child.replica_ids:
+                    matched[replica_id] = depth
+                alive &= child.replica_ids
+            if not alive:
+                break
+            child.last_access = self._clock
+            depth += length
+            if length < len(run):
+                break
+            node = child
+        for replica_id in alive or ():
+            matched[replica_id] = depth
+        return {replica_id: n for replica_id, n in matched.items() if n > 0}
+
+    def replicas(self) -> set[str]:
+        found: set[str] = set()
+        stack = list(self._root.children.values())
+        while stack:
+            node = stack.pop()
+            found |= node.replica_ids
+            stack.extend(node.children.values())
+        return found
+
+    # ---- feeding ----------------------------------------------------------------------------
+
+    def apply_batch(self, batch: KVEventBatch) -> None:
+        """Apply a batch; on a sequence gap or restart, drop the replica's view first."""
+        last = self._last_seq.get(batch.replica_id)
+        if last is not None and batch.seq != last + 1:
+            self.remove_replica(batch.replica_id)
+            self.num_view_drops += 1
+        self._last_seq[batch.replica_id] = batch.seq
+        for event in batch.events:
+            self.apply(event)
+
+    def apply(self, event: KVEvent) -> None:
+        if isinstance(event, BlocksStored):
+            self.insert(event.replica_id, event.block_hashes, event.parent_hash)
+        elif isinstance(event, BlocksRemoved):
+            self.remove(event.replica_id, event.block_hashes)
+        elif isinstance(event, AllBlocksCleared):
+            self.remove_replica(event.replica_id)
+        else:
+            raise TypeError(f"not a KV event: {type(event).__name__}")
+
+    def insert(self, replica_id: str, block_hashes: Sequence[int], parent_hash: int | None = None) -> None:
+        """`replica_id` holds `block_hashes`, the chain continuing after `parent_hash`."""
+        if not block_hashes:
+            return
+        self._clock += 1
+        touched: list[_Node] = []
+        if parent_hash is None or (parent_hash == ROOT_HASH and ROOT_HASH not in self._node_of):
+            node = self._root
+        else:
+            node = self._node_of.get(parent_hash)
+            if node is None:
+                self.num_dropped_blocks += len(block_hashes)
+                return
+            offset = node.block_hashes.index(parent_hash)
+            if offset + 1 < len(node.block_hashes):
+                self._split(node, offset + 1)
+                touched.append(node)
+        i = 0
+        while i < len(block_hashes):
+            child = node.children.get(block_hashes[i])
+            if child is None:
+                new_run = self._new_run(block_hashes[i:])
+                if not new_run:
+                    break
+                child = _Node(new_run, {replica_id}, node, self._clock)
+                node.children[child.block_hashes[0]] = child
+                for block_hash in child.block_hashes:
+                    self._node_of[block_hash] = child
+                touched.append(child)
+                break
+            run = child.block_hashes
+            length = 1
+            limit = min(len(run), len(block_hashes) - i)
+            while length < limit and run[length] == block_hashes[i + length]:
+                length += 1
+            if length < len(run):
+                self._split(child, length)
+                touched.append(child)  # the split may need undoing if nothing hangs below it
+            if replica_id not in child.replica_ids:
+                child.replica_ids.add(replica_id)
+                touched.append(child)
+            child.last_access = self._clock
+            node = child
+            i += length
+        for node in touched:
+            if node.parent is not None:  # not folded into a neighbour already
+                self._merge_around(node)
+        if self.num_blocks > self.max_blocks:
+            self.evict(self.num_blocks - self._evict_to)
+
+    def remove(self, replica_id: str, block_hashes: Sequence[int]) -> None:
+        """`replica_id` no longer holds `block_hashes` (unknown ones are ignored)."""
+        i = 0
+        while i < len(block_hashes):
+            node = self._node_of.get(block_hashes[i])
+            if node is None or replica_id not in node.replica_ids:
+                i += 1
+                continue
+            start = node.block_hashes.index(block_hashes[i])
+            end = start + 1
+            while (
+                end < len(node.block_hashes)
+                and i + end - start < len(block_hashes)
+                and node.block_hashes[end] == block_hashes[i + end - start]
+            ):
+                end += 1
+            i += end - start
+            if end < len(node.block_hashes):
+                self._split(node, end)
+            if start > 0:
+                node = self._split(node, start)
+            node.replica_ids.discard(replica_id)
+            self._prune_or_merge(node)
+
+    def remove_replica(self, replica_id: str) -> None:
+        """Forget everything `replica_id` holds."""
+        self._last_seq.pop(replica_id, None)
+        changed: list[_Node] = []
+        stack = list(self._root.children.values())
+        while stack:
+            node = stack.pop()
+            if replica_id in node.replica_ids:
+                node.replica_ids.discard(replica_id)
+                changed.append(node)
+            stack.extend(node.children.values())
+        # Deepest first, so pruning a leaf can expose its (also changed) parent.
+        for node in reversed(changed):
+            if node.parent is not None:  # still in the tree
+                self._prune_or_merge(node)
+
+    def evict(self, num_blocks: int) -> int:
+        """Drop at least `num_blocks` blocks (or all), least recently matched leaves first."""
+        leaves = [(n.last_access, id(n), n) for n in self._leaves()]
+        heapq.heapify(leaves)
+        evicted = 0
+        while evicted < num_blocks and leaves:
+            _, _, leaf = heapq.heappop(leaves)
+            if leaf.parent is None or leaf.children:  # already gone, or no longer a leaf
+                continue
+            parent = leaf.parent
+            evicted += len(leaf.block_hashes)
+            self._delete_leaf(leaf)
+            while parent is not self._root and not parent.children and not parent.replica_ids:
+                grandparent = parent.parent
+                evicted += len(parent.block_hashes)
+                self._delete_leaf(parent)
+                parent = grandparent
+            if parent is self._root:
+                continue
+            parent = self._merge_around(parent)
+            if not parent.children:
+                heapq.heappush(leaves, (parent.last_access, id(parent), parent))
+        self.num_evicted_blocks += evicted
+        return evicted
+
+    # ---- tree surgery -----------------------------------------------------------------------
+
+    def _leaves(self) -> list[_Node]:
+        leaves, stack = [], list(self._root.children.values())
+        while stack:
+            node = stack.pop()
+            if node.children:
+                stack.extend(node.children.values())
+            else:
+                leaves.append(node)
+        return leaves
+
+    def _split(self, node: _Node, offset: int) -> _Node:
+        """Cut `node`'s run before `offset`; returns the new lower node (the run's tail)."""
+        tail = _Node(node.block_hashes[offset:], set(node.replica_ids), node, node.last_access)
+        tail.children = node.children
+        for child in tail.children.values():
+            child.parent = tail
+        for block_hash in tail.block_hashes:
+            self._node_of[block_hash] = tail
+        node.block_hashes = node.block_hashes[:offset]
+        node.children = {tail.block_hashes[0]: tail}
+        return tail
+
+    def _delete_leaf(self, leaf: _Node) -> None:
+        assert leaf.parent is not None and not leaf.children
+        del leaf.parent.children[leaf.block_hashes[0]]
+        for block_hash in leaf.block_hashes:
+            del self._node_of[block_hash]
+        leaf.parent = None
+
+    def _prune_or_merge(self, node: _Node) -> None:
+        """After `node` lost a replica: delete it if it holds nothing and leads nowhere."""
+        while node is not self._root and not node.children and not node.replica_ids:
+            parent = node.parent
+            assert parent is not None
+            self._delete_leaf(node)
+            node = parent
+        if node is not self._root:
+            self._merge_around(node)
+
+    def _new_run(self, block_hashes: Sequence[int]) -> list[int]:
+        """The leading hashes not yet in the tree (a well-formed chain has no repeats; a
+        malformed or colliding event is cut where it would alias an existing block)."""
+        run: list[int] = []
+        seen: set[int] = set()
+        for block_hash in block_hashes:
+            if block_hash in self._node_of or block_hash in seen:
+                self.num_dropped_blocks += len(block_hashes) - len(run)
+                break
+            seen.add(block_hash)
+            run.append(block_hash)
+        return run
+
+    def _merge_around(self, node: _Node) -> _Node:
+        """Keep runs maximal: fold a single child with the same replica set into its parent.
+        Returns the node that now holds `node`'s run."""
+        parent = node.parent
+        if parent is not None and parent is not self._root and len(parent.children) == 1 and parent.replica_ids == node.replica_ids:
+            self._absorb_child(parent)
+            node = parent
+        if len(node.children) == 1:
+            (child,) = node.children.values()
+            if child.replica_ids == node.replica_ids:
+                self._absorb_child(node)
+        return node
+
+    def _absorb_child(self, node: _Node) -> None:
+        (child,) = node.children.values()
+        node.block_hashes = node.block_hashes + child.block_hashes
+        for block_hash in child.block_hashes:
+            self._node_of[block_hash] = node
+        node.children = child.children
+        for grandchild in node.children.values():
+            grandchild.parent = node
+        node.last_access = max(node.last_access, child.last_access)
+        child.parent = None
+        child.children = {}
+
+    def check_invariants(self) -> None:
+        """Assert the tree's structure (tests call this after every operation)."""
+        seen = 0
+        stack = [(child, self._root) for child in self._root.children.values()]
+        while stack:
+            node, parent = stack.pop()
+            assert node.parent is parent and node.block_hashes, "broken parent link or empty run"
+            assert parent.children[node.block_hashes[0]] is node
+            assert node.replica_ids or node.children, "a node holding nothing must lead somewhere"
+            if parent is not self._root:
+                assert not (len(parent.children) == 1 and parent.replica_ids == node.replica_ids), "run not maximal"
+            for block_hash in node.block_hashes:
+                assert self._node_of[block_hash] is node
+            seen += len(node.block_hashes)
+            stack.extend((child, node) for child in node.children.values())
+        assert seen == len(self._node_of)
+        assert self.num_blocks <= self.max_blocks
