@@ -11,8 +11,8 @@ from workers.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", **engine_kwargs) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, device=device, dtype=dtype, **engine_kwargs))
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", weights=None, **engine_kwargs) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, device=device, dtype=dtype, **engine_kwargs), weights)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -52,14 +52,14 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, weights=None) -> None:
         from transformers import AutoTokenizer
 
         torch.manual_seed(config.seed)
         self.config = config
         self.hf_config = load_hf_config(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.runner = ModelRunner(config, self.hf_config)
+        self.runner = ModelRunner(config, self.hf_config, weights)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_ids = self._eos_ids()
@@ -183,7 +183,7 @@ class LLMEngine:
         if logprobs is not None:
             seq.output_logprobs.append(logprobs)
         params = seq.sampling_params
-        stop_str = req.detoks[seq.output_index].add_token(token)
+        stop_str = req.detoks[seq.output_index].add_token(token) if params.detokenize else None
         max_tokens = params.max_tokens or (self.max_model_len - seq.num_prompt_tokens)
         can_stop = seq.num_output_tokens >= params.min_tokens
         if can_stop and not params.ignore_eos and token in self.eos_token_ids:

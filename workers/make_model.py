@@ -11,7 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+DENSE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+MOE_ARCHITECTURES = ("qwen3_moe", "mixtral", "qwen2_moe")
+ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -39,6 +41,12 @@ _SIZES = {
     "tiny": _TINY,
     "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, head_dim=32, max_position_embeddings=4096),
+}
+# Expert shapes for the MoE architectures, on top of the size's attention shape. Tiny MoE models
+# get a third layer so qwen3_moe can keep one dense layer (mlp_only_layers) between sparse ones.
+_MOE = {
+    "tiny": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, num_hidden_layers=3),
+    "small": dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=128),
 }
 
 
@@ -83,11 +91,36 @@ def build_config(arch: str, size: str, vocab_size: int, bos_id: int, eos_id: int
     if arch == "mistral":
         return transformers.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False,
                                           rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    if arch in MOE_ARCHITECTURES:
+        return _moe_config(arch, common, _MOE[size])
     if arch == "qwen2":
         return transformers.Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False,
                                         rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     return transformers.Qwen3Config(**common, tie_word_embeddings=True, use_sliding_window=False,
                                     rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+
+
+def _moe_config(arch: str, common: dict, moe: dict):
+    import transformers
+
+    common = {**common, "num_hidden_layers": moe.get("num_hidden_layers", common["num_hidden_layers"])}
+    rope = {"rope_type": "default", "rope_theta": 1e6}
+    if arch == "mixtral":  # Mixtral's experts use intermediate_size; renormalised top-2 routing
+        return transformers.MixtralConfig(
+            **{**common, "intermediate_size": moe["moe_intermediate_size"]}, sliding_window=None,
+            num_local_experts=moe["num_experts"], num_experts_per_tok=moe["num_experts_per_tok"],
+            tie_word_embeddings=False, rope_parameters=rope)
+    experts = dict(num_experts=moe["num_experts"], num_experts_per_tok=moe["num_experts_per_tok"],
+                   moe_intermediate_size=moe["moe_intermediate_size"], decoder_sparse_step=1)
+    if arch == "qwen3_moe":  # as Qwen3-30B-A3B: top-k renormalised; layer 1 kept dense here
+        return transformers.Qwen3MoeConfig(**common, **experts, norm_topk_prob=True, mlp_only_layers=[1],
+                                           tie_word_embeddings=True, use_sliding_window=False,
+                                           rope_parameters=rope)
+    # qwen2_moe: raw top-k softmax weights plus a sigmoid-gated shared expert, qkv bias
+    return transformers.Qwen2MoeConfig(**common, **experts, norm_topk_prob=False, mlp_only_layers=[],
+                                       shared_expert_intermediate_size=2 * moe["moe_intermediate_size"],
+                                       qkv_bias=True, tie_word_embeddings=False, use_sliding_window=False,
+                                       rope_parameters=rope)
 
 
 def make_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, size: str = "tiny") -> Path:

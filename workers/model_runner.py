@@ -34,36 +34,46 @@ def load_hf_config(model_dir: str):
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config) -> None:
+    def __init__(self, config: EngineConfig, hf_config, weights=None) -> None:
         self.config = config
         self.hf_config = hf_config
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
-        self.model = self._load_model()
+        self.model = self._load_model(weights)
         self.num_kv_blocks = config.num_kv_blocks or self._num_blocks_from_memory()
         self.kv_cache = torch.zeros(self.kv_cache_shape(self.num_kv_blocks), dtype=self.dtype, device=self.device)
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from workers.cuda_graphs import CudaGraphDecoder
+
+            max_model_len = config.max_model_len or hf_config.max_position_embeddings
+            self.graphs = CudaGraphDecoder(self.model, self.kv_cache, -(-max_model_len // self.block_size),
+                                           config.max_num_seqs)
+            self.graphs.capture()
 
     # ---------------------------------------------------------------- set-up
-    def _load_model(self) -> torch.nn.Module:
+    def _load_model(self, weights=None) -> torch.nn.Module:
+        """From the folder's safetensors, or from `weights` ((name, tensor) pairs in HF naming)
+        when given: benchmarks hand over an in-memory HF model's state dict that way."""
         from safetensors import safe_open
 
         cls = model_class_for(self.hf_config)
         files = sorted(glob.glob(os.path.join(self.config.model, "*.safetensors")))
-        if not files:
+        if not files and weights is None:
             raise FileNotFoundError(f"no *.safetensors weights in {self.config.model!r}")
         with torch.device("meta"):
             model = cls(self.hf_config)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.build_rope_table(self.device)
 
-        def weights():
+        def from_files():
             for path in files:
                 with safe_open(path, framework="pt", device="cpu") as f:
                     for name in f.keys():
                         yield name, f.get_tensor(name)
 
-        model.load_weights(weights())
+        model.load_weights(from_files() if weights is None else weights)
         return model.eval()
 
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
@@ -134,5 +144,9 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
         """Run one step; returns logits [num_sampling_seqs, vocab] (float32)."""
         inputs = self.prepare(sched)
+        ctx = inputs.ctx
+        if self.graphs is not None and ctx.is_decode and self.graphs.padded_size(len(sched.scheduled)):
+            return self.graphs.run(inputs.input_ids, inputs.positions, ctx.slot_mapping, ctx.context_lens,
+                                   ctx.block_tables, len(sched.scheduled))
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
         return self.model.compute_logits(hidden[inputs.logits_indices]).float()

@@ -24,6 +24,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs to return besides the chosen token's
     prompt_logprobs: int | None = None  # accepted for API compatibility; not computed
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only (text stays empty; stop strings need text)
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +64,8 @@ class SamplingParams:
             bad(f"seed must be an integer, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_list):
             bad("stop strings must be non-empty strings")
+        if self.stop_list and not self.detokenize:
+            bad("stop strings need detokenize=True")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids must be non-negative integers")
 

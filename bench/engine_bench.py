@@ -1,0 +1,346 @@
+"""Offline engine benchmark: Tandem vs HF transformers on the same random weights, one device.
+
+    python bench/engine_bench.py --device cuda --out bench/results   # Llama-3-8B shape, bf16
+    python bench/engine_bench.py --device cpu  --out bench/results   # small random model, fp32
+
+Measures (each figure's meaning is written into the markdown report):
+  1. batch-1 decode ms/token vs the roofline (weight + KV bytes / device copy bandwidth measured here);
+  2. prefill of a 4k prompt in TFLOP/s vs the bf16 matmul rate measured here (GPU only);
+  3. offline throughput on a mixed workload (prompts uniform in [lo, hi] tokens, outputs exponential,
+     EOS ignored), counting only requested output tokens: Tandem, HF static batching (`generate`,
+     fixed batches, left-padded), and HF continuous batching (`generate_batch`).
+HF baselines run on a prefix of the workload when the full one would not fit the time box; the
+report says how many requests each system ran.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workers import LLM, SamplingParams  # noqa: E402
+
+CONFIG_8B = Path(__file__).parent / "configs" / "llama3_8b.json"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_copy_bandwidth(device: str) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    n = (1 << 30) if device.startswith("cuda") else (1 << 26)
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * src.numel() * 4 / sorted(times)[len(times) // 2]
+
+
+def measure_matmul(device: str, dtype: torch.dtype) -> float:
+    n = 8192 if device.startswith("cuda") else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / sorted(times)[len(times) // 2]
+
+
+def make_workload(num: int, lo: int, hi: int, mean_out: int, cap: int, vocab: int, seed: int = 0):
+    rng = random.Random(seed)
+    prompts, outs = [], []
+    for _ in range(num):
+        prompts.append([rng.randrange(10, vocab - 10) for _ in range(rng.randint(lo, hi))])
+        outs.append(max(1, min(cap, int(rng.expovariate(1.0 / mean_out)))))
+    return prompts, outs
+
+
+def hf_static(model, prompts, outs, batch: int, device: str, pad_id: int) -> tuple[float, int]:
+    """HF `generate` in fixed batches (left-padded); counts only the requested tokens."""
+    total_tokens, t0 = 0, time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        ps, os_ = prompts[i : i + batch], outs[i : i + batch]
+        width = max(len(p) for p in ps)
+        ids = torch.full((len(ps), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ps), width), dtype=torch.long)
+        for j, p in enumerate(ps):
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        with torch.inference_mode():
+            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(os_),
+                           min_new_tokens=max(os_), do_sample=False, pad_token_id=pad_id)
+        total_tokens += sum(os_)
+    sync(device)
+    return total_tokens / (time.perf_counter() - t0), len(prompts)
+
+
+def hf_continuous(model, prompts, max_new: int, device: str, pad_id: int) -> tuple[float, int]:
+    """HF `generate_batch` (continuous batching). Its API takes one max_new_tokens for all
+    requests, so every request asks for `max_new` tokens and all generated tokens count."""
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
+    t0 = time.perf_counter()
+    results = model.generate_batch(inputs=prompts, generation_config=cfg)  # manages its own no-grad
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    generated = sum(len(r.generated_tokens) for r in results.values())
+    return generated / elapsed, len(prompts)
+
+
+def hf_greedy(model, prompt, n, device) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=n, do_sample=False,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device))
+    return out[0, len(prompt):].tolist()
+
+
+def build_models(args, tmp: Path):
+    """An HF model (random, seeded) and a model folder (config + tokenizer) for Tandem."""
+    import transformers
+
+    from workers.make_model import build_tokenizer, make_model
+
+    if args.device.startswith("cuda"):
+        config = transformers.AutoConfig.from_pretrained(CONFIG_8B)
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        folder = tmp / "llama3-8b-random"
+        config.save_pretrained(folder)
+        build_tokenizer().save_pretrained(folder)
+        return hf.eval(), folder, True
+    folder = make_model(tmp / "small-llama", "llama", seed=0, size="small")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return hf.eval(), folder, False
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step must read: every parameter except the embedding table (one row read)."""
+    total = 0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name:
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--num-requests", type=int, default=None)
+    ap.add_argument("--hf-static-requests", type=int, default=None)
+    ap.add_argument("--hf-cb-requests", type=int, default=None)
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    gpu = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    results: dict = {
+        "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
+        "torch": torch.__version__, "python": platform.python_version(),
+    }
+    try:
+        import triton
+        import transformers
+
+        results["triton"] = triton.__version__
+        results["transformers"] = transformers.__version__
+    except ImportError:
+        results["triton"] = None
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+
+    results["copy_bandwidth_gb_s"] = measure_copy_bandwidth(args.device) / 1e9
+    results["matmul_tflops"] = measure_matmul(args.device, dtype) / 1e12
+    log(f"copy {results['copy_bandwidth_gb_s']:.0f} GB/s, matmul {results['matmul_tflops']:.0f} TFLOP/s")
+
+    num = args.num_requests or (256 if gpu else 32)
+    lo, hi, mean_out, cap = (64, 1024, 128, 1024) if gpu else (16, 256, 32, 128)
+    tmp = Path(tempfile.mkdtemp(prefix="tandem-bench-"))
+    hf, folder, _ = build_models(args, tmp)
+    vocab = hf.config.vocab_size
+    prompts, outs = make_workload(num, lo, hi, mean_out, cap, vocab)
+    results["workload"] = dict(num_requests=num, prompt_len=[lo, hi], output_mean=mean_out, output_cap=cap,
+                               prompt_tokens=sum(map(len, prompts)), output_tokens=sum(outs))
+    pad_id = 0
+
+    parity_prompts = [p[:64] for p in prompts[:4]]
+    hf_ref = [hf_greedy(hf, p, 16, args.device) for p in parity_prompts]
+    if not args.skip_hf:
+        n_static = args.hf_static_requests or (32 if gpu else 16)
+        tps, n = hf_static(hf, prompts[:n_static], outs[:n_static], 32 if gpu else 8, args.device, pad_id)
+        results["hf_static"] = dict(tok_s=tps, requests=n, batch=32 if gpu else 8)
+        log(f"HF static: {tps:.1f} tok/s on {n} requests")
+        n_cb = args.hf_cb_requests or (64 if gpu else 16)
+        try:
+            tps, n = hf_continuous(hf, prompts[:n_cb], mean_out, args.device, pad_id)
+            results["hf_continuous"] = dict(tok_s=tps, requests=n, max_new_tokens=mean_out)
+            log(f"HF generate_batch: {tps:.1f} tok/s on {n} requests")
+        except Exception as e:  # an API difference across transformers versions must not lose the run
+            results["hf_continuous"] = dict(error=repr(e)[:500])
+            log(f"HF generate_batch failed: {e!r}")
+
+    # Hand the same weights to Tandem through host memory, freeing the device for its KV cache.
+    state = {k: v.detach().to("cpu") for k, v in hf.state_dict().items()}
+    del hf
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    llm = LLM(str(folder), device=args.device, dtype="bfloat16" if gpu else "float32", weights=state.items(),
+              max_num_seqs=256, max_num_batched_tokens=8192 if gpu else 2048, max_model_len=8192 if gpu else 2048)
+    del state
+    results["engine_start_s"] = time.perf_counter() - t0
+    results["num_kv_blocks"] = llm.engine.block_manager.num_blocks
+    log(f"engine up in {results['engine_start_s']:.1f}s with {results['num_kv_blocks']} KV blocks")
+    greedy = SamplingParams(temperature=0, max_tokens=16, detokenize=False)
+    ours = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in parity_prompts], greedy)]
+    matches = [sum(a == b for a, b in zip(x, y)) for x, y in zip(ours, hf_ref)]
+    first_div = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(ours, hf_ref)]
+    results["parity"] = dict(prompts=len(parity_prompts), tokens_each=16, identical_sequences=sum(
+        x == y for x, y in zip(ours, hf_ref)), first_divergence=first_div, matching_positions=matches)
+    log(f"parity vs HF: {results['parity']}")
+
+    engine = llm.engine
+    # 1. batch-1 decode: time decode-only steps of one sequence.
+    rng = random.Random(1)
+    prompt = [rng.randrange(10, vocab - 10) for _ in range(128)]
+    engine.add_request("b1", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=257, ignore_eos=True,
+                                                                            temperature=0, detokenize=False))
+    engine.step()  # prefill
+    step_times = []
+    while engine.has_unfinished_requests():
+        t = time.perf_counter()
+        engine.step()
+        sync(args.device)
+        step_times.append(time.perf_counter() - t)
+    step_times.sort()
+    decode_s = step_times[len(step_times) // 2]
+    cfg = engine.hf_config
+    kv_bytes_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
+        * (2 if gpu else 4)
+    bytes_per_step = weight_bytes(engine.runner.model) + kv_bytes_per_token * (128 + 128)  # median context
+    roofline_s = bytes_per_step / (results["copy_bandwidth_gb_s"] * 1e9)
+    results["decode_b1_ms"] = decode_s * 1e3
+    results["decode_b1_roofline_ms"] = roofline_s * 1e3
+    results["decode_b1_roofline_fraction"] = roofline_s / decode_s
+    log(f"decode b1: {decode_s*1e3:.2f} ms/token, roofline {roofline_s*1e3:.2f} ms -> {roofline_s/decode_s:.1%}")
+
+    # 2. prefill of a 4k prompt (fresh tokens each run: no prefix hits).
+    if gpu:
+        T = 4096
+        times = []
+        for r in range(4):
+            p = [rng.randrange(10, vocab - 10) for _ in range(T)]
+            engine.add_request(f"pf{r}", {"prompt_token_ids": p}, SamplingParams(max_tokens=1, detokenize=False))
+            sync(args.device)
+            t = time.perf_counter()
+            while engine.has_unfinished_requests():
+                engine.step()
+            sync(args.device)
+            times.append(time.perf_counter() - t)
+        prefill_s = sorted(times[1:])[1]
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        linear_params = weight_bytes(engine.runner.model) // 2 - cfg.vocab_size * cfg.hidden_size  # lm_head: 1 row
+        flops = 2 * linear_params * T + 2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * T * T  # causal QK+PV
+        results["prefill_4k_ms"] = prefill_s * 1e3
+        results["prefill_4k_tflops"] = flops / prefill_s / 1e12
+        results["prefill_4k_matmul_fraction"] = results["prefill_4k_tflops"] / results["matmul_tflops"]
+        log(f"prefill 4k: {prefill_s*1e3:.1f} ms, {results['prefill_4k_tflops']:.0f} TFLOP/s "
+            f"({results['prefill_4k_matmul_fraction']:.1%} of matmul)")
+
+    # 3. offline throughput on the mixed workload.
+    engine.block_manager.reset_prefix_cache()
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, detokenize=False) for m in outs]
+    sync(args.device)
+    t = time.perf_counter()
+    res = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    sync(args.device)
+    elapsed = time.perf_counter() - t
+    got = sum(len(o.outputs[0].token_ids) for o in res)
+    assert got == sum(outs), (got, sum(outs))
+    results["tandem"] = dict(tok_s=got / elapsed, requests=num, seconds=elapsed,
+                             total_tok_s=(got + results["workload"]["prompt_tokens"]) / elapsed)
+    log(f"Tandem: {got/elapsed:.0f} output tok/s over {num} requests ({elapsed:.1f}s)")
+    results["throughput_tok_s"] = {"tandem": got / elapsed,
+                                   "hf_static": results.get("hf_static", {}).get("tok_s"),
+                                   "hf_continuous": results.get("hf_continuous", {}).get("tok_s")}
+    for key, name in (("hf_static", "throughput_vs_hf_static"), ("hf_continuous", "throughput_vs_hf_cb")):
+        base = results["throughput_tok_s"][key]
+        results[name] = (got / elapsed) / base if base else None
+    write_reports(results, Path(args.out), gpu)
+    return 0
+
+
+def write_reports(results: dict, out: Path, gpu: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "".join(c if c.isalnum() else "_" for c in results["device"].lower()).strip("_")[:40] if gpu else "cpu"
+    name = f"engine_{tag}"
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    def f(v, fmt="{:.2f}"):
+        return "n/a" if v is None else fmt.format(v)
+
+    t = results["throughput_tok_s"]
+    lines = [
+        f"# Engine benchmark on {results['device']}",
+        "",
+        f"torch {results['torch']}, triton {results.get('triton')}, transformers {results.get('transformers')}. "
+        "Command: `python bench/engine_bench.py --device " + ("cuda" if gpu else "cpu") + "`.",
+        "",
+        "| figure | value | meaning |",
+        "| --- | --- | --- |",
+        f"| copy bandwidth | {f(results['copy_bandwidth_gb_s'], '{:.0f}')} GB/s | device copy, bytes read + written, measured in this run |",
+        f"| matmul rate | {f(results['matmul_tflops'], '{:.0f}')} TFLOP/s | square matmul in the model dtype, this run |",
+        f"| decode batch 1 | {f(results['decode_b1_ms'])} ms/token | median decode step, one sequence, context 128-384 |",
+        f"| decode roofline | {f(results['decode_b1_roofline_ms'])} ms | (weights + KV bytes) / copy bandwidth |",
+        f"| decode vs roofline | {f(results['decode_b1_roofline_fraction'], '{:.1%}')} | roofline / measured (target >= 90%) |",
+    ]
+    if "prefill_4k_tflops" in results:
+        lines += [
+            f"| prefill 4k | {f(results['prefill_4k_ms'], '{:.1f}')} ms, {f(results['prefill_4k_tflops'], '{:.0f}')} TFLOP/s | one 4096-token prompt, matmul + causal attention FLOPs |",
+            f"| prefill vs matmul | {f(results['prefill_4k_matmul_fraction'], '{:.1%}')} | target >= 60% |",
+        ]
+    w = results["workload"]
+    lines += [
+        f"| Tandem throughput | {f(t['tandem'], '{:.0f}')} output tok/s | {w['num_requests']} requests, prompts {w['prompt_len']} tokens, outputs exp(mean {w['output_mean']}) capped {w['output_cap']}, EOS ignored |",
+        f"| HF static batching | {f(t['hf_static'], '{:.1f}')} output tok/s | `generate`, batches of {results.get('hf_static', {}).get('batch')}, first {results.get('hf_static', {}).get('requests')} requests, requested tokens only |",
+        f"| HF continuous batching | {f(t['hf_continuous'], '{:.1f}')} output tok/s | `generate_batch`, first {results.get('hf_continuous', {}).get('requests')} requests, {results.get('hf_continuous', {}).get('max_new_tokens')} new tokens each |",
+        f"| vs HF static | {f(results['throughput_vs_hf_static'], '{:.1f}x')} | target >= 50x |",
+        f"| vs HF continuous | {f(results['throughput_vs_hf_cb'], '{:.1f}x')} | target >= 10x |",
+        "",
+        f"Greedy parity vs HF on the same weights: {results['parity']}",
+    ]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

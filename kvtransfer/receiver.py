@@ -1,0 +1,510 @@
+"""The decode side: registers expected transfers and lands incoming KV blocks into them.
+
+Threads: one control thread owns the zmq ROUTER socket (parses and validates every message,
+answers errors, watches sender heartbeats); one thread per paired sender owns that pair's
+process group and posts its recvs in announcement order, then scatters into the registered
+blocks. Only blocks registered by `expect` for the announced request are ever written.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import queue
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import zmq
+from torch.distributed import TCPStore
+
+from kvtransfer.config import KVTransferConfig
+from kvtransfer.errors import TransferError
+from kvtransfer.messages import (
+    WIRE_DTYPES, Begin, Cancel, Chunk, Done, Error, Hello, Message, MessageError, Ping, Welcome,
+    decode, dtype_name, encode,
+)
+from kvtransfer.metrics import MetricsCounter, TransferMetrics
+from kvtransfer.pair import (
+    RECEIVER_RANK, Mailbox, abort_group, make_pair_group, pair_prefix, wait_work,
+)
+from kvtransfer.staging import block_id_tensor, check_kv_cache, scatter_layers
+
+_MAX_FRAME_BYTES = 64 << 20
+
+
+class ReceiveHandle:
+    """What `KVReceiver.expect` returns; `wait` until every layer landed."""
+
+    def __init__(self, receiver: "KVReceiver", request: "_Request") -> None:
+        self._receiver = receiver
+        self._request = request
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id
+
+    @property
+    def layers_received(self) -> int:
+        return self._request.layers_landed
+
+    def done(self) -> bool:
+        """True once the transfer succeeded or failed (never blocks)."""
+        return self._request.finished.is_set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Returns when all layers landed; raises TransferError on failure, abort or timeout.
+
+        On timeout the request is aborted, so no late data is written into its blocks."""
+        timeout = self._receiver.config.timeout_s if timeout is None else timeout
+        if not self._request.finished.wait(timeout):
+            self._receiver.abort(self.request_id, f"timed out after {timeout:g}s waiting for KV")
+        if self._request.error is not None:
+            raise self._request.error
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    dst_ids: torch.Tensor
+    dst_list: list[int]
+    num_layers: int
+    state: str = "expecting"  # expecting → active → ok | failed
+    sender: bytes | None = None
+    epoch: int = -1
+    next_announced_layer: int = 0
+    layers_landed: int = 0
+    bytes_landed: int = 0
+    t_begin: float = 0.0
+    error: TransferError | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(eq=False)
+class _RecvJob:
+    chunk: Chunk
+    target: _Request | None  # None: drain into scratch (rejected), keeping the pair in step
+
+
+@dataclass(eq=False)
+class _SenderLink:
+    identity: bytes
+    sender_id: str
+    epoch: int
+    last_seen: float
+    jobs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    next_seq: int = 0
+    group: object = None
+    broken: bool = False
+    thread: threading.Thread | None = None
+
+
+class KVReceiver:
+    """Receives KV blocks into `kv_cache` [L, 2, num_blocks, bs, H, D] (CPU or CUDA, any dtype)."""
+
+    def __init__(self, kv_cache: torch.Tensor, config: KVTransferConfig = KVTransferConfig()) -> None:
+        check_kv_cache(kv_cache)
+        dtype_name(kv_cache.dtype)  # fails early on an untransferable dtype
+        self.config = config
+        self.kv_cache = kv_cache
+        self.worker_id = config.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:10]}"
+        self._dtype = dtype_name(kv_cache.dtype)
+        self._block_shape = list(kv_cache.shape[3:])
+        self._lock = threading.Lock()
+        self._requests: dict[str, _Request] = {}
+        self._claimed: set[int] = set()
+        self._links: dict[bytes, _SenderLink] = {}
+        self._epochs: dict[bytes, int] = {}
+        self._metrics = MetricsCounter()
+        self._outbox = Mailbox()
+        self._stop = threading.Event()
+
+        self._store = TCPStore(config.bind_host, config.store_port, is_master=True,
+                               wait_for_workers=False,
+                               timeout=timedelta(seconds=max(config.timeout_s, config.connect_timeout_s)))
+        self._zmq = zmq.Context()
+        self._router = self._zmq.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.MAXMSGSIZE, _MAX_FRAME_BYTES)
+        port = config.control_port
+        endpoint = f"tcp://{config.bind_host}:{port}" if port else f"tcp://{config.bind_host}"
+        if port:
+            self._router.bind(endpoint)
+        else:
+            port = self._router.bind_to_random_port(endpoint)
+        host = config.advertise_host or config.bind_host
+        self.address = f"tcp://{host}:{port}"
+        self._control = threading.Thread(target=self._control_loop, name="kv-recv-control", daemon=True)
+        self._control.start()
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def expect(self, request_id: str, dst_block_ids, num_layers: int) -> ReceiveHandle:
+        """Registers a transfer into `dst_block_ids` (allocated by the caller) before it is sent."""
+        if not isinstance(request_id, str) or not 0 < len(request_id) <= 256:
+            raise ValueError(f"request_id must be a str of 1-256 chars, got {request_id!r}")
+        total_layers = self.kv_cache.shape[0]
+        if type(num_layers) is not int or not 1 <= num_layers <= total_layers:
+            raise ValueError(f"num_layers must be an int in [1, {total_layers}], got {num_layers!r}")
+        ids = block_id_tensor(dst_block_ids, self.kv_cache.shape[2], self.kv_cache.device,
+                              "dst_block_ids", unique=True)
+        if ids.numel() > self.config.max_blocks_per_request:
+            raise ValueError(f"{ids.numel()} blocks exceed max_blocks_per_request")
+        dst_list = ids.tolist()
+        with self._lock:
+            if self._stop.is_set():
+                raise RuntimeError("KVReceiver is closed")
+            if request_id in self._requests:
+                raise ValueError(f"request {request_id!r} is already expected")
+            overlap = self._claimed.intersection(dst_list)
+            if overlap:
+                raise ValueError(f"blocks {sorted(overlap)[:8]} are registered to another request")
+            request = _Request(request_id, ids, dst_list, num_layers)
+            self._requests[request_id] = request
+            self._claimed.update(dst_list)
+        return ReceiveHandle(self, request)
+
+    def abort(self, request_id: str, reason: str = "aborted by receiver") -> None:
+        """Fails the request now; data still in flight for it is discarded, never written."""
+        with self._lock:
+            request = self._requests.get(request_id)
+        if request is not None:
+            self._fail(request, reason, notify_sender=True)
+
+    def metrics(self) -> TransferMetrics:
+        return self._metrics.snapshot()
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._control.join(timeout=5)
+        with self._lock:
+            links = list(self._links.values())
+            requests = list(self._requests.values())
+        for link in links:
+            self._break_link(link, "receiver closed")
+        for request in requests:
+            self._fail(request, "receiver closed", notify_sender=False)
+        self._router.close(0)
+        self._zmq.term()
+        self._outbox.close()
+        del self._store
+
+    def __enter__(self) -> "KVReceiver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- control thread ---------------------------------------------------------------------
+
+    def _control_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._outbox.fd, zmq.POLLIN)
+        check_every = min(self.config.heartbeat_s, 0.25)
+        next_check = time.monotonic() + check_every
+        while not self._stop.is_set():
+            poller.poll(timeout=int(check_every * 1000))
+            while True:
+                try:
+                    frames = self._router.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_frames(frames)
+            for identity, msg in self._outbox.drain():
+                self._reply(identity, msg)
+            if time.monotonic() >= next_check:
+                self._check_heartbeats()
+                next_check = time.monotonic() + check_every
+
+    def _reply(self, identity: bytes, msg: Message) -> None:
+        try:
+            self._router.send_multipart([identity, encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError:  # peer gone or its queue is full: the reply is best effort
+            pass
+
+    def _reject(self, identity: bytes, request_id: str | None, reason: str) -> None:
+        self._metrics.add(rejected_messages=1)
+        self._reply(identity, Error(request_id, reason[:2048]))
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        identity = frames[0]
+        if len(frames) != 2:
+            self._reject(identity, None, f"expected one frame per message, got {len(frames) - 1}")
+            return
+        try:
+            msg = decode(frames[1])
+        except MessageError as exc:
+            self._reject(identity, None, f"malformed message: {exc}")
+            return
+        try:
+            self._on_message(identity, msg)
+        except Exception as exc:  # a bug here must not take down the receiver
+            self._reject(identity, getattr(msg, "request_id", None), f"internal error: {exc!r}")
+
+    def _on_message(self, identity: bytes, msg: Message) -> None:
+        if isinstance(msg, Hello):
+            self._on_hello(identity, msg)
+            return
+        with self._lock:
+            link = self._links.get(identity)
+        if link is None:
+            self._reject(identity, getattr(msg, "request_id", None), "unknown peer: send hello first")
+            return
+        link.last_seen = time.monotonic()
+        if isinstance(msg, Ping):
+            return
+        if isinstance(msg, Begin):
+            self._on_begin(link, msg)
+        elif isinstance(msg, Chunk):
+            self._on_chunk(link, msg)
+        elif isinstance(msg, Cancel):
+            request = self._bound_request(msg.request_id, link)
+            if request is not None:
+                self._fail(request, f"sender cancelled: {msg.reason}", notify_sender=False)
+        else:
+            self._reject(identity, None, f"unexpected message {type(msg).__name__} from a sender")
+
+    def _on_hello(self, identity: bytes, msg: Hello) -> None:
+        if identity != msg.sender_id.encode():
+            self._reject(identity, None, "hello.sender_id must equal the socket identity")
+            return
+        if msg.version != 1:
+            self._reject(identity, None, f"unsupported protocol version {msg.version}")
+            return
+        with self._lock:
+            old = self._links.get(identity)
+            if old is None and len(self._links) >= self.config.max_peers:
+                self._reject(identity, None, "too many peers")
+                return
+        if old is not None:
+            self._break_link(old, "sender re-paired (new epoch)")
+        with self._lock:
+            epoch = self._epochs.get(identity, -1) + 1
+            self._epochs[identity] = epoch
+            link = _SenderLink(identity, msg.sender_id, epoch, time.monotonic())
+            self._links[identity] = link
+        link.thread = threading.Thread(target=self._pair_loop, args=(link,),
+                                       name=f"kv-recv-{msg.sender_id}", daemon=True)
+        link.thread.start()
+        self._metrics.add(pairs_created=1)
+        self._reply(identity, Welcome(self.worker_id, self._store.port, epoch))
+
+    def _on_begin(self, link: _SenderLink, msg: Begin) -> None:
+        with self._lock:
+            request = self._requests.get(msg.request_id)
+        problem = None
+        if request is None:
+            problem = "not expected here (unknown, finished or aborted)"
+        elif msg.epoch != link.epoch:
+            problem = f"stale epoch {msg.epoch} (pair is at {link.epoch})"
+        elif msg.dst_block_ids != request.dst_list:
+            problem = "dst_block_ids do not match the registered blocks"
+        elif msg.num_layers != request.num_layers:
+            problem = f"num_layers {msg.num_layers} != registered {request.num_layers}"
+        elif msg.dtype != self._dtype or msg.block_shape != self._block_shape:
+            problem = (f"layout {msg.dtype}{msg.block_shape} != receiver's "
+                       f"{self._dtype}{self._block_shape}")
+        if problem is None:
+            with request.lock:
+                if request.state != "expecting":
+                    problem = f"already {request.state}"
+                else:
+                    request.state = "active"
+                    request.sender, request.epoch = link.identity, link.epoch
+                    request.t_begin = time.monotonic()
+        if problem is not None:
+            self._reject(link.identity, msg.request_id, f"begin rejected: {problem}")
+
+    def _on_chunk(self, link: _SenderLink, msg: Chunk) -> None:
+        if msg.epoch != link.epoch:
+            # Sent on an older pair whose group is gone: nothing was posted for it here.
+            self._reject(link.identity, msg.request_id, f"chunk for stale epoch {msg.epoch}")
+            return
+        problem = None
+        if msg.seq != link.next_seq:
+            problem = f"chunk seq {msg.seq} != expected {link.next_seq}"
+        elif msg.layer_end <= msg.layer_start or msg.shape[0] != msg.layer_end - msg.layer_start \
+                or msg.shape[1] != 2:
+            problem = f"chunk layers [{msg.layer_start}, {msg.layer_end}) do not match shape {msg.shape}"
+        elif msg.nbytes != math.prod(msg.shape) * _itemsize(msg.dtype):
+            problem = f"chunk nbytes {msg.nbytes} do not match shape {msg.shape} of {msg.dtype}"
+        elif msg.nbytes > self.config.max_message_bytes:
+            problem = f"chunk of {msg.nbytes} bytes exceeds max_message_bytes"
+        if problem is not None:
+            # The sender has posted a send we cannot size: the pair is out of step; re-make it.
+            self._reject(link.identity, msg.request_id, problem)
+            self._break_link(link, f"protocol error from {link.sender_id}: {problem}")
+            return
+        link.next_seq += 1
+        request = self._bound_request(msg.request_id, link)
+        problem = None
+        if request is None:
+            problem = "no active transfer of this request from this sender"
+        elif msg.layer_start != request.next_announced_layer or msg.layer_end > request.num_layers:
+            problem = (f"layers [{msg.layer_start}, {msg.layer_end}) out of order "
+                       f"(next {request.next_announced_layer}, total {request.num_layers})")
+        elif msg.dtype != self._dtype or msg.shape[2:] != [len(request.dst_list), *self._block_shape]:
+            problem = f"chunk shape {msg.shape} {msg.dtype} does not match the registered blocks"
+        if problem is None:
+            request.next_announced_layer = msg.layer_end
+            link.jobs.put(_RecvJob(msg, request))
+            return
+        link.jobs.put(_RecvJob(msg, None))  # drain it so the pair stays in step
+        if request is not None:
+            self._fail(request, f"bad chunk: {problem}", notify_sender=True)
+        else:
+            self._reject(link.identity, msg.request_id, f"chunk rejected: {problem}")
+
+    def _bound_request(self, request_id: str, link: _SenderLink) -> _Request | None:
+        with self._lock:
+            request = self._requests.get(request_id)
+        if request is None or request.state != "active":
+            return None
+        if request.sender != link.identity or request.epoch != link.epoch:
+            return None
+        return request
+
+    def _check_heartbeats(self) -> None:
+        cutoff = time.monotonic() - self.config.peer_timeout_s
+        with self._lock:
+            silent = [link for link in self._links.values() if link.last_seen < cutoff]
+        for link in silent:
+            self._break_link(link, f"sender {link.sender_id} silent for "
+                                   f"{self.config.peer_timeout_s:g}s (died?)")
+
+    # ---- pair threads -------------------------------------------------------------------------
+
+    def _pair_loop(self, link: _SenderLink) -> None:
+        device = self.kv_cache.device
+        stream = None
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            stream = torch.cuda.Stream(device)
+        timeout = max(self.config.timeout_s, self.config.connect_timeout_s)
+        try:
+            # A TCPStore client serializes blocking waits, so each pair rendezvouses through its
+            # own connection; otherwise one stalled pairing would hold up every other.
+            host = "127.0.0.1" if self.config.bind_host in ("0.0.0.0", "::", "*") else self.config.bind_host
+            store = TCPStore(host, self._store.port, is_master=False, timeout=timedelta(seconds=timeout))
+            prefix = pair_prefix(link.sender_id, self.worker_id, link.epoch)
+            group = make_pair_group(store, prefix, RECEIVER_RANK, device, timeout)
+        except Exception as exc:
+            self._break_link(link, f"pairing with {link.sender_id} failed: {exc}")
+            return
+        with self._lock:
+            link.group = group
+            broken = link.broken
+        if broken:
+            abort_group(group)
+            return
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        try:
+            with ctx:
+                self._serve_pair(link, group, stream)
+        except Exception as exc:
+            self._break_link(link, f"recv from {link.sender_id} failed: {exc}")
+
+    def _serve_pair(self, link: _SenderLink, group, stream) -> None:
+        inflight: collections.deque = collections.deque()
+        limit = self.config.max_inflight_messages
+
+        def post(job: _RecvJob) -> None:
+            dtype = WIRE_DTYPES[job.chunk.dtype]
+            buf = torch.empty(job.chunk.shape, dtype=dtype, device=self.kv_cache.device)
+            work = group.recv([buf], 0, job.chunk.seq & 0x7FFFFFFF)
+            inflight.append((job, buf, work, time.monotonic() + self.config.timeout_s))
+
+        def post_more() -> bool:
+            while len(inflight) < limit:
+                try:
+                    job = link.jobs.get_nowait()
+                except queue.Empty:
+                    return True
+                if job is None:
+                    return False
+                post(job)
+            return True
+
+        while not link.broken:
+            if not inflight:
+                try:
+                    job = link.jobs.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if job is None:
+                    return
+                post(job)
+            if not post_more():
+                return
+            job, buf, work, deadline = inflight.popleft()
+            wait_work(work, deadline, stream is not None, on_idle=post_more)
+            self._metrics.add(messages_received=1)
+            if job.target is not None:
+                self._land(job.target, job.chunk, buf, stream)
+
+    def _land(self, request: _Request, chunk: Chunk, buf: torch.Tensor, stream) -> None:
+        with request.lock:
+            if request.state != "active":
+                return  # aborted while in flight: discard
+            scatter_layers(buf, self.kv_cache, chunk.layer_start, chunk.layer_end, request.dst_ids)
+            if stream is not None:
+                stream.synchronize()
+            request.layers_landed = chunk.layer_end
+            request.bytes_landed += chunk.nbytes
+            complete = request.layers_landed == request.num_layers
+            if complete:
+                request.state = "ok"
+        self._metrics.add(bytes_received=chunk.nbytes)
+        if complete:
+            self._metrics.add(transfers_ok=1, transfer_seconds=time.monotonic() - request.t_begin)
+            self._release(request)
+            request.finished.set()
+            self._outbox.put((request.sender, Done(request.request_id)))
+
+    # ---- failure ------------------------------------------------------------------------------
+
+    def _release(self, request: _Request) -> None:
+        with self._lock:
+            if self._requests.get(request.request_id) is request:
+                del self._requests[request.request_id]
+                self._claimed.difference_update(request.dst_list)
+
+    def _fail(self, request: _Request, reason: str, notify_sender: bool) -> None:
+        with request.lock:
+            if request.state in ("ok", "failed"):
+                return
+            request.state = "failed"
+            request.error = TransferError(request.request_id, reason)
+        self._release(request)
+        self._metrics.add(transfers_failed=1)
+        request.finished.set()
+        if notify_sender and request.sender is not None:
+            self._outbox.put((request.sender, Error(request.request_id, reason[:2048])))
+
+    def _break_link(self, link: _SenderLink, reason: str) -> None:
+        with self._lock:
+            if link.broken:
+                return
+            link.broken = True
+            if self._links.get(link.identity) is link:
+                del self._links[link.identity]
+            group = link.group
+            bound = [r for r in self._requests.values()
+                     if r.sender == link.identity and r.epoch == link.epoch]
+        self._metrics.add(pairs_broken=1)
+        for request in bound:
+            self._fail(request, reason, notify_sender=True)
+        link.jobs.put(None)
+        abort_group(group)
+
+
+def _itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=WIRE_DTYPES[dtype]).element_size()

@@ -1,0 +1,64 @@
+"""Packing a layer range of chosen blocks into one contiguous staging buffer, and back.
+
+A message's staging buffer is [layers, 2 (K,V), n, block_size, H, D]. Because `kv_cache` is
+contiguous, layers [a, b) of it are one [(b-a)*2*num_blocks, bs, H, D] block array, so a single
+`ops.gather_blocks` / `ops.scatter_blocks` call moves a whole message (Triton on GPU).
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import ops
+
+
+def check_kv_cache(kv_cache: torch.Tensor) -> None:
+    if not isinstance(kv_cache, torch.Tensor):
+        raise TypeError(f"kv_cache must be a torch.Tensor, got {type(kv_cache).__name__}")
+    if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
+        raise ValueError("kv_cache must be [num_layers, 2, num_blocks, block_size, num_kv_heads, "
+                         f"head_dim], got shape {tuple(kv_cache.shape)}")
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous")
+
+
+def staging_shape(kv_cache: torch.Tensor, num_layers: int, num_blocks: int) -> list[int]:
+    _, _, _, bs, heads, dim = kv_cache.shape
+    return [num_layers, 2, num_blocks, bs, heads, dim]
+
+
+def _flat_ids(kv_cache: torch.Tensor, layer_start: int, layer_end: int,
+              block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    num_blocks = kv_cache.shape[2]
+    flat = kv_cache[layer_start:layer_end].view(-1, *kv_cache.shape[3:])
+    planes = torch.arange((layer_end - layer_start) * 2, device=block_ids.device, dtype=torch.int64)
+    ids = (planes[:, None] * num_blocks + block_ids[None, :]).reshape(-1)
+    return flat, ids
+
+
+def gather_layers(kv_cache: torch.Tensor, layer_start: int, layer_end: int,
+                  block_ids: torch.Tensor) -> torch.Tensor:
+    """kv_cache[layer_start:layer_end, :, block_ids] as one contiguous staging buffer."""
+    flat, ids = _flat_ids(kv_cache, layer_start, layer_end, block_ids)
+    staging = ops.gather_blocks(flat, ids)
+    return staging.view(staging_shape(kv_cache, layer_end - layer_start, block_ids.numel()))
+
+
+def scatter_layers(staging: torch.Tensor, kv_cache: torch.Tensor, layer_start: int, layer_end: int,
+                   block_ids: torch.Tensor) -> None:
+    """Inverse of `gather_layers`: writes staging into kv_cache[layer_start:layer_end, :, block_ids]."""
+    flat, ids = _flat_ids(kv_cache, layer_start, layer_end, block_ids)
+    ops.scatter_blocks(staging.reshape(-1, *kv_cache.shape[3:]), flat, ids)
+
+
+def block_id_tensor(block_ids, num_blocks: int, device: torch.device, what: str,
+                    unique: bool) -> torch.Tensor:
+    """Validated int64 tensor of block ids (clear ValueError on bad input)."""
+    ids = [int(b) for b in block_ids] if not isinstance(block_ids, torch.Tensor) else block_ids.tolist()
+    if not ids:
+        raise ValueError(f"{what} must not be empty")
+    bad = [b for b in ids if not 0 <= b < num_blocks]
+    if bad:
+        raise ValueError(f"{what} out of range [0, {num_blocks}): {bad[:8]}")
+    if unique and len(set(ids)) != len(ids):
+        raise ValueError(f"{what} contains duplicates")
+    return torch.tensor(ids, dtype=torch.int64, device=device)

@@ -1,0 +1,264 @@
+"""`LLMWorker`: one engine (`AsyncLLM`) per Ray Serve replica, streaming token deltas.
+
+The ingress tokenizes and calls `generate(WorkerRequest)` through a streaming
+`DeploymentHandle`; the pool's `TandemRequestRouter` reads the request's `prompt_token_ids`
+and `session_id` to pick the replica. The worker yields small `WorkerDelta`s (new token ids
+and text per output, finish reasons, logprobs, counts). When the caller goes away, Serve
+cancels this generator, and leaving `AsyncLLM.generate` early aborts the engine request,
+which frees its blocks at once.
+
+A background task publishes the engine's prefix-cache events and its load to the pool's
+prefix index (`router.publisher.KVEventPublisher`) every `publish_interval_s`, and its
+counters to the app's stats board (for `/metrics`). Engine state is read only through
+`AsyncLLM.call_in_engine`, so the engine thread stays its only owner.
+
+In colocated mode this one deployment is the whole engine pool ("the decode pool" to the
+ingress); the disaggregated roles will sit beside it with the same `generate` contract.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ray import serve
+
+from workers.async_engine import AsyncLLM
+from workers.block_manager import CacheEvent
+from workers.config import EngineConfig
+from workers.llm_engine import EngineStats, LLMEngine
+from workers.outputs import RequestOutput
+from workers.prefix_hash import ROOT_HASH
+from workers.sampling_params import SamplingParams
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class WorkerRequest:
+    """What the ingress asks of a worker: token ids plus plain sampling fields (pickle-safe)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    session_id: str | None = None
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def sampling_params(self) -> SamplingParams:
+        names = [f.name for f in dataclasses.fields(SamplingParams) if f.init]
+        values = {name: getattr(self, name) for name in names if hasattr(self, name)}
+        return SamplingParams(**values)
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's logprob and the top alternatives, as plain (token_id, logprob) pairs."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class OutputDelta:
+    """What is new in one of a request's n outputs since the previous delta."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class WorkerDelta:
+    """One streamed update. `error` set: the request was refused (bad input) and nothing ran."""
+
+    request_id: str
+    outputs: list[OutputDelta]
+    finished: bool
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0  # over all n outputs, so far
+    replica_id: str = ""
+    error: str | None = None
+
+
+@dataclass
+class WorkerStats:
+    """A replica's engine counters and gauges, for `/metrics` and tests."""
+
+    replica_id: str
+    engine: EngineStats
+    timestamp: float
+
+
+def to_router_event(replica_id: str, event: CacheEvent):
+    """A block manager `CacheEvent` as the router's KV event type."""
+    from router.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored
+
+    if event.kind == "stored":
+        parent = None if event.parent_hash == ROOT_HASH else event.parent_hash
+        return BlocksStored(replica_id, list(event.block_hashes), parent)
+    if event.kind == "removed":
+        return BlocksRemoved(replica_id, list(event.block_hashes))
+    if event.kind == "cleared":
+        return AllBlocksCleared(replica_id)
+    raise ValueError(f"unknown cache event kind {event.kind!r}")
+
+
+def _drain_events_and_stats(engine: LLMEngine) -> tuple[list[CacheEvent], EngineStats]:
+    return engine.drain_cache_events(), engine.stats()
+
+
+def _delta_logprobs(output, num_new: int, top_n: int) -> list[TokenLogprob] | None:
+    if output.logprobs is None or num_new == 0:
+        return None
+    result = []
+    for token_id, entry in zip(output.token_ids[-num_new:], output.logprobs[-num_new:]):
+        # The entry holds the chosen token and the top n; the chosen one may be outside them.
+        ranked = sorted(entry.values(), key=lambda lp: lp.rank)[:top_n]
+        result.append(TokenLogprob(token_id, entry[token_id].logprob, [(lp.token_id, lp.logprob) for lp in ranked]))
+    return result
+
+
+def to_delta(out: RequestOutput, replica_id: str, top_n: int = 0) -> WorkerDelta:
+    outputs = [
+        OutputDelta(
+            index=o.index,
+            token_ids=list(o.delta_token_ids),
+            text=o.delta_text,
+            logprobs=_delta_logprobs(o, len(o.delta_token_ids), top_n),
+            finish_reason=o.finish_reason,
+            stop_reason=o.stop_reason,
+        )
+        for o in out.outputs
+    ]
+    return WorkerDelta(
+        request_id=out.request_id,
+        outputs=outputs,
+        finished=out.finished,
+        num_prompt_tokens=len(out.prompt_token_ids),
+        num_cached_tokens=out.num_cached_tokens,
+        num_output_tokens=sum(len(o.token_ids) for o in out.outputs),
+        replica_id=replica_id,
+    )
+
+
+class LLMWorker:
+    """A Serve deployment class (decorated in `router.app`): one engine per replica."""
+
+    def __init__(self, model: str, engine_kwargs: dict | None = None, device: str = "cpu",
+                 publish_interval_s: float = 0.05, stats_interval_s: float = 0.25) -> None:
+        config = EngineConfig(model=model, device=device, **(engine_kwargs or {}))
+        self._engine = AsyncLLM.from_config(config)
+        self._publish_interval_s = publish_interval_s
+        self._stats_interval_s = stats_interval_s
+        self._replica_id = "local"
+        self._publisher = None
+        self._board = None
+        try:
+            context = serve.get_replica_context()
+        except Exception:  # constructed outside Serve (tests of the class itself)
+            context = None
+        if context is not None:
+            from router.openai_metrics import get_stats_board
+            from router.publisher import KVEventPublisher
+
+            self._publisher = KVEventPublisher.for_current_replica()
+            self._replica_id = self._publisher.replica_id
+            self._board = get_stats_board(context.app_name)
+        self._publish_task: asyncio.Task | None = None
+        self._publish_error: BaseException | None = None
+
+    # ----------------------------------------------------------------- requests
+    async def generate(self, request: WorkerRequest) -> AsyncIterator[WorkerDelta]:
+        self._ensure_publishing()
+        top_n = request.logprobs or 0
+        try:
+            params = request.sampling_params()
+            stream = self._engine.generate({"prompt_token_ids": list(request.prompt_token_ids)}, params,
+                                           request.request_id)
+            first = await stream.__anext__()
+        except ValueError as error:  # bad input: refused before it touched the engine
+            yield WorkerDelta(request.request_id, [], True, len(request.prompt_token_ids),
+                              replica_id=self._replica_id, error=str(error))
+            return
+        # Leaving this generator early (Serve cancels it when the caller goes away) closes
+        # `stream`, and AsyncLLM aborts the request and frees its blocks.
+        try:
+            yield to_delta(first, self._replica_id, top_n)
+            if first.finished:
+                return
+            async for out in stream:
+                yield to_delta(out, self._replica_id, top_n)
+        finally:
+            await stream.aclose()
+
+    def stats(self) -> WorkerStats:
+        return WorkerStats(self._replica_id, self._engine.stats(), time.time())
+
+    def replica_id(self) -> str:
+        return self._replica_id
+
+    async def check_health(self) -> None:
+        self._ensure_publishing()
+        if self._engine._error is not None:
+            raise RuntimeError(f"the engine loop died: {self._engine._error!r}")
+        if self._publish_error is not None:
+            logger.warning("KV event publishing failed: %r", self._publish_error)
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+    # -------------------------------------------------------------- publishing
+    def _ensure_publishing(self) -> None:
+        if self._publisher is not None and (self._publish_task is None or self._publish_task.done()):
+            self._publish_task = asyncio.get_running_loop().create_task(self._publish_loop())
+
+    async def _publish_loop(self) -> None:
+        from router.load import ReplicaLoad
+
+        last_stats: EngineStats | None = None
+        last_load_at = last_board_at = 0.0
+        while True:
+            try:
+                events, stats = await asyncio.wrap_future(self._engine.call_in_engine(_drain_events_and_stats))
+                if events:
+                    self._publisher.publish([to_router_event(self._replica_id, e) for e in events])
+                now = time.time()
+                changed = stats != last_stats
+                if changed or now - last_load_at > 1.0:
+                    self._publisher.report_load(ReplicaLoad(
+                        self._replica_id, stats.num_running, stats.num_waiting, stats.num_running_tokens,
+                        stats.num_waiting_tokens, stats.num_free_blocks, stats.num_total_blocks, now))
+                    last_load_at = now
+                if (changed and now - last_board_at >= self._stats_interval_s) or now - last_board_at > 1.0:
+                    self._board.report.remote(self._replica_id, dataclasses.asdict(stats), now)
+                    last_board_at = now
+                last_stats = stats
+            except Exception as error:  # a view: losing events costs hit rate, not correctness
+                self._publish_error = error
+                logger.warning("publishing KV events failed: %r", error)
+            await asyncio.sleep(self._publish_interval_s)
