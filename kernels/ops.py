@@ -3,20 +3,33 @@ and the plain-torch reference elsewhere (CPU). Set TANDEM_TRITON_ON_CPU=1 togeth
 TRITON_INTERPRET=1 to push CPU tensors through the Triton kernels (tests do this)."""
 from __future__ import annotations
 
-from kernels.activation import silu_and_mul_ref
-from kernels.block_copy import gather_blocks_ref, scatter_blocks_ref
-from kernels.paged_attention import paged_decode_attention_ref, paged_prefill_attention_ref
-from kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref
-from kernels.rope import rope_ref
-from kernels.write_kv import write_kv_ref
+import functools
+import os
+from typing import Callable, TypeVar
 
-# Reference-only until the Triton kernels land; the signatures are the contract.
-write_kv = write_kv_ref
-paged_decode_attention = paged_decode_attention_ref
-paged_prefill_attention = paged_prefill_attention_ref
-gather_blocks = gather_blocks_ref
-scatter_blocks = scatter_blocks_ref
-rms_norm = rms_norm_ref
-fused_add_rms_norm = fused_add_rms_norm_ref
-rope = rope_ref
-silu_and_mul = silu_and_mul_ref
+from kernels import activation, block_copy, paged_attention, rmsnorm, rope as rope_mod, write_kv as write_kv_mod
+
+F = TypeVar("F", bound=Callable)
+
+
+def _dispatch(triton_op: F, ref_op: F) -> F:
+    """The op picks by its first tensor argument; the env var is read per call so tests can flip it."""
+
+    @functools.wraps(triton_op)
+    def op(first, *args, **kwargs):
+        if first.is_cuda or os.environ.get("TANDEM_TRITON_ON_CPU") == "1":
+            return triton_op(first, *args, **kwargs)
+        return ref_op(first, *args, **kwargs)
+
+    return op  # type: ignore[return-value]
+
+
+write_kv = _dispatch(write_kv_mod.write_kv, write_kv_mod.write_kv_ref)
+paged_decode_attention = _dispatch(paged_attention.paged_decode_attention, paged_attention.paged_decode_attention_ref)
+paged_prefill_attention = _dispatch(paged_attention.paged_prefill_attention, paged_attention.paged_prefill_attention_ref)
+gather_blocks = _dispatch(block_copy.gather_blocks, block_copy.gather_blocks_ref)
+scatter_blocks = _dispatch(block_copy.scatter_blocks, block_copy.scatter_blocks_ref)
+rms_norm = _dispatch(rmsnorm.rms_norm, rmsnorm.rms_norm_ref)
+fused_add_rms_norm = _dispatch(rmsnorm.fused_add_rms_norm, rmsnorm.fused_add_rms_norm_ref)
+rope = _dispatch(rope_mod.rope, rope_mod.rope_ref)
+silu_and_mul = _dispatch(activation.silu_and_mul, activation.silu_and_mul_ref)
