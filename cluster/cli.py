@@ -10,6 +10,7 @@ import sys
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("make-model", "workers.make_model", "write a small random-weight HF model folder"),
     ("generate", "workers.generate_cli", "offline generation with the Tandem engine"),
+    ("serve", "cluster.serve_cli", "run the OpenAI-compatible Serve app"),
     ("bench", "bench.loadgen.cli", "load-test an OpenAI-compatible endpoint; compare reports"),
     ("bundle", "cluster.bundle", "build an offline install bundle for GPU hosts without internet"),
 ]

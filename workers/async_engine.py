@@ -50,6 +50,11 @@ class AsyncLLM:
         return cls(LLMEngine(config))
 
     @property
+    def is_dead(self) -> bool:
+        """True once the engine loop has died; health checks report it."""
+        return self._error is not None
+
+    @property
     def tokenizer(self):
         return self.engine.tokenizer
 

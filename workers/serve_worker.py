@@ -222,8 +222,8 @@ class LLMWorker:
 
     async def check_health(self) -> None:
         self._ensure_publishing()
-        if self._engine._error is not None:
-            raise RuntimeError(f"the engine loop died: {self._engine._error!r}")
+        if self._engine.is_dead:
+            raise RuntimeError("the engine loop died; see the replica's log")
         if self._publish_error is not None:
             logger.warning("KV event publishing failed: %r", self._publish_error)
 

@@ -58,7 +58,7 @@ def deploy(app_name: str, policy: str):
 
 @pytest.fixture(scope="module")
 def handles():
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         yield {"prefix": deploy("prefix", "prefix_aware"), "rr": deploy("rr", "round_robin")}
     finally:
