@@ -7,7 +7,7 @@ import functools
 import os
 from typing import Callable, TypeVar
 
-from kernels import activation, block_copy, paged_attention, rmsnorm, rope as rope_mod, write_kv as write_kv_mod
+from kernels import activation, block_copy, fused_moe as fused_moe_mod, paged_attention, rmsnorm, rope as rope_mod, write_kv as write_kv_mod
 
 F = TypeVar("F", bound=Callable)
 
@@ -33,3 +33,4 @@ rms_norm = _dispatch(rmsnorm.rms_norm, rmsnorm.rms_norm_ref)
 fused_add_rms_norm = _dispatch(rmsnorm.fused_add_rms_norm, rmsnorm.fused_add_rms_norm_ref)
 rope = _dispatch(rope_mod.rope, rope_mod.rope_ref)
 silu_and_mul = _dispatch(activation.silu_and_mul, activation.silu_and_mul_ref)
+fused_moe = _dispatch(fused_moe_mod.fused_moe, fused_moe_mod.fused_moe_ref)

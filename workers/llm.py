@@ -40,7 +40,7 @@ class LLM:
                 raise ValueError(f"prompt {i}: {e}") from None
         request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
         for rid, prompt, p in zip(request_ids, prompts, params):
-            self.engine.add_request(rid, prompt, p)
+            self.engine.add_request(rid, prompt, p, stream=False)
         finished: dict[str, RequestOutput] = {}
         try:
             while len(finished) < len(request_ids):

@@ -5,9 +5,10 @@ bad request raises a clear `ValueError` and the others keep running.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 
@@ -21,6 +22,9 @@ from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler
 from workers.sequence import Sequence
 
+if TYPE_CHECKING:
+    from workers.disagg import KVExporter, RemotePrefiller
+
 PromptType = Union[str, dict, list]
 
 
@@ -33,6 +37,7 @@ class _Request:
     seqs: list[Sequence]
     detoks: list[IncrementalDetokenizer]
     sent_tokens: list[int] = field(default_factory=list)  # per output: tokens already reported
+    stream: bool = True  # False: one output, when finished (offline use; saves per-step work)
 
 
 @dataclass
@@ -70,6 +75,10 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        # Disaggregation hooks (workers/disagg.py); both None in colocated mode.
+        self.kv_exporter: KVExporter | None = None
+        self._exports: list[Sequence] = []  # prefilled here, blocks held while their KV is sent
+        self.transfer_wakeup = threading.Event()  # set by the hooks when a transfer resolves
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -128,7 +137,7 @@ class LLMEngine:
 
     # -------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, stream: bool = True) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids, params = self.validate(prompt, params)
@@ -140,7 +149,7 @@ class LLMEngine:
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
                                                  params.stop_list, params.include_stop_str_in_output))
             self.scheduler.add(seq)
-        self.requests[request_id] = _Request(request_id, text, ids, params, seqs, detoks, [0] * params.n)
+        self.requests[request_id] = _Request(request_id, text, ids, params, seqs, detoks, [0] * params.n, stream)
         self.prompt_tokens_total += len(ids)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -159,23 +168,86 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
+        resolved = self._poll_transfers()
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            if self._transfers_pending():
+                # Only transfers are in flight: sleep until one resolves instead of spinning.
+                self.transfer_wakeup.wait(0.005)
+                self.transfer_wakeup.clear()
+                return [self._emit(req) for req in resolved.values()]
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("the scheduler cannot admit any waiting request (KV cache too small)")
-            return []
+            return [self._emit(req) for req in resolved.values()]
         logits = self.runner.execute(sched)
         sampling = [item.seq for item in sched.scheduled if item.samples]
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(item.seq)
         results = self.sampler(logits, sampling) if sampling else []
-        touched: dict[str, _Request] = {}
+        touched: dict[str, _Request] = resolved
         for seq, result in zip(sampling, results):
             req = self.requests[seq.request_id]
+            if self.kv_exporter is not None and self.kv_exporter.wants(seq):
+                self._start_export(seq, result.token_id, result.logprobs)
+                continue
             self._append_token(req, seq, result.token_id, result.logprobs)
-            touched[req.request_id] = req
+            if req.stream or seq.is_finished:
+                touched[req.request_id] = req
+        touched = {rid: r for rid, r in touched.items() if r.stream or all(q.is_finished for q in r.seqs)}
         return [self._emit(req) for req in touched.values()]
+
+    # -------------------------------------------------------- disaggregation
+    def enable_kv_export(self, exporter: KVExporter) -> None:
+        """Prefill role: requests the exporter `wants` stop after their first sampled token;
+        their KV blocks go out through `exporter.export` and are freed once it is done."""
+        self.kv_exporter = exporter
+
+    def enable_remote_prefill(self, prefiller: RemotePrefiller) -> None:
+        """Decode role: the scheduler may hand long uncached prompts to `prefiller`."""
+        self.scheduler.remote_prefill = prefiller
+
+    def _transfers_pending(self) -> bool:
+        return bool(self._exports or self.scheduler.remote_waiting)
+
+    def _start_export(self, seq: Sequence, token: int, logprobs) -> None:
+        seq.token_ids.append(token)
+        self.generation_tokens_total += 1
+        if logprobs is not None:
+            seq.output_logprobs.append(logprobs)
+        self.scheduler.detach(seq)  # its blocks stay held until the transfer is done
+        self._exports.append(seq)
+        self.kv_exporter.export(seq)
+
+    def _poll_transfers(self) -> dict[str, _Request]:
+        """Finish exports whose transfer is done; move remote prefills that resolved into the
+        batch (KV arrived: prompt computed, first token appended; failed: the rest of the
+        prompt is recomputed here). Returns the requests with news."""
+        touched: dict[str, _Request] = {}
+        if self._exports:
+            for seq in list(self._exports):
+                if seq.is_finished:  # aborted meanwhile: its blocks are already free
+                    self._exports.remove(seq)
+                    self.kv_exporter.discard(seq)
+                elif self.kv_exporter.is_done(seq):
+                    self._exports.remove(seq)
+                    self._finish(seq, "length", None)
+                    req = self.requests[seq.request_id]
+                    touched[req.request_id] = req
+        prefiller = self.scheduler.remote_prefill
+        if prefiller is not None and self.scheduler.remote_waiting:
+            for seq, outcome in prefiller.poll():
+                if seq.is_finished or seq not in self.scheduler.remote_waiting:
+                    continue
+                req = self.requests[seq.request_id]
+                if outcome.ok:
+                    self.scheduler.resume_remote(seq, seq.num_prompt_tokens)
+                    self.block_manager.cache_full_blocks(seq)
+                    self._append_token(req, seq, outcome.first_token, outcome.logprobs)
+                else:
+                    self.scheduler.resume_remote(seq, seq.num_computed_tokens)
+                touched[req.request_id] = req
+        return touched
 
     def _append_token(self, req: _Request, seq: Sequence, token: int, logprobs) -> None:
         seq.token_ids.append(token)

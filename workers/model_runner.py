@@ -5,9 +5,11 @@ sequences whose chunk reaches their end.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from workers.attention import ForwardContext
@@ -103,42 +105,52 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ steps
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
+        """Build the step's index tensors on the host with numpy and ship them in ONE copy:
+        per-step host work is serial with the GPU, so it is kept to a few vectorised passes."""
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        context_lens: list[int] = []
-        cu = [0]
-        logits_indices: list[int] = []
-        max_blocks = 0
-        for item in sched.scheduled:
-            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
-            input_ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            for pos in range(start, start + n):
-                slots.append(seq.block_ids[pos // bs] * bs + pos % bs)
-            context_lens.append(start + n)
-            cu.append(cu[-1] + n)
-            if item.samples:
-                logits_indices.append(cu[-1] - 1)
-            max_blocks = max(max_blocks, len(seq.block_ids))
-        tables = torch.zeros((len(sched.scheduled), max_blocks), dtype=torch.int32)
-        for i, item in enumerate(sched.scheduled):
-            tables[i, : len(item.seq.block_ids)] = torch.tensor(item.seq.block_ids, dtype=torch.int32)
-        dev = self.device
-
-        def t(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
-
+        items = sched.scheduled
+        num_seqs = len(items)
+        starts = np.fromiter((it.seq.num_computed_tokens for it in items), dtype=np.int64, count=num_seqs)
+        counts = np.fromiter((it.num_new_tokens for it in items), dtype=np.int64, count=num_seqs)
+        is_decode = bool((counts == 1).all())
+        cu = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(counts, out=cu[1:])
+        num_tokens = int(cu[-1])
+        if is_decode:
+            input_ids = np.fromiter((it.seq.token_ids[-1] for it in items), dtype=np.int64, count=num_seqs)
+        else:
+            input_ids = np.fromiter(itertools.chain.from_iterable(
+                it.seq.token_ids[it.seq.num_computed_tokens : it.seq.num_computed_tokens + it.num_new_tokens]
+                for it in items), dtype=np.int64, count=num_tokens)
+        seq_of_token = np.repeat(np.arange(num_seqs), counts)
+        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(cu[:-1], counts) + np.repeat(starts, counts)
+        # Block tables, padded to the longest; filled with one scatter.
+        lens = np.fromiter((len(it.seq.block_ids) for it in items), dtype=np.int64, count=num_seqs)
+        width = int(lens.max()) if num_seqs else 0
+        tables = np.zeros((num_seqs, width), dtype=np.int64)
+        flat = np.fromiter(itertools.chain.from_iterable(it.seq.block_ids for it in items), dtype=np.int64,
+                           count=int(lens.sum()))
+        row_starts = np.zeros(num_seqs, dtype=np.int64)
+        np.cumsum(lens[:-1], out=row_starts[1:])
+        tables[np.repeat(np.arange(num_seqs), lens), np.arange(len(flat)) - np.repeat(row_starts, lens)] = flat
+        slots = tables[seq_of_token, positions // bs] * bs + positions % bs
+        context_lens = starts + counts
+        samples = (context_lens == np.fromiter((it.seq.num_tokens for it in items), dtype=np.int64, count=num_seqs))
+        logits_indices = (cu[1:] - 1)[samples]
+        packed = np.concatenate([input_ids, positions, slots, context_lens, cu, logits_indices, tables.ravel()])
+        host = torch.from_numpy(packed)
+        dev_buf = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        parts = np.cumsum([0, num_tokens, num_tokens, num_tokens, num_seqs, num_seqs + 1, len(logits_indices)])
+        view = [dev_buf[parts[k] : parts[k + 1]] for k in range(6)]
         ctx = ForwardContext(
-            slot_mapping=t(slots, torch.int64),
-            block_tables=tables.to(dev, non_blocking=True),
-            context_lens=t(context_lens, torch.int32),
-            cu_seqlens_q=t(cu, torch.int32),
-            is_decode=all(item.num_new_tokens == 1 for item in sched.scheduled),
+            slot_mapping=view[2],
+            block_tables=dev_buf[parts[6]:].view(num_seqs, width).to(torch.int32),
+            context_lens=view[3].to(torch.int32),
+            cu_seqlens_q=view[4].to(torch.int32),
+            is_decode=is_decode,
             kv_cache=self.kv_cache,
         )
-        return StepInputs(t(input_ids, torch.int64), t(positions, torch.int64), ctx, t(logits_indices, torch.int64))
+        return StepInputs(view[0], view[1], ctx, view[5])
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from workers.block_manager import BlockManager
 from workers.sequence import Sequence, SequenceStatus
+
+
+class RemotePrefillHook(Protocol):
+    """What the scheduler asks of a remote prefill source (workers.disagg.RemotePrefiller)."""
+
+    def wants(self, seq: Sequence, num_uncached_tokens: int) -> bool: ...
+    def start(self, seq: Sequence) -> None: ...
+    def cancel(self, seq: Sequence) -> None: ...
 
 
 @dataclass
@@ -48,6 +57,11 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Disaggregation (workers/disagg.py): an optional hook that may send a waiting
+        # sequence's prefill to another worker; such a sequence holds blocks for its whole
+        # prompt and sits in `remote_waiting`, off the batch, until `resume_remote`.
+        self.remote_prefill: RemotePrefillHook | None = None
+        self.remote_waiting: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -93,6 +107,8 @@ class Scheduler:
         if not out.preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
+                if self.remote_prefill is not None and self._admit_remote(seq):
+                    continue
                 if not bm.can_admit(seq, budget):
                     break
                 self.waiting.popleft()
@@ -123,4 +139,38 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq in self.remote_waiting:
+            self.remote_waiting.remove(seq)
+            self.remote_prefill.cancel(seq)  # before the free: no transfer may land after it
         self.block_manager.free(seq)
+
+    # ------------------------------------------------------- disaggregation
+    def _admit_remote(self, seq: Sequence) -> bool:
+        """Admit `seq` for a remote prefill if the hook wants it and its whole prompt fits:
+        prefix hits attached, blocks allocated for the rest, then the hook starts the transfer."""
+        bm = self.block_manager
+        if len(self.running) + len(self.remote_waiting) >= self.max_num_seqs:
+            return False
+        hit_ids, _ = bm.match_prefix(seq.token_ids)
+        uncached = seq.num_tokens - len(hit_ids) * bm.block_size
+        if not self.remote_prefill.wants(seq, uncached) or not bm.can_admit(seq, seq.num_tokens):
+            return False
+        self.waiting.popleft()
+        bm.admit(seq)
+        bm.append_slots(seq, seq.num_tokens - seq.num_computed_tokens)
+        seq.status = SequenceStatus.RUNNING
+        self.remote_waiting.append(seq)
+        self.remote_prefill.start(seq)
+        return True
+
+    def resume_remote(self, seq: Sequence, num_computed_tokens: int) -> None:
+        """Move a remote-prefilled sequence into the running batch. `num_computed_tokens`: the
+        prompt length when its KV arrived, or its prefix hits when the rest is recomputed here."""
+        self.remote_waiting.remove(seq)
+        seq.num_computed_tokens = num_computed_tokens
+        self.running.append(seq)
+
+    def detach(self, seq: Sequence) -> None:
+        """Take a running sequence off the batch, keeping its blocks (an export in flight reads
+        them); `finish` frees them later."""
+        self.running.remove(seq)

@@ -277,3 +277,25 @@ def test_overload_answers_429_with_retry_after(server):
     rejected = next(r for r in responses if r.status_code == 429)
     assert rejected.headers["Retry-After"] == "1" and rejected.json()["error"]["code"] == "overloaded"
     assert _post(url, json.dumps({"prompt": "hi", "max_tokens": 2}).encode(), headers).status_code == 200
+
+
+def test_tandem_bench_against_the_real_endpoint(server, tmp_path):
+    """`tandem bench` against this real Tandem app: every request succeeds, tokens come from
+    usage, and the server's /metrics deltas (prefix-cache queries) are reported."""
+    from cluster.cli import build_parser
+
+    out = tmp_path / "bench"
+    args = build_parser().parse_args([
+        "bench", "run", "--url", server["url"], "--endpoint", "completions", "--workload", "rag",
+        "--documents", "2", "--document-tokens", "120", "--question-tokens", "8", "--output-tokens", "8",
+        "--num-requests", "8", "--arrival", "closed", "--concurrency", "4", "--tokenizer", server["model_dir"],
+        "--out", str(out), "--no-plots", "--no-progress",
+    ])
+    assert args._module.run(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    text = json.dumps(report)
+    summary = report["stages"][0]["summary"]
+    assert summary["succeeded"] == 8 and summary["failed"] == 0 and not summary["errors"], text[:2000]
+    assert summary["usage_missing"] == 0 and summary["output_token_throughput"] > 0
+    records = report["stages"][0]["requests"]
+    assert all(r["output_tokens"] == 8 and r["ttft_ms"] > 0 for r in records if not r["warmup"])
