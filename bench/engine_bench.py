@@ -193,6 +193,9 @@ def main() -> int:
 
     parity_prompts = [p[:64] for p in prompts[:4]]
     hf_ref = [hf_greedy(hf, p, 16, args.device) for p in parity_prompts]
+    with torch.inference_mode():  # HF's next-token distribution at the end of each parity prompt
+        hf_lp = [torch.log_softmax(hf(torch.tensor([p], device=args.device)).logits[0, -1].float(), -1).cpu()
+                 for p in parity_prompts]
     if not args.skip_hf:
         n_static = args.hf_static_requests or (32 if gpu else 16)
         tps, n = hf_static(hf, prompts[:n_static], outs[:n_static], 32 if gpu else 8, args.device, pad_id)
@@ -224,8 +227,17 @@ def main() -> int:
     ours = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in parity_prompts], greedy)]
     matches = [sum(a == b for a, b in zip(x, y)) for x, y in zip(ours, hf_ref)]
     first_div = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(ours, hf_ref)]
+    firsts = llm.generate([{"prompt_token_ids": p} for p in parity_prompts],
+                          SamplingParams(temperature=0, max_tokens=1, logprobs=20, detokenize=False))
+    lp_diff, gaps = [], []
+    for out, ref in zip(firsts, hf_lp):
+        top = out.outputs[0].logprobs[0]
+        lp_diff.append(max(abs(v.logprob - ref[t].item()) for t, v in top.items()))
+        two = ref.topk(2).values
+        gaps.append((two[0] - two[1]).item())
     results["parity"] = dict(prompts=len(parity_prompts), tokens_each=16, identical_sequences=sum(
-        x == y for x, y in zip(ours, hf_ref)), first_divergence=first_div, matching_positions=matches)
+        x == y for x, y in zip(ours, hf_ref)), first_divergence=first_div, matching_positions=matches,
+        max_abs_logprob_diff_top20=lp_diff, hf_top1_top2_logprob_gap=gaps)
     log(f"parity vs HF: {results['parity']}")
 
     engine = llm.engine

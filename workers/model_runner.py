@@ -45,6 +45,8 @@ class ModelRunner:
         self.model = self._load_model(weights)
         self.num_kv_blocks = config.num_kv_blocks or self._num_blocks_from_memory()
         self.kv_cache = torch.zeros(self.kv_cache_shape(self.num_kv_blocks), dtype=self.dtype, device=self.device)
+        self._pinned: torch.Tensor | None = None  # reused host staging for step inputs
+        self._copy_done = None  # CUDA event: the last copy out of _pinned has run
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             from workers.cuda_graphs import CudaGraphDecoder
@@ -138,8 +140,7 @@ class ModelRunner:
         samples = (context_lens == np.fromiter((it.seq.num_tokens for it in items), dtype=np.int64, count=num_seqs))
         logits_indices = (cu[1:] - 1)[samples]
         packed = np.concatenate([input_ids, positions, slots, context_lens, cu, logits_indices, tables.ravel()])
-        host = torch.from_numpy(packed)
-        dev_buf = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        dev_buf = self._to_device(packed)
         parts = np.cumsum([0, num_tokens, num_tokens, num_tokens, num_seqs, num_seqs + 1, len(logits_indices)])
         view = [dev_buf[parts[k] : parts[k + 1]] for k in range(6)]
         ctx = ForwardContext(
@@ -151,6 +152,24 @@ class ModelRunner:
             kv_cache=self.kv_cache,
         )
         return StepInputs(view[0], view[1], ctx, view[5])
+
+    def _to_device(self, packed: np.ndarray) -> torch.Tensor:
+        """One host-to-device copy through a reused pinned buffer (pinning anew each step costs
+        more than the copy). The copy is ordered before the step's kernels on the same stream;
+        before the buffer is rewritten we wait for the previous copy to have run (an event)."""
+        host = torch.from_numpy(packed)
+        if self.device.type != "cuda":
+            return host
+        if self._pinned is None or self._pinned.numel() < host.numel():
+            self._pinned = torch.empty(max(host.numel(), 1 << 16), dtype=torch.int64).pin_memory()
+        if self._copy_done is not None:
+            self._copy_done.synchronize()  # steps that sample nothing never sync with the host
+        staging = self._pinned[: host.numel()]
+        staging.copy_(host)
+        on_device = staging.to(self.device, non_blocking=True)
+        self._copy_done = torch.cuda.Event()
+        self._copy_done.record()
+        return on_device
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
