@@ -4,9 +4,9 @@ One app, separately scaled deployments: `OpenAIIngress` (HTTP, tokenization) in 
 engine pool. Modes:
 - `colocated`: one `LLMWorker` deployment does prefill and decode; it is "the decode pool"
   the ingress calls.
-- `disaggregated`: not built yet. Its seam is `_decode_pool(...)`: return a bound
-  `DecodeWorker` (which gets a handle to a bound `PrefillWorker`) with the same
-  `generate(WorkerRequest) -> WorkerDelta` contract, and the ingress needs no change.
+- `disaggregated`: the ingress talks to a `DecodeWorker` pool, which sends long uncached
+  prompts to a `PrefillWorker` pool and receives their KV over `kvtransfer`; same
+  `generate(WorkerRequest) -> WorkerDelta` contract, so the ingress needs no change.
 
 Every engine pool routes with `TandemRequestRouter` (prefix_aware | round_robin |
 least_loaded | random), whose `block_size` is the engine's.
@@ -49,6 +49,11 @@ class AppArgs:
     worker_num_cpus: float = 1.0
     worker_num_gpus: float | None = None  # None: 1 when device is cuda, else 0
     ingress_num_cpus: float = 1.0
+    # disaggregated mode: `num_replicas` is the decode pool, this the prefill pool
+    prefill_replicas: int = 1
+    disagg: dict[str, Any] = field(default_factory=dict)  # DisaggConfig fields
+    transfer: dict[str, Any] = field(default_factory=dict)  # KVTransferConfig fields
+    pool_resources: bool = False  # pin pools to nodes carrying custom resources prefill / decode
 
     @classmethod
     def from_dict(cls, args: dict[str, Any] | None) -> "AppArgs":
@@ -81,21 +86,33 @@ def _router_config(args: AppArgs) -> RequestRouterConfig:
 
 
 def _decode_pool(args: AppArgs, model: str) -> Application:
-    """The deployment the ingress sends every request to."""
-    if args.mode == "disaggregated":
-        raise NotImplementedError("disaggregated mode needs PrefillWorker/DecodeWorker (not built yet); "
-                                  "use mode: colocated")
+    """The deployment the ingress sends every request to: LLMWorker (colocated), or a
+    DecodeWorker holding a handle to the prefill pool (disaggregated). Same streaming contract."""
     num_gpus = args.worker_num_gpus
     if num_gpus is None:
         num_gpus = 1.0 if args.device.startswith("cuda") else 0.0
-    worker = serve.deployment(LLMWorker, name="LLMWorker")
-    return worker.options(
-        num_replicas=args.num_replicas,
-        max_ongoing_requests=args.max_ongoing_requests,
-        request_router_config=_router_config(args),
-        ray_actor_options={"num_cpus": args.worker_num_cpus, "num_gpus": num_gpus},
-        health_check_period_s=5,
-    ).bind(model, dict(args.engine_kwargs), args.device)
+
+    def actor_options(pool: str) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": args.worker_num_cpus, "num_gpus": num_gpus}
+        if args.pool_resources:
+            opts["resources"] = {pool: 1}
+        return opts
+
+    common = dict(max_ongoing_requests=args.max_ongoing_requests, request_router_config=_router_config(args),
+                  health_check_period_s=5)
+    if args.mode == "colocated":
+        worker = serve.deployment(LLMWorker, name="LLMWorker")
+        return worker.options(num_replicas=args.num_replicas, ray_actor_options=actor_options("decode"),
+                              **common).bind(model, dict(args.engine_kwargs), args.device)
+    from workers.decode_worker import DecodeWorker
+    from workers.prefill_worker import PrefillWorker
+
+    prefill = serve.deployment(PrefillWorker, name="PrefillWorker").options(
+        num_replicas=args.prefill_replicas, ray_actor_options=actor_options("prefill"), **common,
+    ).bind(model, dict(args.engine_kwargs), args.device, dict(args.transfer))
+    return serve.deployment(DecodeWorker, name="DecodeWorker").options(
+        num_replicas=args.num_replicas, ray_actor_options=actor_options("decode"), **common,
+    ).bind(model, prefill, dict(args.engine_kwargs), args.device, dict(args.disagg), dict(args.transfer))
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

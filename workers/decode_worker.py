@@ -1,0 +1,60 @@
+"""`DecodeWorker`: one decode engine per Ray Serve replica of the decode pool, and the
+orchestrator of a disaggregated request.
+
+Same contract as `LLMWorker` (`generate(WorkerRequest)` streams `WorkerDelta`s), so the ingress
+targets the decode pool unchanged. Inside, the engine's scheduler matches this worker's prefix
+cache and allocates blocks for the whole prompt; an uncached suffix of at least
+`remote_prefill_min_tokens` is prefilled by the prefill pool (through a `DeploymentHandle` to
+`PrefillWorker.prefill`), whose KV lands in those blocks over `kvtransfer` while this worker's
+batch keeps decoding; a shorter one is prefilled here. A prefill worker that fails, times out
+or sends bad KV costs latency only: the rest of the prompt is recomputed here.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+from workers.disagg import DisaggConfig, DisaggCounters, RemotePrefiller, transfer_config
+from workers.serve_worker import LLMWorker, WorkerDelta, WorkerRequest, WorkerStats
+
+
+@dataclasses.dataclass
+class DecodeWorkerStats(WorkerStats):
+    role: str = "decode"
+    num_remote_prefilling: int = 0  # sequences waiting for their KV, off the batch
+    transfer: object = None  # kvtransfer.TransferMetrics of the receiver
+    disagg: DisaggCounters = dataclasses.field(default_factory=DisaggCounters)
+
+
+class DecodeWorker(LLMWorker):
+    """A Serve deployment class: decorate with `serve.deployment`, pin it to the decode pool's
+    nodes (`ray_actor_options={"resources": {"decode": 1}}`), bind it with the bound
+    `PrefillWorker` deployment as `prefill`."""
+
+    def __init__(self, model: str, prefill, engine_kwargs: dict | None = None, device: str = "cpu",
+                 disagg_kwargs: dict | None = None, transfer_kwargs: dict | None = None,
+                 **worker_kwargs) -> None:
+        super().__init__(model, engine_kwargs, device, **worker_kwargs)
+        engine = self._engine.engine
+        self._prefiller = RemotePrefiller(engine.runner.kv_cache, engine.block_manager.block_size,
+                                          transfer_config(transfer_kwargs), DisaggConfig(**(disagg_kwargs or {})),
+                                          prefill, engine.transfer_wakeup)
+        self._engine.call_in_engine(lambda e: e.enable_remote_prefill(self._prefiller)).result(timeout=60)
+
+    async def generate(self, request: WorkerRequest) -> AsyncIterator[WorkerDelta]:
+        self._prefiller.bind_loop(asyncio.get_running_loop())
+        stream = super().generate(request)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            await stream.aclose()  # a cancelled caller aborts the request, on both sides
+
+    def stats(self) -> DecodeWorkerStats:
+        base = super().stats()
+        with self._prefiller._lock:
+            counters = dataclasses.replace(self._prefiller.counters)
+        return DecodeWorkerStats(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
+                                 num_remote_prefilling=len(self._engine.engine.scheduler.remote_waiting),
+                                 transfer=self._prefiller.receiver.metrics(), disagg=counters)

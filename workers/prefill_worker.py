@@ -1,0 +1,71 @@
+"""`PrefillWorker`: one prefill engine per Ray Serve replica of the prefill pool.
+
+It is an `LLMWorker` (same engine loop, KV-event publishing to its own pool's prefix index,
+same `generate` for direct use) whose engine exports KV: `prefill(PrefillRequest)` runs the
+prompt through the shared continuous batch (chunked, batched with other prefills, reusing this
+worker's prefix cache), streams the blocks the decode worker lacks into its block ids through
+`kvtransfer`, and returns the first token once the receiver acknowledged them. Its blocks are
+then freed and stay in the prefix cache, so a shared system prompt is prefilled once.
+
+If the caller goes away (Serve cancels the call), the engine request is aborted and its
+blocks are freed at once; an export in flight is aborted too.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from workers.disagg import KVDestination, KVExporter, PrefillRequest, PrefillResult, transfer_config
+from workers.serve_worker import LLMWorker, WorkerStats
+
+
+@dataclasses.dataclass
+class PrefillWorkerStats(WorkerStats):
+    role: str = "prefill"
+    transfer: object = None  # kvtransfer.TransferMetrics of the sender
+    exports_ok: int = 0
+    exports_failed: int = 0
+
+
+class PrefillWorker(LLMWorker):
+    """A Serve deployment class: decorate with `serve.deployment` and pin it to the prefill
+    pool's nodes (`ray_actor_options={"resources": {"prefill": 1}}`)."""
+
+    def __init__(self, model: str, engine_kwargs: dict | None = None, device: str = "cpu",
+                 transfer_kwargs: dict | None = None, **worker_kwargs) -> None:
+        super().__init__(model, engine_kwargs, device, **worker_kwargs)
+        engine = self._engine.engine
+        self._exporter = KVExporter(engine.runner.kv_cache, transfer_config(transfer_kwargs))
+        self._engine.call_in_engine(lambda e: e.enable_kv_export(self._exporter)).result(timeout=60)
+
+    async def prefill(self, request: PrefillRequest) -> PrefillResult:
+        self._ensure_publishing()
+        rid = request.transfer_id
+        self._exporter.register(rid, KVDestination(request.receiver_address, list(request.dst_block_ids),
+                                                   request.skip_blocks))
+        last = None
+        finished = False
+        try:
+            async for out in self._engine.generate({"prompt_token_ids": list(request.prompt_token_ids)},
+                                                   request.sampling_params, rid):
+                last = out
+            finished = True
+        except ValueError as error:  # refused before it touched the engine
+            return PrefillResult(rid, error=str(error))
+        finally:
+            if not finished:
+                self._exporter.forget(rid)
+        error = self._exporter.pop_result(rid)
+        output = last.outputs[0] if last is not None and last.outputs else None
+        if output is None or not output.token_ids or output.finish_reason == "abort":
+            return PrefillResult(rid, error=error or "the prefill was aborted")
+        if error is not None:
+            return PrefillResult(rid, error=error)
+        logprobs = output.logprobs[0] if output.logprobs else None
+        return PrefillResult(rid, output.token_ids[0], logprobs, last.num_cached_tokens)
+
+    def stats(self) -> PrefillWorkerStats:
+        base = super().stats()
+        return PrefillWorkerStats(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
+                                  transfer=self._exporter.sender.metrics(),
+                                  exports_ok=self._exporter.exports_ok,
+                                  exports_failed=self._exporter.exports_failed)
