@@ -57,7 +57,12 @@ def run(args: argparse.Namespace) -> int:
     from router.app import build_app
 
     app = build_app(app_args(args))  # bad args fail here, before Ray starts
-    ray.init()  # joins RAY_ADDRESS when set, else starts a local Ray
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # join the existing cluster
+    else:
+        # A local Ray: Ray's CPU count is a scheduling unit, not a core. Ingress + two engine pools
+        # need more units than a small machine's core count, so give at least 8 (they share cores).
+        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     print(f"serving on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
     try:
