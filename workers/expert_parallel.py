@@ -19,8 +19,6 @@ The expert load statistics (tokens routed to each expert) live with the model, i
 """
 from __future__ import annotations
 
-import glob
-import os
 from datetime import timedelta
 from typing import Callable, Literal
 
@@ -158,32 +156,11 @@ def _reduce_op(name: str):
 class ExpertParallelModelRunner(ModelRunner):
     """A `ModelRunner` whose MoE model holds only this rank's experts.
 
-    Stand-in until `ModelRunner` takes the group itself (see docs/MOE.md): it repeats the
-    runner's loading with `ep` handed to the model class."""
+    Loading is the base runner's; only the model's construction differs (it gets the group)."""
 
     def __init__(self, config, hf_config, weights=None, *, ep: ExpertParallelGroup) -> None:
         self.ep = ep
         super().__init__(config, hf_config, weights)
 
-    def _load_model(self, weights=None) -> torch.nn.Module:
-        from safetensors import safe_open
-
-        from workers.models import model_class_for
-
-        cls = model_class_for(self.hf_config)
-        files = sorted(glob.glob(os.path.join(self.config.model, "*.safetensors")))
-        if not files and weights is None:
-            raise FileNotFoundError(f"no *.safetensors weights in {self.config.model!r}")
-        with torch.device("meta"):
-            model = cls(self.hf_config, ep=self.ep)
-        model = model.to_empty(device=self.device).to(self.dtype)
-        model.build_rope_table(self.device)
-
-        def from_files():
-            for path in files:
-                with safe_open(path, framework="pt", device="cpu") as f:
-                    for name in f.keys():
-                        yield name, f.get_tensor(name)
-
-        model.load_weights(from_files() if weights is None else weights)
-        return model.eval()
+    def _build_model(self, cls) -> torch.nn.Module:
+        return cls(self.hf_config, ep=self.ep)

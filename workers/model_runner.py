@@ -67,7 +67,7 @@ class ModelRunner:
         if not files and weights is None:
             raise FileNotFoundError(f"no *.safetensors weights in {self.config.model!r}")
         with torch.device("meta"):
-            model = cls(self.hf_config)
+            model = self._build_model(cls)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.build_rope_table(self.device)
 
@@ -79,6 +79,10 @@ class ModelRunner:
 
         model.load_weights(from_files() if weights is None else weights)
         return model.eval()
+
+    def _build_model(self, cls) -> torch.nn.Module:
+        """The model skeleton (on the meta device); subclasses add constructor arguments."""
+        return cls(self.hf_config)
 
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
         c = self.hf_config
