@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", help="the name clients send as `model` (default: --model)")
     parser.add_argument("--mode", choices=("colocated", "disaggregated"), default="colocated")
     parser.add_argument("--num-replicas", type=int, default=1, help="engine replicas per pool")
+    parser.add_argument("--prefill", type=int, metavar="N", help="disaggregated: N prefill replicas (with --decode)")
+    parser.add_argument("--decode", type=int, metavar="M", help="disaggregated: M decode replicas (with --prefill)")
+    parser.add_argument("--colocated", type=int, metavar="N", help="colocated: N replicas doing both phases")
+    parser.add_argument("--pool-resources", action="store_true",
+                        help="pin pools to nodes carrying the custom resources `prefill` / `decode`")
     parser.add_argument("--ingress-replicas", type=int, default=1)
     parser.add_argument("--routing-policy", choices=POLICY_NAMES, default="prefix_aware")
     parser.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"),
@@ -38,12 +43,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--app-name", default="tandem")
 
 
+def _pools(args: argparse.Namespace) -> tuple[str, int, int]:
+    """(mode, decode-or-colocated replicas, prefill replicas) from the pool flags."""
+    if args.colocated is not None and (args.prefill is not None or args.decode is not None):
+        raise SystemExit("tandem serve: --colocated cannot be combined with --prefill/--decode")
+    if (args.prefill is None) != (args.decode is None):
+        raise SystemExit("tandem serve: --prefill and --decode go together")
+    counts = [c for c in (args.colocated, args.prefill, args.decode) if c is not None]
+    if any(c < 1 for c in counts):
+        raise SystemExit("tandem serve: replica counts must be >= 1")
+    if args.prefill is not None:
+        return "disaggregated", args.decode, args.prefill
+    if args.colocated is not None:
+        return "colocated", args.colocated, 1
+    return args.mode, args.num_replicas, args.num_replicas
+
+
 def app_args(args: argparse.Namespace) -> dict:
+    mode, num_replicas, prefill_replicas = _pools(args)
     built = {
-        "mode": args.mode, "num_replicas": args.num_replicas, "ingress_replicas": args.ingress_replicas,
+        "mode": mode, "num_replicas": num_replicas, "prefill_replicas": prefill_replicas,
+        "pool_resources": bool(getattr(args, "pool_resources", False)), "ingress_replicas": args.ingress_replicas,
         "routing_policy": args.routing_policy, "device": args.device, "engine_kwargs": dict(args.engine_arg),
         "max_in_flight": args.max_in_flight,
     }
+    if mode == "colocated":
+        del built["prefill_replicas"]
     for key in ("model", "served_model_name", "api_key"):
         if getattr(args, key):
             built[key] = getattr(args, key)

@@ -122,3 +122,21 @@ def test_serve_cli_flags_become_app_args():
     parsed = AppArgs.from_dict(serve_cli.app_args(flags))
     assert (parsed.model, parsed.num_replicas, parsed.routing_policy) == ("/m", 2, "round_robin")
     assert parsed.engine_kwargs == {"max_model_len": 512, "dtype": "float32"}
+
+
+def test_serve_cli_pool_flags():
+    import argparse
+
+    from cluster import serve_cli
+
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    parsed = AppArgs.from_dict(serve_cli.app_args(parser.parse_args(["--prefill", "2", "--decode", "3",
+                                                                      "--pool-resources"])))
+    assert (parsed.mode, parsed.prefill_replicas, parsed.num_replicas, parsed.pool_resources) == \
+        ("disaggregated", 2, 3, True)
+    parsed = AppArgs.from_dict(serve_cli.app_args(parser.parse_args(["--colocated", "4"])))
+    assert (parsed.mode, parsed.num_replicas) == ("colocated", 4)
+    for bad in (["--prefill", "1"], ["--colocated", "1", "--decode", "1", "--prefill", "1"], ["--colocated", "0"]):
+        with pytest.raises(SystemExit):
+            serve_cli.app_args(parser.parse_args(bad))
