@@ -4,7 +4,6 @@
 replica that computed it and reports the cached tokens."""
 from __future__ import annotations
 
-import socket
 import time
 
 import openai
@@ -15,6 +14,7 @@ from ray import serve
 from router.app import AppArgs, build_app
 from router.index_actor import INDEX_NAMESPACE, index_actor_name
 from router.openai_ingress import REPLICA_HEADER
+from tests.router.serve_harness import local_serve
 from workers.make_model import make_model
 from workers.prefix_hash import hash_full_blocks
 
@@ -22,29 +22,16 @@ BLOCK_SIZE = 16
 pytestmark = pytest.mark.timeout(180)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model_dir = str(make_model(tmp_path_factory.mktemp("routing") / "llama", "llama", seed=5))
-    port = _free_port()
-    # "local": a new cluster even when another run on this machine has one up.
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve() as url:
         serve.run(build_app({
             "model": model_dir, "served_model_name": "tiny", "num_replicas": 2, "routing_policy": "prefix_aware",
             "engine_kwargs": {"num_kv_blocks": 96, "max_model_len": 512, "block_size": BLOCK_SIZE},
             "ingress_num_cpus": 0,
         }), name="prefix", route_prefix="/")
-        yield {"url": f"http://127.0.0.1:{port}", "model_dir": model_dir}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        yield {"url": url, "model_dir": model_dir}
 
 
 def chat(client: openai.OpenAI, messages: list[dict], session: str | None):

@@ -8,18 +8,17 @@ One Ray cluster and two apps per module (Ray and replica start-up are the slow p
 from __future__ import annotations
 
 import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import ray
 import requests
 from ray import serve
 
 from router.app import build_app
 from workers import LLM, SamplingParams
+from tests.router.serve_harness import local_serve
 from workers.make_model import make_model
 
 ENGINE_KWARGS = {"num_kv_blocks": 96, "max_model_len": 256, "max_num_seqs": 16}
@@ -27,27 +26,14 @@ API_KEY = "tandem-test-key"
 pytestmark = pytest.mark.timeout(240)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model_dir = str(make_model(tmp_path_factory.mktemp("openai") / "llama", "llama", seed=3))
-    port = _free_port()
-    # "local": a new cluster even when another run on this machine has one up.
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve() as url:
         common = dict(model=model_dir, served_model_name="tiny", engine_kwargs=ENGINE_KWARGS, ingress_num_cpus=0)
         serve.run(build_app(dict(common, max_body_bytes=64 << 10)), name="api", route_prefix="/")
         serve.run(build_app(dict(common, api_key=API_KEY, max_in_flight=2)), name="secure", route_prefix="/secure")
-        yield {"url": f"http://127.0.0.1:{port}", "model_dir": model_dir}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        yield {"url": url, "model_dir": model_dir}
 
 
 @pytest.fixture(scope="module")
