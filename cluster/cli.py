@@ -11,6 +11,8 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("make-model", "workers.make_model", "write a small random-weight HF model folder"),
     ("generate", "workers.generate_cli", "offline generation with the Tandem engine"),
     ("serve", "cluster.serve_cli", "run the OpenAI-compatible Serve app"),
+    ("scale", "cluster.scale_cli", "resize a pool (decode, prefill, colocated) of a running app"),
+    ("status", "cluster.status_cli", "show the app's pools and replica states"),
     ("bench", "bench.loadgen.cli", "load-test an OpenAI-compatible endpoint; compare reports"),
     ("bundle", "cluster.bundle", "build an offline install bundle for GPU hosts without internet"),
 ]

@@ -79,9 +79,11 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from cluster.apps import deploy_app
     from router.app import build_app
 
-    app = build_app(app_args(args))  # bad args fail here, before Ray starts
+    built = app_args(args)
+    build_app(built)  # bad args fail here, before Ray starts
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # join the existing cluster
     else:
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": args.host, "port": args.port})
     print(f"serving on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
     try:
-        serve.run(app, name=args.app_name, route_prefix="/", blocking=True)
+        deploy_app(args.app_name, built, blocking=True)
     except KeyboardInterrupt:
         pass
     finally:

@@ -11,9 +11,10 @@ import pytest
 import ray
 from ray import serve
 
-from router.app import AppArgs, build_app
+from router.app import AppArgs
 from router.index_actor import INDEX_NAMESPACE, index_actor_name
 from router.openai_ingress import REPLICA_HEADER
+from cluster.apps import deploy_app, scale_app, status_report
 from tests.router.serve_harness import local_serve
 from workers.make_model import make_model
 from workers.prefix_hash import hash_full_blocks
@@ -26,11 +27,11 @@ pytestmark = pytest.mark.timeout(180)
 def server(tmp_path_factory):
     model_dir = str(make_model(tmp_path_factory.mktemp("routing") / "llama", "llama", seed=5))
     with local_serve() as url:
-        serve.run(build_app({
+        deploy_app("prefix", {
             "model": model_dir, "served_model_name": "tiny", "num_replicas": 2, "routing_policy": "prefix_aware",
             "engine_kwargs": {"num_kv_blocks": 96, "max_model_len": 512, "block_size": BLOCK_SIZE},
             "ingress_num_cpus": 0,
-        }), name="prefix", route_prefix="/")
+        })
         yield {"url": url, "model_dir": model_dir}
 
 
@@ -127,3 +128,25 @@ def test_serve_cli_pool_flags():
     for bad in (["--prefill", "1"], ["--colocated", "1", "--decode", "1", "--prefill", "1"], ["--colocated", "0"]):
         with pytest.raises(SystemExit):
             serve_cli.app_args(parser.parse_args(bad))
+
+
+def test_scale_and_status_resize_a_running_pool(server):
+    """`tandem scale decode 1` / `tandem status` logic on the running app: the pool shrinks,
+    the app keeps serving, and impossible requests are refused with a clear error."""
+    report = status_report("prefix")
+    assert report["deployments"]["LLMWorker"]["replicas"].get("RUNNING") == 2
+    assert report["args"]["num_replicas"] == 2
+    assert scale_app("prefix", "decode", 1)["num_replicas"] == 1
+    deadline = time.monotonic() + 90
+    while status_report("prefix")["deployments"]["LLMWorker"]["replicas"] != {"RUNNING": 1}:
+        assert time.monotonic() < deadline, status_report("prefix")
+        time.sleep(0.5)
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    reply = client.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0)
+    assert reply.usage.completion_tokens == 3
+    with pytest.raises(ValueError, match="no prefill pool"):
+        scale_app("prefix", "prefill", 2)
+    with pytest.raises(LookupError):
+        scale_app("nope", "decode", 2)
+    with pytest.raises(ValueError, match=">= 1"):
+        scale_app("prefix", "decode", 0)
