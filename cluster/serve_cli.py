@@ -84,11 +84,11 @@ def run(args: argparse.Namespace) -> int:
 
     built = app_args(args)
     build_app(built)  # bad args fail here, before Ray starts
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # join the existing cluster
-    else:
-        # A local Ray: Ray's CPU count is a scheduling unit, not a core. Ingress + two engine pools
-        # need more units than a small machine's core count, so give at least 8 (they share cores).
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))  # join a running cluster (`ray up`)
+    except ConnectionError:
+        # None running: a local Ray. Its CPU count is a scheduling unit, not a core; ingress + two
+        # engine pools need more units than a small machine's core count (they share cores).
         ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     print(f"serving on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
