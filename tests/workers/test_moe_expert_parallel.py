@@ -112,16 +112,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ep_results(model_dirs) -> list[dict]:
+def _run_ranks(target, *args, timeout: float) -> list[dict]:
+    """Spawn WORLD ranks of `target(rank, port, *args, results)`; each puts one dict."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_ep_worker, args=(rank, port, model_dirs, results)) for rank in range(WORLD)]
+    procs = [ctx.Process(target=target, args=(rank, port, *args, results)) for rank in range(WORLD)]
     for p in procs:
         p.start()
     try:
-        outs = [results.get(timeout=240) for _ in procs]
+        return [results.get(timeout=timeout) for _ in procs]
     except queue.Empty:
         pytest.fail("an expert-parallel rank did not answer in time")
     finally:
@@ -129,6 +129,11 @@ def ep_results(model_dirs) -> list[dict]:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+
+
+@pytest.fixture(scope="module")
+def ep_results(model_dirs) -> list[dict]:
+    outs = _run_ranks(_ep_worker, model_dirs, timeout=240)
     for out in outs:
         assert "error" not in out, f"rank {out['rank']} failed:\n{out.get('error')}"
     return sorted(outs, key=lambda o: o["rank"])
@@ -201,19 +206,7 @@ def _nccl_worker(rank: int, port: int, results: mp.Queue) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_nccl_all_to_all_matches_one_gpu_gpu():
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_nccl_worker, args=(rank, port, results)) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    try:
-        outs = [results.get(timeout=180) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    outs = _run_ranks(_nccl_worker, timeout=180)
     for out in outs:
         assert "error" not in out, out.get("error")
         assert out["mode"] == "all_to_all"
