@@ -117,9 +117,9 @@ class LLMEngine:
         text, ids = self.tokenize_prompt(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in ids):
-            bad = next(t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size)
-            raise ValueError(f"prompt token id {bad!r} is out of the vocabulary [0, {self.vocab_size})")
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is out of the vocabulary [0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this model's context length is "
                              f"{self.max_model_len}, and at least one token must be generated")
@@ -192,8 +192,8 @@ class LLMEngine:
                 self._start_export(seq, result.token_id, result.logprobs)
                 continue
             self._append_token(req, seq, result.token_id, result.logprobs)
-            if req.stream or seq.is_finished:
-                touched[req.request_id] = req
+            touched[req.request_id] = req
+        # Offline (non-streaming) requests report once, when every one of their outputs is done.
         touched = {rid: r for rid, r in touched.items() if r.stream or all(q.is_finished for q in r.seqs)}
         return [self._emit(req) for req in touched.values()]
 
