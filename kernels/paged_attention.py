@@ -90,6 +90,15 @@ def _load_kv_tile(cache_ptr, block_table_row, positions, mask_n, kv_head, offs_d
 
 
 @triton.jit
+def _split_len(context_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
+    # The split grid is fixed by shapes (a CUDA graph captures it), but each sequence divides
+    # its *live* context over it: a 300-token context at batch 1 keeps ~5 x kv_heads programs
+    # busy instead of 1 x kv_heads when the split length came from the 8k maximum.
+    per_split = (context_len + NUM_SPLITS - 1) // NUM_SPLITS
+    return tl.maximum((per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N, MIN_SPLIT)
+
+
+@triton.jit(do_not_specialize=["stride_bt_b"])
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
@@ -100,21 +109,22 @@ def _paged_decode_kernel(
     stride_bt_b, stride_o_b, stride_o_h,
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CACHE_BLOCK: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # Program (sequence, kv head, split): the GROUP query heads of one KV head against context
-    # positions [split * SPLIT_LEN, (split + 1) * SPLIT_LEN). With one split it writes the final
+    # positions [split * split_len, (split + 1) * split_len). With one split it writes the final
     # output; otherwise a normalised partial output and its log2-sum-exp for the reduce kernel.
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
-    start = split * SPLIT_LEN
+    split_len = _split_len(context_len, NUM_SPLITS, BLOCK_N, MIN_SPLIT)
+    start = split * split_len
     if NUM_SPLITS > 1:
         if start >= context_len:
             return
-    end = tl.minimum(start + SPLIT_LEN, context_len)
+    end = tl.minimum(start + split_len, context_len)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -161,14 +171,15 @@ def _paged_decode_kernel(
 def _reduce_splits_kernel(
     part_out_ptr, part_lse_ptr, context_lens_ptr, out_ptr, stride_o_b, stride_o_h,
     NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
     # Program (sequence, query head): weigh each non-empty split's output by its share of the
     # softmax mass. Splits past the context were never written and are masked out here.
     seq = tl.program_id(0)
     head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
-    num_valid = tl.minimum((context_len + SPLIT_LEN - 1) // SPLIT_LEN, NUM_SPLITS)
+    split_len = _split_len(context_len, NUM_SPLITS, BLOCK_N, MIN_SPLIT)
+    num_valid = tl.minimum((context_len + split_len - 1) // split_len, NUM_SPLITS)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_s = offs_s < num_valid
@@ -185,7 +196,10 @@ def _reduce_splits_kernel(
              out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-@triton.jit
+# Per-step integers (batch size, block-table width) are not specialised on: Triton would
+# otherwise compile a new variant whenever one of them crosses a multiple of 16 mid-run
+# (measured: ~1.5-2 s per compile on H100, seven times in one offline run).
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt_b"])
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_q_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
     qk_scale, num_seqs,
@@ -302,7 +316,9 @@ def plan_decode_splits(
     min_split_tokens: int = _MIN_SPLIT_TOKENS,
 ) -> tuple[int, int]:
     """(num_splits, split_len): enough programs for about two waves over the GPU, from shapes
-    alone (no read of context_lens, so the launch can be captured in a CUDA graph)."""
+    alone (no read of context_lens, so the launch can be captured in a CUDA graph). split_len
+    is the split length at the maximum context; the kernel divides each sequence's live
+    context over the same number of splits (`_split_len`)."""
     programs = max(batch * num_kv_heads, 1)
     wanted = triton.cdiv(2 * num_sms, programs)
     num_splits = max(1, min(wanted, triton.cdiv(max_context, min_split_tokens)))
@@ -318,13 +334,14 @@ def paged_decode_attention_split(
     context_lens: torch.Tensor,
     scale: float,
     num_splits: int,
-    split_len: int,
+    min_split_len: int,
     block_n: int,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> torch.Tensor:
     """`paged_decode_attention` with the split plan and tile given (tests force several splits,
-    the benchmark sweeps tiles)."""
+    the benchmark sweeps tiles). Each sequence's context is divided over `num_splits` splits
+    of at least `min_split_len` positions (a multiple of `block_n`)."""
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -332,7 +349,7 @@ def paged_decode_attention_split(
     if batch == 0:
         return out
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    assert split_len % block_n == 0
+    assert min_split_len % block_n == 0
     head_dim_pad = triton.next_power_of_2(head_dim)
     if num_splits > 1:
         part_out = torch.empty((batch, num_q_heads, num_splits, head_dim_pad), dtype=torch.float32, device=q.device)
@@ -348,7 +365,7 @@ def paged_decode_attention_split(
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_Q_HEADS=num_q_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CACHE_BLOCK=k_cache.shape[1],
-        BLOCK_N=block_n, SPLIT_LEN=split_len, NUM_SPLITS=num_splits,
+        BLOCK_N=block_n, MIN_SPLIT=min_split_len, NUM_SPLITS=num_splits,
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -356,7 +373,8 @@ def paged_decode_attention_split(
         _reduce_splits_kernel[(batch, num_q_heads)](
             part_out, part_lse, context_lens, out, out.stride(0), out.stride(1),
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-            SPLIT_LEN=split_len, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            BLOCK_N=block_n, MIN_SPLIT=min_split_len, NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
             num_warps=4,
         )
     return out
@@ -379,9 +397,9 @@ def paged_decode_attention(
     else:  # the best of a sweep on H100 at Llama-3-8B shapes (bench/results/kernels_h100.json)
         block_n, num_warps, num_stages = 64, 2, 3
     max_context = block_tables.shape[1] * k_cache.shape[1]
-    num_splits, split_len = plan_decode_splits(q.shape[0], k_cache.shape[2], max_context, block_n, _num_sms(q.device))
+    num_splits, _ = plan_decode_splits(q.shape[0], k_cache.shape[2], max_context, block_n, _num_sms(q.device))
     return paged_decode_attention_split(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                        num_splits, split_len, block_n, num_warps, num_stages)
+                                        num_splits, block_n, block_n, num_warps, num_stages)
 
 
 def paged_prefill_attention(
@@ -401,6 +419,12 @@ def paged_prefill_attention(
     else:  # near the best of a sweep on H100 (bench/results/kernels_h100.json), modest shared memory
         tile = (64, 64, 4, 3)
     return paged_prefill_attention_tiled(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale, *tile)
+
+
+def _seqs_pad(num_seqs: int) -> int:
+    """The constexpr width of the kernel's tile->sequence search: one value for every batch up
+    to 256 sequences, so the kernel is compiled once (at engine warm-up), not per batch size."""
+    return max(256, triton.next_power_of_2(num_seqs))
 
 
 def paged_prefill_attention_tiled(
@@ -440,7 +464,7 @@ def paged_prefill_attention_tiled(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), CACHE_BLOCK=k_cache.shape[1],
-        BLOCK_Q=block_q, BLOCK_N=block_n, SEQS_PAD=triton.next_power_of_2(num_seqs),
+        BLOCK_Q=block_q, BLOCK_N=block_n, SEQS_PAD=_seqs_pad(num_seqs),
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )

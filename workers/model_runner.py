@@ -48,6 +48,8 @@ class ModelRunner:
         self._pinned: torch.Tensor | None = None  # reused host staging for step inputs
         self._copy_done = None  # CUDA event: the last copy out of _pinned has run
         self.graphs = None
+        if self.device.type == "cuda":
+            self._warm_up()
         if self.device.type == "cuda" and not config.enforce_eager:
             from workers.cuda_graphs import CudaGraphDecoder
 
@@ -108,6 +110,27 @@ class ModelRunner:
             raise RuntimeError("not enough memory for even one KV block; lower the model size or raise the "
                                "memory setting")
         return num
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """One throw-away prefill of two short sequences, so the prefill path's Triton kernels
+        compile here at start-up instead of stalling the first requests' step (1-2 s each).
+        Its slots are -1 (writes nowhere); it reads cache block 0, whatever that holds."""
+        bs = self.block_size
+        dev = self.device
+        ids = torch.zeros(2 * bs, dtype=torch.int64, device=dev)
+        positions = torch.arange(bs, device=dev).repeat(2)
+        ctx = ForwardContext(
+            slot_mapping=torch.full((2 * bs,), -1, dtype=torch.int64, device=dev),
+            block_tables=torch.zeros((2, 1), dtype=torch.int32, device=dev),
+            context_lens=torch.full((2,), bs, dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.tensor([0, bs, 2 * bs], dtype=torch.int32, device=dev),
+            is_decode=False,
+            kv_cache=self.kv_cache,
+        )
+        hidden = self.model(ids, positions, ctx)
+        self.model.compute_logits(hidden[[bs - 1, 2 * bs - 1]]).float()
+        torch.cuda.synchronize(dev)
 
     # ------------------------------------------------------------------ steps
     def prepare(self, sched: SchedulerOutput) -> StepInputs:

@@ -82,6 +82,12 @@ def test_decode_split_over_context_matches_ref(dtype):
     run_decode([70, 32, 9, 0], 4, 2, 16, 4, dtype, split=(5, 16, 16))
 
 
+def test_decode_splits_follow_the_live_context():
+    # 3 splits of at least 16: a 200-token context gets splits of 80 (cdiv(67, 16) * 16), the
+    # last one partial; a 17-token one gets two splits; a 16-token one exactly one.
+    run_decode([200, 17, 16, 3], 4, 2, 16, 8, torch.float32, split=(3, 16, 16))
+
+
 def test_decode_split_plan_from_shapes():
     # One sequence on a big GPU: many splits; a full batch: one split; never an empty split.
     num_splits, split_len = plan_decode_splits(1, 8, 8192, 64, 132)
