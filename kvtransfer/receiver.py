@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import os
 import queue
 import socket
 import threading
@@ -124,9 +125,16 @@ class KVReceiver:
         self._outbox = Mailbox()
         self._stop = threading.Event()
 
-        self._store = TCPStore(config.bind_host, config.store_port, is_master=True,
-                               wait_for_workers=False,
-                               timeout=timedelta(seconds=max(config.timeout_s, config.connect_timeout_s)))
+        store_fd, store_port = _listen(config.bind_host, config.store_port)
+        try:
+            # Given no socket, a TCPStore master listens on every interface whatever its host;
+            # handed one bound to `bind_host`, it takes that socket over (and closes it).
+            self._store = TCPStore(config.bind_host, store_port, is_master=True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=max(config.timeout_s, config.connect_timeout_s)),
+                                   master_listen_fd=store_fd)
+        except BaseException:
+            os.close(store_fd)
+            raise
         self._zmq = zmq.Context()
         self._router = self._zmq.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
@@ -504,6 +512,22 @@ class KVReceiver:
             self._fail(request, reason, notify_sender=True)
         link.jobs.put(None)
         abort_group(group)
+
+
+def _listen(host: str, port: int) -> tuple[int, int]:
+    """A listening TCP socket on exactly `host`:`port` (0: a free port); returns (fd, port)."""
+    family, _, _, _, address = socket.getaddrinfo(None if host == "*" else host, port, type=socket.SOCK_STREAM,
+                                                  flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(512)
+        port = sock.getsockname()[1]
+        return sock.detach(), port
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _itemsize(dtype: str) -> int:

@@ -15,6 +15,7 @@ takes a `WorkerRequest` and yields `WorkerDelta`s.
 # No `from __future__ import annotations`: FastAPI reads the route signatures of a Serve
 # class-based ingress at run time, and string annotations there turn `Request` into a query field.
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -27,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -75,6 +77,9 @@ class IngressConfig:
     max_prompts: int = 16  # prompts in one /v1/completions batch
     max_body_bytes: int = 4 << 20
     retry_after_s: int = 1
+    # A request whose engine replica dies before any byte of the reply was sent is sent again
+    # (Serve routes it to a live replica) this many times, then answered 503.
+    replica_retries: int = 1
 
 
 class ApiError(Exception):
@@ -83,6 +88,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
+
+
+REPLICA_DIED = "replica_died"
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -161,7 +169,8 @@ class OpenAIIngress:
         self._model_names = {config.served_model_name, config.model}
         self._in_flight = 0
         self._counters: dict[str, float] = {"tandem_ingress_requests_total": 0, "tandem_ingress_rejected_total": 0,
-                                            "tandem_ingress_client_errors_total": 0}
+                                            "tandem_ingress_client_errors_total": 0,
+                                            "tandem_ingress_replica_retries_total": 0}
         try:
             app_name = serve.get_replica_context().app_name
         except Exception:
@@ -269,6 +278,8 @@ class OpenAIIngress:
             body = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as error:
             raise ApiError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         return body
@@ -323,6 +334,12 @@ class OpenAIIngress:
             raise ApiError(400, str(error)) from None
         return worker_request
 
+    def _encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        try:
+            return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except (TypeError, ValueError):  # e.g. a lone surrogate, sent as "\ud800" in the JSON
+            raise ApiError(400, "the text is not valid Unicode (lone surrogate?)", param=param) from None
+
     @staticmethod
     def _session_id(req: SamplingFields, request: Request) -> str | None:
         return request.headers.get(SESSION_HEADER) or req.user
@@ -337,11 +354,11 @@ class OpenAIIngress:
             raise ApiError(400, "best_of must equal n (beam search is not supported)", param="best_of")
         prompt = req.prompt
         if isinstance(prompt, str):
-            prompts = [self._tokenizer.encode(prompt, add_special_tokens=True)]
+            prompts = [self._encode(prompt, True, "prompt")]
         elif prompt and all(isinstance(p, int) for p in prompt):
             prompts = [list(prompt)]
         elif prompt and all(isinstance(p, str) for p in prompt):
-            prompts = [self._tokenizer.encode(p, add_special_tokens=True) for p in prompt]
+            prompts = [self._encode(p, True, "prompt") for p in prompt]
         else:
             prompts = [list(p) for p in prompt]
         if not prompts:
@@ -366,7 +383,7 @@ class OpenAIIngress:
                                                        tokenize=False)
         except Exception as error:  # template errors are the request's fault (roles, order)
             raise ApiError(400, f"could not apply the chat template: {error}", param="messages") from None
-        ids = self._tokenizer.encode(text, add_special_tokens=False)
+        ids = self._encode(text, False, "messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         work = [self._worker_request(req, ids, max_tokens, logprobs, self._session_id(req, request), "messages")]
@@ -391,6 +408,8 @@ class OpenAIIngress:
                                headers={"Retry-After": str(self._config.retry_after_s)}) from None
             if isinstance(error, DeploymentUnavailableError):
                 raise ApiError(503, "the engine pool is unavailable", "server_error", code="unavailable") from None
+            if isinstance(error, RayActorError):
+                raise self._replica_died() from None
             raise
         refused = next((s.first.error for s in started if s.first.error), None)
         if refused is not None:
@@ -398,6 +417,10 @@ class OpenAIIngress:
                 stream.cancel()
             raise ApiError(400, refused)
         return started
+
+    def _replica_died(self) -> ApiError:
+        return ApiError(503, "the engine replica serving this request died; retry the request", "server_error",
+                        code=REPLICA_DIED, headers={"Retry-After": str(self._config.retry_after_s)})
 
     async def _deltas(self, started: list[_Started]) -> AsyncIterator[tuple[int, WorkerDelta]]:
         """(prompt index, delta) from every stream, first deltas first, then as they come."""
@@ -435,6 +458,19 @@ class OpenAIIngress:
 
     async def _run(self, work: list[WorkerRequest], req: SamplingFields, request: Request, release, *, chat: bool,
                    top_logprobs: int | None) -> Response:
+        for attempt in range(self._config.replica_retries + 1):
+            try:
+                return await self._run_once(work, req, release, chat=chat, top_logprobs=top_logprobs)
+            except ApiError as error:
+                if error.code != REPLICA_DIED or attempt == self._config.replica_retries:
+                    raise
+                logger.warning("an engine replica died under a request; sending it again")
+                self._counters["tandem_ingress_replica_retries_total"] += 1
+                work = [dataclasses.replace(w, request_id=uuid.uuid4().hex) for w in work]
+        raise AssertionError("unreachable")
+
+    async def _run_once(self, work: list[WorkerRequest], req: SamplingFields, release, *, chat: bool,
+                        top_logprobs: int | None) -> Response:
         started = await self._start(work)
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         replicas = ",".join(dict.fromkeys(s.first.replica_id for s in started))
@@ -460,6 +496,8 @@ class OpenAIIngress:
                     if out.finish_reason is not None:
                         choice.finish_reason, choice.stop_reason = out.finish_reason, out.stop_reason
             finished = True
+        except RayActorError:  # nothing has been sent yet: `_run` may send the request again
+            raise self._replica_died() from None
         finally:
             if not finished:  # the client left (handler cancelled) or a worker failed
                 for s in started:
@@ -517,6 +555,11 @@ class OpenAIIngress:
             finished = True
         except (asyncio.CancelledError, GeneratorExit):
             raise
+        except RayActorError:  # headers are sent: report in the stream; the client retries
+            logger.warning("stream %s lost its engine replica", response_id)
+            died = self._replica_died()
+            yield _sse_line(ErrorResponse(error=ErrorInfo(message=died.message, type=died.type, code=died.code))
+                            .model_dump())
         except Exception as error:  # headers are sent: report in the stream, as vLLM does
             logger.exception("stream %s failed", response_id)
             yield _sse_line(ErrorResponse(error=ErrorInfo(message=f"internal error: {type(error).__name__}",

@@ -14,8 +14,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+# Python's json module accepts NaN and Infinity; neither is a sampling parameter.
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+# The engine seeds a torch.Generator with `seed + output index`: keep it in int64.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1 - 64
 
 
 class StreamOptions(_Request):
@@ -29,7 +34,7 @@ class SamplingFields(_Request):
     n: int = Field(1, ge=1)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
