@@ -1,0 +1,298 @@
+"""Prefix-aware vs round-robin routing on GPUs: multi-turn chat through the real Serve app.
+
+    python bench/routing_gpu_bench.py --out bench/results      # on a GPU host with Ray installed
+
+Several engine replicas of one random-weight model (a Llama-3.2-3B shape by default) run as
+the Tandem Serve app (ingress + replica pool, `router.app.build_app`), sharing the GPUs of this
+host (`--gpus-per-replica`, e.g. 4 replicas x 0.25 of one H100 when no multi-GPU host is lent).
+For each routing policy the same closed-loop multi-turn chat load is replayed over HTTP:
+`--concurrency` conversations at a time, each `--turns` turns long; turn 1 carries a shared
+system prompt and a long per-conversation document, later turns add a short user message to
+the whole history (including the model's real previous answers), as chat clients do.
+TTFT is measured at the client (request sent -> first streamed content token).
+
+Writes routing_<device>.json / .md with `ttft_mean_ms` per policy and
+`ttft_roundrobin_over_prefix` (the issue's contract), plus percentiles, follow-up-turn TTFT,
+output throughput and the workload.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import platform
+import queue
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# A Llama-3.2-3B attention/MLP shape with the test tokenizer's small vocabulary.
+SHAPE_3B = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                num_key_value_heads=8, head_dim=128, max_position_embeddings=32768)
+
+
+@dataclass
+class TurnResult:
+    conversation: int
+    turn: int
+    prompt_words: int
+    ttft_s: float
+    latency_s: float
+    output_tokens: int
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class PolicyRun:
+    policy: str
+    results: list[TurnResult] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def make_model(folder: Path) -> Path:
+    """A random bf16 model folder (config, safetensors, tokenizer), built on the GPU."""
+    import torch
+    import transformers
+
+    from workers.make_model import build_config, build_tokenizer
+
+    tok = build_tokenizer()
+    config = build_config("llama", "small", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    for k, v in SHAPE_3B.items():
+        setattr(config, k, v)
+    config.initializer_range = 0.02
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+def single_token_words(folder: Path) -> list[str]:
+    """Vocabulary words that are one token each with a leading space: text built from them has
+    a known token count."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    words = sorted({w[1:] for w in tok.get_vocab() if w.startswith("Ġ") and w[1:].isalpha() and len(w) > 3})
+    return [w for w in words if len(tok(" " + w, add_special_tokens=False).input_ids) == 1]
+
+
+def chat_stream(port: int, model: str, messages: list[dict], max_tokens: int, timeout: float):
+    """One streamed chat completion; returns (ttft_s, latency_s, text, completion tokens,
+    prompt tokens, prompt tokens served from the replica's prefix cache)."""
+    body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+    ttft = None
+    parts: list[str] = []
+    tokens = prompt_tokens = cached = 0
+    while True:
+        line = resp.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            break
+        chunk = json.loads(data)
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+            prompt_tokens = chunk["usage"]["prompt_tokens"]
+            cached = ((chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
+        for choice in chunk.get("choices", []):
+            piece = choice.get("delta", {}).get("content")
+            if piece:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                parts.append(piece)
+    latency = time.perf_counter() - t0
+    conn.close()
+    if ttft is None:
+        raise RuntimeError("no content streamed")
+    return ttft, latency, "".join(parts), tokens, prompt_tokens, cached
+
+
+def run_policy(policy: str, args, words: list[str], model_dir: Path) -> PolicyRun:
+    from ray import serve
+
+    from router.app import build_app
+
+    app_args = {
+        "model": str(model_dir), "served_model_name": "bench", "num_replicas": args.replicas,
+        "routing_policy": policy, "device": args.device,
+        "worker_num_gpus": args.gpus_per_replica if args.device == "cuda" else 0,
+        "max_in_flight": 4096, "max_ongoing_requests": 256,
+        "engine_kwargs": {"dtype": "bfloat16" if args.device == "cuda" else "float32", "max_model_len": args.max_model_len,
+                          "num_kv_blocks": args.kv_blocks, "max_num_seqs": 64,
+                          "max_num_batched_tokens": args.max_batched_tokens},
+    }
+    serve.run(build_app(app_args), name="routing-bench", route_prefix="/")
+    rng = random.Random(args.seed)
+    system = " ".join(rng.choice(words) for _ in range(args.system_words))
+    convs = queue.Queue()
+    for c in range(args.conversations):
+        convs.put(c)
+    run = PolicyRun(policy)
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            try:
+                c = convs.get_nowait()
+            except queue.Empty:
+                return
+            crng = random.Random(args.seed * 1000 + c)  # same conversation text under every policy
+            doc = " ".join(crng.choice(words) for _ in range(args.document_words))
+            messages = [{"role": "system", "content": system},
+                        {"role": "user", "content": doc + " " + " ".join(crng.choice(words) for _ in range(args.user_words))}]
+            for t in range(args.turns):
+                prompt_words = sum(len(m["content"].split()) for m in messages)
+                try:
+                    ttft, lat, text, n, p, hit = chat_stream(args.port, "bench", messages, args.output_tokens,
+                                                             args.timeout)
+                    res = TurnResult(c, t, prompt_words, ttft, lat, n, p, hit)
+                except Exception as e:  # recorded, counted, and the conversation ends
+                    with lock:
+                        run.results.append(TurnResult(c, t, prompt_words, float("nan"), float("nan"), 0, repr(e)[:300]))
+                    break
+                with lock:
+                    run.results.append(res)
+                messages.append({"role": "assistant", "content": text})
+                messages.append({"role": "user", "content": " ".join(crng.choice(words) for _ in range(args.user_words))})
+
+    # Warm-up: one short request per replica's worth, so graph capture/compiles are not timed.
+    for _ in range(args.replicas * 2):
+        chat_stream(args.port, "bench", [{"role": "user", "content": "hello there"}], 4, args.timeout)
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    run.wall_s = time.perf_counter() - t0
+    serve.delete("routing-bench")
+    return run
+
+
+def summarize(run: PolicyRun) -> dict:
+    ok = [r for r in run.results if r.error is None]
+    ttft = sorted(r.ttft_s * 1e3 for r in ok)
+    follow = [r.ttft_s * 1e3 for r in ok if r.turn > 0]
+
+    def pct(xs, q):
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+    return {
+        "requests": len(run.results), "errors": len(run.results) - len(ok),
+        "ttft_mean_ms": statistics.fmean(ttft) if ttft else None,
+        "ttft_p50_ms": pct(ttft, 0.5), "ttft_p90_ms": pct(ttft, 0.9), "ttft_p99_ms": pct(ttft, 0.99),
+        "ttft_first_turn_mean_ms": statistics.fmean([r.ttft_s * 1e3 for r in ok if r.turn == 0] or [float("nan")]),
+        "ttft_followup_mean_ms": statistics.fmean(follow) if follow else None,
+        "latency_mean_ms": statistics.fmean([r.latency_s * 1e3 for r in ok]) if ok else None,
+        "output_tok_s": sum(r.output_tokens for r in ok) / run.wall_s if run.wall_s else None,
+        "wall_s": run.wall_s,
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "prefix_hit_rate": sum(r.cached_tokens for r in ok) / max(1, sum(r.prompt_tokens for r in ok)),
+        "error_samples": [r.error for r in run.results if r.error][:3],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--model", help="model folder (default: a random Llama-3.2-3B shape made here)")
+    ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--gpus-per-replica", type=float, default=0.25)
+    ap.add_argument("--kv-blocks", type=int, default=3000, help="KV blocks per replica (16 tokens each)")
+    ap.add_argument("--max-model-len", type=int, default=16384)
+    ap.add_argument("--conversations", type=int, default=48)
+    ap.add_argument("--concurrency", type=int, default=16, help="conversations in flight at once")
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--system-words", type=int, default=256, help="shared system prompt (1 token per word)")
+    ap.add_argument("--document-words", type=int, default=4000, help="per-conversation document in turn 1")
+    ap.add_argument("--user-words", type=int, default=48)
+    ap.add_argument("--output-tokens", type=int, default=64)
+    ap.add_argument("--max-batched-tokens", type=int, default=8192, help="engine token budget per step")
+    ap.add_argument("--policies", default="prefix_aware,round_robin")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script with --model")
+    args = ap.parse_args()
+
+    import ray
+    import torch
+    from ray import serve
+
+    model_dir = Path(args.model) if args.model else make_model(Path(tempfile.mkdtemp(prefix="routing-bench-")) / "llama-3b")
+    words = single_token_words(model_dir)
+    import os
+
+    # One CPU unit per engine replica and the ingress (Serve's default asks), however few cores.
+    ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, args.replicas + 2))
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    runs = {}
+    for policy in args.policies.split(","):
+        print(f"[{time.strftime('%H:%M:%S')}] policy {policy} ...", flush=True)
+        run = run_policy(policy, args, words, model_dir)
+        runs[policy] = summarize(run)
+        print(json.dumps({policy: runs[policy]}), flush=True)
+    serve.shutdown()
+    ray.shutdown()
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    res = {
+        "device": device, "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
+        "command": "python " + " ".join(sys.argv),
+        "setup": {k: v for k, v in vars(args).items() if k not in ("out", "port")},
+        "model_shape": SHAPE_3B if not args.model else args.model,
+        "policies": runs,
+        "ttft_mean_ms": {p: r["ttft_mean_ms"] for p, r in runs.items()},
+    }
+    if "prefix_aware" in runs and "round_robin" in runs and runs["prefix_aware"]["ttft_mean_ms"]:
+        res["ttft_roundrobin_over_prefix"] = runs["round_robin"]["ttft_mean_ms"] / runs["prefix_aware"]["ttft_mean_ms"]
+        res["throughput_prefix_over_roundrobin"] = runs["prefix_aware"]["output_tok_s"] / runs["round_robin"]["output_tok_s"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = device.lower().replace(" ", "_")
+    (out / f"routing_{slug}.json").write_text(json.dumps(res, indent=1) + "\n")
+    lines = [f"# Routing on GPUs: prefix-aware vs round-robin ({device})", "",
+             f"Command: `{res['command']}`; torch {torch.__version__}, Ray {ray.__version__}.", "",
+             "| policy | mean TTFT ms | p50 | p90 | p99 | turn-1 mean | follow-up mean | output tok/s | prefix hit rate | errors |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    f = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
+    for p, r in runs.items():
+        lines.append(f"| {p} | {f(r['ttft_mean_ms'])} | {f(r['ttft_p50_ms'])} | {f(r['ttft_p90_ms'])} | "
+                     f"{f(r['ttft_p99_ms'])} | {f(r['ttft_first_turn_mean_ms'])} | {f(r['ttft_followup_mean_ms'])} | "
+                     f"{f(r['output_tok_s'])} | {r['prefix_hit_rate']:.3f} | {r['errors']} |")
+    if "ttft_roundrobin_over_prefix" in res:
+        lines += ["", f"Mean TTFT round-robin / prefix-aware: **{res['ttft_roundrobin_over_prefix']:.2f}x**; "
+                      f"output throughput prefix-aware / round-robin: {res['throughput_prefix_over_roundrobin']:.2f}x."]
+    (out / f"routing_{slug}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
