@@ -132,16 +132,19 @@ class AsyncLLM:
 
     def _loop(self) -> None:
         try:
+            # Expert parallel: the ranks of a group step together even when idle (each step
+            # begins with a collective), so an idle rank only naps briefly between steps.
+            idle_wait_s = 0.002 if self.engine.collective else 0.5
             while not self._stopped.is_set():
-                idle = not self.engine.has_unfinished_requests()
+                idle = not self.engine.must_step()
                 try:
                     # idle: sleep until a command arrives; busy: take what is queued, then step
-                    self._handle(self._commands.get(timeout=0.5) if idle else self._commands.get_nowait())
+                    self._handle(self._commands.get(timeout=idle_wait_s) if idle else self._commands.get_nowait())
                     while True:
                         self._handle(self._commands.get_nowait())
                 except queue.Empty:
                     pass
-                if not self.engine.has_unfinished_requests():
+                if not self.engine.must_step() and not self.engine.collective:
                     self._stats = self.engine.stats()
                     continue
                 for out in self.engine.step():

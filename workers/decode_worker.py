@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 from workers.disagg import DisaggConfig, DisaggCounters, RemotePrefiller, transfer_config
-from workers.serve_worker import LLMWorker, WorkerDelta, WorkerRequest, WorkerStats
+from workers.serve_worker import EngineReading, LLMWorker, WorkerDelta, WorkerRequest, WorkerStats
 
 
 @dataclasses.dataclass
@@ -31,6 +31,8 @@ class DecodeWorker(LLMWorker):
     """A Serve deployment class: decorate with `serve.deployment`, pin it to the decode pool's
     nodes (`ray_actor_options={"resources": {"decode": 1}}`), bind it with the bound
     `PrefillWorker` deployment as `prefill`."""
+
+    pool = "decode"
 
     def __init__(self, model: str, prefill, engine_kwargs: dict | None = None, device: str = "cpu",
                  disagg_kwargs: dict | None = None, transfer_kwargs: dict | None = None,
@@ -50,6 +52,12 @@ class DecodeWorker(LLMWorker):
                 yield delta
         finally:
             await stream.aclose()  # a cancelled caller aborts the request, on both sides
+
+    def _update_role_metrics(self, reading: EngineReading) -> None:
+        with self._prefiller._lock:
+            counters = dataclasses.replace(self._prefiller.counters)
+        self.metrics.update_transfer(self._prefiller.receiver.metrics(), "received")
+        self.metrics.update_disagg(counters, reading.num_remote_prefilling)
 
     def stats(self) -> DecodeWorkerStats:
         base = super().stats()

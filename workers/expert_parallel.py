@@ -9,6 +9,15 @@ its own prefix: no global torch.distributed world is needed, so a prefill pool a
 can each run their own expert-parallel degree. Every rank must call each MoE layer in step
 (same number of forward passes, a rank with no tokens passes an empty batch).
 
+Engine-level step sync: each rank's engine serves its own requests, so ranks get unequal work.
+`ExpertParallelModelRunner` is a collective runner: `LLMEngine.step()` first calls `sync_step`
+(one all-reduce of [has requests, tokens scheduled]); when some rank has tokens, every rank
+runs a forward, and one with nothing scheduled runs `execute_idle` (one padding token whose KV
+goes nowhere and whose routing is not counted as expert load). When no rank has tokens nobody
+runs the model. The driving loops (`LLM.generate`, `AsyncLLM`) keep stepping while
+`LLMEngine.must_step()`: local requests, or some rank had requests at the last step, so all
+ranks leave on the same step.
+
 Dispatch is an `all_to_all_single` with per-rank split sizes. Builds of gloo without all-to-all
 get the CPU fallback: every rank all-gathers all tokens (padded to the largest batch), applies
 its own experts to all of them, and an all-reduce sums the partial outputs; correct, but it moves
@@ -63,6 +72,14 @@ class ExpertParallelGroup:
 
     def expert_range(self, num_experts: int) -> range:
         return expert_range(num_experts, self.rank, self.world_size)
+
+    def agree_on_step(self, has_requests: bool, num_tokens: int) -> tuple[bool, int]:
+        """(does any rank have requests, the most tokens any rank scheduled) for this step.
+        Collective: every rank calls it once per engine step."""
+        flags = torch.tensor([int(has_requests), num_tokens], dtype=torch.long, device=self.device)
+        self.group.allreduce([flags], _reduce_op("MAX")).wait()
+        any_requests, max_tokens = flags.tolist()
+        return bool(any_requests), int(max_tokens)
 
     # ----------------------------------------------------------------- dispatch + combine
     def run_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -156,7 +173,10 @@ def _reduce_op(name: str):
 class ExpertParallelModelRunner(ModelRunner):
     """A `ModelRunner` whose MoE model holds only this rank's experts.
 
-    Loading is the base runner's; only the model's construction differs (it gets the group)."""
+    Loading is the base runner's; only the model's construction differs (it gets the group).
+    It is `collective`: the engine syncs each step with the group through it (module docstring)."""
+
+    collective = True
 
     def __init__(self, config, hf_config, weights=None, *, ep: ExpertParallelGroup) -> None:
         self.ep = ep
@@ -164,3 +184,31 @@ class ExpertParallelModelRunner(ModelRunner):
 
     def _build_model(self, cls) -> torch.nn.Module:
         return cls(self.hf_config, ep=self.ep)
+
+    def sync_step(self, has_requests: bool, num_tokens: int) -> tuple[bool, int]:
+        return self.ep.agree_on_step(has_requests, num_tokens)
+
+    @torch.inference_mode()
+    def execute_idle(self) -> None:
+        """A forward of one padding token, so this rank takes part in the other ranks' MoE
+        all-to-alls. Its slot is -1 (its K/V is written nowhere); it reads cache block 0."""
+        from workers.attention import ForwardContext
+
+        dev = self.device
+        ctx = ForwardContext(
+            slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=dev),
+            block_tables=torch.zeros((1, 1), dtype=torch.int32, device=dev),
+            context_lens=torch.ones(1, dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32, device=dev),
+            is_decode=False,
+            kv_cache=self.kv_cache,
+        )
+        load = getattr(self.model, "expert_load", None)
+        if load is not None:
+            load.paused = True
+        try:
+            self.model(torch.zeros(1, dtype=torch.int64, device=dev), torch.zeros(1, dtype=torch.int64, device=dev),
+                       ctx)
+        finally:
+            if load is not None:
+                load.paused = False

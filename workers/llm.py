@@ -43,7 +43,12 @@ class LLM:
             self.engine.add_request(rid, prompt, p, stream=False)
         finished: dict[str, RequestOutput] = {}
         try:
-            while len(finished) < len(request_ids):
+            # Expert parallel: every rank steps (at least once, even with no prompts of its own)
+            # until no rank of the group has requests; all stop on the same step.
+            stepped = False
+            while (len(finished) < len(request_ids) or self.engine.must_step()
+                   or (self.engine.collective and not stepped)):
+                stepped = True
                 for out in self.engine.step():
                     if out.finished:
                         finished[out.request_id] = out

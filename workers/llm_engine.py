@@ -79,6 +79,11 @@ class LLMEngine:
         self.kv_exporter: KVExporter | None = None
         self._exports: list[Sequence] = []  # prefilled here, blocks held while their KV is sent
         self.transfer_wakeup = threading.Event()  # set by the hooks when a transfer resolves
+        # Expert parallelism: the ranks of one group run every forward together (all-to-all in
+        # each MoE layer), so each step starts with the runner's `sync_step` and a rank with
+        # nothing scheduled runs `execute_idle` while another rank has tokens.
+        self.collective = bool(getattr(self.runner, "collective", False))
+        self._group_busy = False  # another rank of the group had requests at the last step
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -166,10 +171,20 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def must_step(self) -> bool:
+        """Whether the caller's loop must call `step()` again: this engine has requests, or (expert
+        parallel) a rank of its group had some at the last step. Every rank of a group stops on
+        the same step: the first one at which no rank had requests."""
+        return bool(self.requests) or self._group_busy
+
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
         resolved = self._poll_transfers()
         sched = self.scheduler.schedule()
+        if self.collective:
+            self._group_busy, group_tokens = self.runner.sync_step(bool(self.requests), sched.num_tokens)
+            if sched.is_empty and group_tokens:
+                self.runner.execute_idle()
         if sched.is_empty:
             if self._transfers_pending():
                 # Only transfers are in flight: sleep until one resolves instead of spinning.

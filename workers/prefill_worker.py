@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from workers.disagg import KVDestination, KVExporter, PrefillRequest, PrefillResult, transfer_config
-from workers.serve_worker import LLMWorker, WorkerStats
+from workers.serve_worker import EngineReading, LLMWorker, WorkerStats
 
 
 @dataclasses.dataclass
@@ -62,6 +62,9 @@ class PrefillWorker(LLMWorker):
             return PrefillResult(rid, error=error)
         logprobs = output.logprobs[0] if output.logprobs else None
         return PrefillResult(rid, output.token_ids[0], logprobs, last.num_cached_tokens)
+
+    def _update_role_metrics(self, reading: EngineReading) -> None:
+        self.metrics.update_transfer(self._exporter.sender.metrics(), "sent")
 
     def stats(self) -> PrefillWorkerStats:
         base = super().stats()

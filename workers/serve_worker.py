@@ -8,9 +8,12 @@ cancels this generator, and leaving `AsyncLLM.generate` early aborts the engine 
 which frees its blocks at once.
 
 A background task publishes the engine's prefix-cache events and its load to the pool's
-prefix index (`router.publisher.KVEventPublisher`) every `publish_interval_s`, and its
-counters to the app's stats board (for `/metrics`). Engine state is read only through
-`AsyncLLM.call_in_engine`, so the engine thread stays its only owner.
+prefix index (`router.publisher.KVEventPublisher`) every `publish_interval_s`, its counters to
+the app's stats board (for the ingress's `/metrics`), and the replica's Ray metrics
+(`workers.metrics.WorkerMetrics`, vLLM-style names, tagged by pool and replica).
+`record_autoscaling_stats` is Serve's custom-autoscaling hook (the keys
+`cluster.autoscaling.STAT_KEYS`). Engine state is read only through `AsyncLLM.call_in_engine`,
+so the engine thread stays its only owner.
 
 In colocated mode this one deployment is the whole engine pool ("the decode pool" to the
 ingress); the disaggregated roles will sit beside it with the same `generate` contract.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -30,6 +34,7 @@ from workers.async_engine import AsyncLLM
 from workers.block_manager import CacheEvent
 from workers.config import EngineConfig
 from workers.llm_engine import EngineStats, LLMEngine
+from workers.metrics import WorkerMetrics
 from workers.outputs import RequestOutput
 from workers.prefix_hash import ROOT_HASH
 from workers.sampling_params import SamplingParams
@@ -126,8 +131,47 @@ def to_router_event(replica_id: str, event: CacheEvent):
     raise ValueError(f"unknown cache event kind {event.kind!r}")
 
 
-def _drain_events_and_stats(engine: LLMEngine) -> tuple[list[CacheEvent], EngineStats]:
-    return engine.drain_cache_events(), engine.stats()
+@dataclass
+class EngineReading:
+    """What the publish loop takes from the engine thread in one call."""
+
+    events: list[CacheEvent]
+    stats: EngineStats
+    queued_prefill_tokens: int
+    num_remote_prefilling: int
+    expert_load: object = None  # workers.models.moe.ExpertLoadStats, MoE models only, when asked
+
+
+def queued_prefill_tokens(engine: LLMEngine) -> int:
+    """Prompt tokens not yet prefilled: the rest of every waiting sequence (a preempted one is
+    recomputed, so its outputs count too) and of every partially prefilled running one. A
+    decoding sequence has exactly one uncomputed token, its last sampled one: not prefill work."""
+    sch = engine.scheduler
+    running = sum(max(0, s.num_tokens - s.num_computed_tokens - (1 if s.num_output_tokens else 0))
+                  for s in sch.running)
+    return sch.num_waiting_tokens + running
+
+
+def read_engine(engine: LLMEngine, with_expert_load: bool = False) -> EngineReading:
+    expert_load = None
+    recorder = getattr(engine.runner.model, "expert_load", None)
+    if with_expert_load and recorder is not None:
+        expert_load = recorder.snapshot()
+    return EngineReading(engine.drain_cache_events(), engine.stats(), queued_prefill_tokens(engine),
+                         len(engine.scheduler.remote_waiting), expert_load)
+
+
+def autoscaling_stats(engine: LLMEngine) -> dict[str, float]:
+    """The replica's load for Serve's custom autoscaling policies (`cluster.autoscaling`).
+    `num_waiting` counts sequences waiting for the prefill pool's KV too: they hold blocks
+    here and join this replica's batch next."""
+    sch = engine.scheduler
+    return {
+        "queued_prefill_tokens": float(queued_prefill_tokens(engine)),
+        "num_running": float(len(sch.running)),
+        "num_waiting": float(len(sch.waiting) + len(sch.remote_waiting)),
+        "kv_usage": float(engine.block_manager.usage),
+    }
 
 
 def _delta_logprobs(output, num_new: int, top_n: int) -> list[TokenLogprob] | None:
@@ -167,12 +211,16 @@ def to_delta(out: RequestOutput, replica_id: str, top_n: int = 0) -> WorkerDelta
 class LLMWorker:
     """A Serve deployment class (decorated in `router.app`): one engine per replica."""
 
+    pool = "colocated"  # the `pool` tag of this replica's metrics
+
     def __init__(self, model: str, engine_kwargs: dict | None = None, device: str = "cpu",
-                 publish_interval_s: float = 0.05, stats_interval_s: float = 0.25) -> None:
+                 publish_interval_s: float = 0.05, stats_interval_s: float = 0.25,
+                 expert_load_interval_s: float = 1.0) -> None:
         config = EngineConfig(model=model, device=device, **(engine_kwargs or {}))
         self._engine = AsyncLLM.from_config(config)
         self._publish_interval_s = publish_interval_s
         self._stats_interval_s = stats_interval_s
+        self._expert_load_interval_s = expert_load_interval_s
         self._replica_id = "local"
         self._publisher = None
         self._board = None
@@ -187,6 +235,7 @@ class LLMWorker:
             self._publisher = KVEventPublisher.for_current_replica()
             self._replica_id = self._publisher.replica_id
             self._board = get_stats_board(context.app_name)
+        self.metrics = WorkerMetrics(self.pool, self._replica_id, os.path.basename(os.path.normpath(model)))
         self._publish_task: asyncio.Task | None = None
         self._publish_error: BaseException | None = None
 
@@ -220,6 +269,17 @@ class LLMWorker:
     def replica_id(self) -> str:
         return self._replica_id
 
+    def metric_samples(self) -> dict[str, float]:
+        """The values this replica last exported as Ray metrics (`WorkerMetrics.samples`)."""
+        return self.metrics.samples()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom-autoscaling hook: `queued_prefill_tokens`, `num_running`,
+        `num_waiting`, `kv_usage` (0..1), read on the engine thread at a step boundary."""
+        if self._engine.is_dead:
+            raise RuntimeError("the engine loop died; see the replica's log")
+        return await asyncio.wrap_future(self._engine.call_in_engine(autoscaling_stats))
+
     async def check_health(self) -> None:
         self._ensure_publishing()
         if self._engine.is_dead:
@@ -234,31 +294,43 @@ class LLMWorker:
 
     # -------------------------------------------------------------- publishing
     def _ensure_publishing(self) -> None:
-        if self._publisher is not None and (self._publish_task is None or self._publish_task.done()):
+        if self._publish_task is None or self._publish_task.done():
             self._publish_task = asyncio.get_running_loop().create_task(self._publish_loop())
+
+    def _update_role_metrics(self, reading: EngineReading) -> None:
+        """The prefill and decode roles add their transfer counters."""
 
     async def _publish_loop(self) -> None:
         from router.load import ReplicaLoad
 
         last_stats: EngineStats | None = None
-        last_load_at = last_board_at = 0.0
+        last_load_at = last_board_at = last_experts_at = 0.0
         while True:
             try:
-                events, stats = await asyncio.wrap_future(self._engine.call_in_engine(_drain_events_and_stats))
-                if events:
-                    self._publisher.publish([to_router_event(self._replica_id, e) for e in events])
                 now = time.time()
-                changed = stats != last_stats
-                if changed or now - last_load_at > 1.0:
-                    self._publisher.report_load(ReplicaLoad(
-                        self._replica_id, stats.num_running, stats.num_waiting, stats.num_running_tokens,
-                        stats.num_waiting_tokens, stats.num_free_blocks, stats.num_total_blocks, now))
-                    last_load_at = now
-                if (changed and now - last_board_at >= self._stats_interval_s) or now - last_board_at > 1.0:
-                    self._board.report.remote(self._replica_id, dataclasses.asdict(stats), now)
-                    last_board_at = now
+                with_experts = now - last_experts_at >= self._expert_load_interval_s
+                reading = await asyncio.wrap_future(self._engine.call_in_engine(read_engine, with_experts))
+                stats = reading.stats
+                self.metrics.update_engine(stats, reading.queued_prefill_tokens)
+                if reading.expert_load is not None:
+                    self.metrics.update_expert_load(reading.expert_load)
+                if with_experts:
+                    last_experts_at = now
+                self._update_role_metrics(reading)
+                if self._publisher is not None:
+                    if reading.events:
+                        self._publisher.publish([to_router_event(self._replica_id, e) for e in reading.events])
+                    changed = stats != last_stats
+                    if changed or now - last_load_at > 1.0:
+                        self._publisher.report_load(ReplicaLoad(
+                            self._replica_id, stats.num_running, stats.num_waiting, stats.num_running_tokens,
+                            stats.num_waiting_tokens, stats.num_free_blocks, stats.num_total_blocks, now))
+                        last_load_at = now
+                    if (changed and now - last_board_at >= self._stats_interval_s) or now - last_board_at > 1.0:
+                        self._board.report.remote(self._replica_id, dataclasses.asdict(stats), now)
+                        last_board_at = now
                 last_stats = stats
             except Exception as error:  # a view: losing events costs hit rate, not correctness
                 self._publish_error = error
-                logger.warning("publishing KV events failed: %r", error)
+                logger.warning("publishing KV events and metrics failed: %r", error)
             await asyncio.sleep(self._publish_interval_s)

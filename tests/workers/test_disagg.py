@@ -163,6 +163,40 @@ def test_disaggregated_output_equals_colocated_and_kv_crossed(cluster, reference
     assert stats.num_remote_prefilling == 0 and stats.engine.num_running == 0
     assert stats.engine.kv_usage == 0.0 and sent.engine.kv_usage == 0.0
 
+    # The Ray metrics each replica exported (its publish loop ticks every 50 ms) say the same.
+    decode_metrics = settled_metrics(
+        lambda: handle.metric_samples.remote().result(timeout_s=30),
+        lambda m: m.get("tandem_kv_transfer_bytes_total{direction=received}") == stats.transfer.bytes_received)
+    prefill_handle = serve.get_deployment_handle("PrefillWorker", APP)
+    prefill_metrics = settled_metrics(
+        lambda: prefill_handle.metric_samples.remote().result(timeout_s=30),
+        lambda m: m.get("tandem_kv_transfer_bytes_total{direction=sent}") == sent.transfer.bytes_sent)
+    ok = stats.disagg.remote_prefills_ok
+    assert decode_metrics["tandem_kv_transfers_total{direction=received}"] == stats.transfer.transfers_ok == ok
+    assert decode_metrics["tandem_remote_prefills_total{outcome=ok}"] == ok
+    assert decode_metrics["tandem_remote_prefill_tokens_total"] == stats.disagg.remote_prefill_tokens > 0
+    assert decode_metrics["tandem_kv_transfer_seconds_total{direction=received}"] > 0
+    assert "tandem_kv_transfer_failures_total{direction=received}" not in decode_metrics  # none failed
+    assert decode_metrics["vllm_prompt_tokens_total"] == stats.engine.prompt_tokens_total
+    assert decode_metrics["vllm_prefix_cache_hits_total"] == stats.engine.prefix_cache_hits
+    assert decode_metrics["vllm_num_requests_running"] == 0.0 == decode_metrics["tandem_num_requests_remote_prefilling"]
+    assert prefill_metrics["tandem_kv_transfers_total{direction=sent}"] == sent.transfer.transfers_ok
+    assert prefill_metrics["vllm_prefix_cache_hits_total"] == sent.engine.prefix_cache_hits
+    # Serve's custom-autoscaling hook, idle now
+    idle = {"queued_prefill_tokens": 0.0, "num_running": 0.0, "num_waiting": 0.0, "kv_usage": 0.0}
+    assert handle.record_autoscaling_stats.remote().result(timeout_s=30) == idle
+    assert prefill_handle.record_autoscaling_stats.remote().result(timeout_s=30) == idle
+
+
+def settled_metrics(read, predicate, timeout_s: float = 10.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = read()
+        if predicate(samples):
+            return samples
+        assert time.monotonic() < deadline, samples
+        time.sleep(0.05)
+
 
 @pytest.mark.timeout(240)
 def test_build_app_disaggregated_pools_serve_identical_tokens(cluster, reference):

@@ -9,6 +9,7 @@ import functools
 import multiprocessing as mp
 import queue
 import socket
+import time
 import traceback
 from datetime import timedelta
 from unittest import mock
@@ -162,6 +163,115 @@ def test_rank_without_tokens_takes_part(ep_results, mode):
     (shape0, err0), (shape1, _) = (r[(mode, "empty_rank")] for r in ep_results)
     assert shape0 == (7, 16) and err0 < 1e-5
     assert shape1 == (0, 16)
+
+
+# ------------------------------------------------------- unequal work: engine-level step sync
+# Rank 0 brings several long-running requests, rank 1 one short request (then nothing), or none
+# at all, or starts late: each rank's engine steps with the group (a dummy forward when it has
+# nothing scheduled) until no rank has work, and every output equals the single-process model's.
+UNEQUAL = {  # scenario -> per rank: (prompt indices, max_tokens)
+    "one_short": ([(0, 9), (1, 4), (2, 12), (3, 7)], [(4, 2)]),
+    "one_empty": ([(5, 6), (6, 3)], []),
+    "mirror": ([(7, 1)], [(8, 10), (9, 5), (0, 3)]),
+}
+ASYNC_DELAY_S = 0.3  # rank 1's request arrives this late: its engine idles in step first
+
+
+def _unequal_worker(rank: int, port: int, model_dir: str, results: mp.Queue) -> None:
+    import asyncio
+    import os
+
+    try:
+        from torch.distributed import TCPStore
+
+        from workers import LLM, SamplingParams, llm_engine
+        from workers.async_engine import AsyncLLM
+        from workers.expert_parallel import ExpertParallelGroup, ExpertParallelModelRunner
+
+        torch.set_num_threads(1)
+        store = TCPStore("127.0.0.1", port, WORLD, rank == 0, timeout=timedelta(seconds=60))
+        prompts = _prompts_for(model_dir)
+
+        def params(max_tokens: int) -> SamplingParams:
+            return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+        out: dict = {"rank": rank, "reference": {}}
+        reference = LLM(model_dir, device="cpu", dtype="float32")
+        for scenario, per_rank in UNEQUAL.items():
+            for i, m in per_rank[rank]:
+                out["reference"][(i, m)] = reference.generate({"prompt_token_ids": prompts[i]},
+                                                              params(m))[0].outputs[0].token_ids
+        for mode in DISPATCH_MODES:
+            ep = ExpertParallelGroup(store, rank, WORLD, "cpu", prefix=f"ep-unequal/{mode}", dispatch=mode,
+                                     timeout_s=60)
+            with mock.patch.object(llm_engine, "ModelRunner", functools.partial(ExpertParallelModelRunner, ep=ep)):
+                llm = LLM(model_dir, device="cpu", dtype="float32", max_num_batched_tokens=64)
+            steps = []
+            for scenario, per_rank in UNEQUAL.items():
+                mine = per_rank[rank]
+                before = int(llm.engine.runner.model.expert_load.num_steps)
+                outs = llm.generate([{"prompt_token_ids": prompts[i]} for i, _ in mine], [params(m) for _, m in mine])
+                out[(mode, scenario)] = [o.outputs[0].token_ids for o in outs]
+                steps.append(int(llm.engine.runner.model.expert_load.num_steps) - before)
+            out[(mode, "forwards_with_tokens")] = steps
+
+            # The serving loop: rank 1's request arrives late; rank 0's engine must not wait for it.
+            engine = AsyncLLM(llm.engine)
+            mine = UNEQUAL["one_short"][rank]
+
+            async def run_async():
+                if rank == 1:
+                    await asyncio.sleep(ASYNC_DELAY_S)
+
+                async def one(i, m):
+                    tokens = []
+                    async for o in engine.generate({"prompt_token_ids": prompts[i]}, params(m)):
+                        tokens = o.outputs[0].token_ids
+                    return tokens
+
+                return await asyncio.gather(*(one(i, m) for i, m in mine))
+
+            out[(mode, "async")] = asyncio.run(run_async())
+            store.add(f"async-done/{mode}", 1)
+            while store.add(f"async-done/{mode}", 0) < WORLD:  # both ranks served everything
+                time.sleep(0.01)
+            # Leave the engine loop stepping with the group: no rank stops before the other.
+            out[(mode, "async_ok")] = not engine.is_dead
+        results.put(out)
+    except BaseException:
+        results.put({"rank": rank, "error": traceback.format_exc()})
+    # The async engines keep stepping together until the processes go; exit without waiting.
+    results.close()
+    results.join_thread()
+    os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def unequal_results(model_dirs) -> list[dict]:
+    outs = _run_ranks(_unequal_worker, model_dirs["qwen3_moe"], timeout=240)
+    for out in outs:
+        assert "error" not in out, f"rank {out['rank']} failed:\n{out.get('error')}"
+    return sorted(outs, key=lambda o: o["rank"])
+
+
+@pytest.mark.parametrize("mode", DISPATCH_MODES)
+def test_ranks_with_unequal_work_match_single_process(unequal_results, mode):
+    for r in unequal_results:
+        for scenario, per_rank in UNEQUAL.items():
+            expected = [r["reference"][(i, m)] for i, m in per_rank[r["rank"]]]
+            assert r[(mode, scenario)] == expected, (r["rank"], scenario)
+            assert all(len(t) == m for t, (_, m) in zip(r[(mode, scenario)], per_rank[r["rank"]]))
+        # Idle padding forwards are not counted as expert load: a rank's own forwards differ.
+        steps0, steps1 = (o[(mode, "forwards_with_tokens")] for o in unequal_results)
+        assert steps0[0] > steps1[0] > 0 and steps1[1] == 0, (steps0, steps1)
+
+
+@pytest.mark.parametrize("mode", DISPATCH_MODES)
+def test_async_engine_steps_with_the_group_while_idle(unequal_results, mode):
+    for r in unequal_results:
+        expected = [r["reference"][(i, m)] for i, m in UNEQUAL["one_short"][r["rank"]]]
+        assert r[(mode, "async")] == expected, r["rank"]
+        assert r[(mode, "async_ok")]
 
 
 def _prompts_for(model_dir: str) -> list[list[int]]:

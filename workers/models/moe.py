@@ -81,10 +81,12 @@ class ExpertLoadStats:
 
 class ExpertLoadRecorder(nn.Module):
     """Counts on the device, updated inside the forward pass without a host sync (so a captured
-    CUDA graph keeps counting); read back only by `snapshot()`."""
+    CUDA graph keeps counting); read back only by `snapshot()`. `paused` (set around expert
+    parallelism's idle padding forwards) keeps non-requests out of the counts."""
 
     def __init__(self, moe_layers: list[int], num_experts: int) -> None:
         super().__init__()
+        self.paused = False
         self.moe_layers = list(moe_layers)
         self.row_of_layer = {layer: i for i, layer in enumerate(self.moe_layers)}
         self.register_buffer("last_step", torch.zeros(len(moe_layers), num_experts, dtype=torch.long),
@@ -94,10 +96,14 @@ class ExpertLoadRecorder(nn.Module):
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long), persistent=False)
 
     def begin_step(self) -> None:
+        if self.paused:
+            return
         self.last_step.zero_()
         self.num_steps += 1
 
     def record(self, layer_idx: int, topk_ids: torch.Tensor) -> None:
+        if self.paused:
+            return
         row = self.row_of_layer[layer_idx]
         flat = topk_ids.reshape(-1).long()
         self.last_step[row].scatter_add_(0, flat, torch.ones_like(flat))
