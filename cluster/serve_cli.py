@@ -20,6 +20,14 @@ def _engine_arg(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _autoscale_arg(text: str) -> tuple[str, dict[str, int]]:
+    pool, sep, bounds = text.partition("=")
+    low, colon, high = bounds.partition(":")
+    if not sep or not colon or pool not in ("prefill", "decode", "colocated") or not (low.isdigit() and high.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected POOL=MIN:MAX (POOL: prefill, decode, colocated), got {text!r}")
+    return pool, {"min_replicas": int(low), "max_replicas": int(high)}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="HF model folder (default: a tiny random Llama made on first use)")
     parser.add_argument("--served-model-name", help="the name clients send as `model` (default: --model)")
@@ -28,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", type=int, metavar="N", help="disaggregated: N prefill replicas (with --decode)")
     parser.add_argument("--decode", type=int, metavar="M", help="disaggregated: M decode replicas (with --prefill)")
     parser.add_argument("--colocated", type=int, metavar="N", help="colocated: N replicas doing both phases")
+    parser.add_argument("--autoscale", action="append", type=_autoscale_arg, default=[], metavar="POOL=MIN:MAX",
+                        help="autoscale a pool between MIN and MAX replicas with its policy from "
+                             "cluster/autoscaling.py (repeatable; overrides that pool's count)")
     parser.add_argument("--pool-resources", action="store_true",
                         help="pin pools to nodes carrying the custom resources `prefill` / `decode`")
     parser.add_argument("--ingress-replicas", type=int, default=1)
@@ -69,6 +80,8 @@ def app_args(args: argparse.Namespace) -> dict:
     }
     if mode == "colocated":
         del built["prefill_replicas"]
+    if args.autoscale:
+        built["autoscaling"] = dict(args.autoscale)
     for key in ("model", "served_model_name", "api_key"):
         if getattr(args, key):
             built[key] = getattr(args, key)

@@ -1,8 +1,11 @@
-"""`tandem status`: the app's deployments (pools), their replica states and build args."""
+"""`tandem status`: the app's deployments (pools), their replica states, and per pool the
+engines' KV use, prefix-cache hit rate and running/queued sequences; build args with --json."""
 from __future__ import annotations
 
 import argparse
 import json
+
+from cluster.autoscaling import pool_autoscaling_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +28,25 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"app {report['app']}: {report['status']}")
+    print(format_report(report))
+    return 0
+
+
+def format_report(report: dict) -> str:
+    lines = [f"app {report['app']}: {report['status']}"]
+    autoscaling = (report.get("args") or {}).get("autoscaling") or {}
     for name, dep in report["deployments"].items():
         states = ", ".join(f"{k.lower()}={v}" for k, v in dep["replicas"].items()) or "no replicas"
-        print(f"  {name:16s} {dep['status']:10s} {states}")
-    return 0
+        line = f"  {name:16s} {dep['status']:10s} {states}"
+        engine = dep.get("engine")
+        if engine:
+            hit_rate = "-" if engine["prefix_hit_rate"] is None else f"{100 * engine['prefix_hit_rate']:.1f}%"
+            line += (f"  | kv {100 * engine['kv_usage']:.1f}%  prefix hits {hit_rate}  "
+                     f"running {engine['num_running']}  queued {engine['num_waiting']} "
+                     f"({engine['num_waiting_tokens']} tokens)")
+        lines.append(line)
+    for pool, settings in autoscaling.items():
+        config = pool_autoscaling_config(pool, settings)
+        lines.append(f"  autoscaled: {pool} pool, {config['min_replicas']}..{config['max_replicas']} replicas "
+                     f"({config['policy']['policy_function']})")
+    return "\n".join(lines)

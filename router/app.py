@@ -10,6 +10,10 @@ engine pool. Modes:
 
 Every engine pool routes with `TandemRequestRouter` (prefix_aware | round_robin |
 least_loaded | random), whose `block_size` is the engine's.
+
+A pool is fixed at its replica count, or autoscaled when `autoscaling` names it: then Serve
+runs that pool's policy from `cluster.autoscaling` (prefill on queued prompt tokens, decode on
+KV use and running sequences) between its min and max replicas.
 """
 from __future__ import annotations
 
@@ -17,15 +21,19 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ray import serve
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from ray.serve.deployment import Application
 
+from cluster.autoscaling import pool_autoscaling_config
 from router.openai_ingress import IngressConfig, OpenAIIngress
 from router.policy import POLICY_NAMES
 from router.request_router import REQUEST_ROUTER_CLASS
 from workers.serve_worker import LLMWorker
 
 MODES = ("colocated", "disaggregated")
+# A replica leaving (scale-down by hand or by the autoscaler) first stops taking requests and
+# finishes the ones it has, up to this long; a decode replica's sequences are long-lived.
+DRAIN_TIMEOUT_S = {"prefill": 120.0, "decode": 300.0}
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,10 @@ class AppArgs:
     disagg: dict[str, Any] = field(default_factory=dict)  # DisaggConfig fields
     transfer: dict[str, Any] = field(default_factory=dict)  # KVTransferConfig fields
     pool_resources: bool = False  # pin pools to nodes carrying custom resources prefill / decode
+    # pool ("prefill", "decode"; "colocated" or "decode" for the colocated pool) -> Serve
+    # AutoscalingConfig fields plus `targets` (the policy's knobs, cluster.autoscaling). A pool
+    # named here is autoscaled and its replica count above is ignored.
+    autoscaling: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, args: dict[str, Any] | None) -> "AppArgs":
@@ -69,7 +81,23 @@ class AppArgs:
             raise ValueError(f"routing_policy must be one of {POLICY_NAMES}, got {parsed.routing_policy!r}")
         if parsed.num_replicas < 1 or parsed.ingress_replicas < 1 or parsed.max_in_flight < 1:
             raise ValueError("num_replicas, ingress_replicas and max_in_flight must be >= 1")
+        pools = ("prefill", "decode") if parsed.mode == "disaggregated" else ("decode", "colocated")
+        if len(set(parsed.autoscaling) & {"decode", "colocated"}) > 1 or set(parsed.autoscaling) - set(pools):
+            raise ValueError(f"autoscaling: a {parsed.mode} app has the pools {pools}, got {sorted(parsed.autoscaling)}")
+        for pool, settings in parsed.autoscaling.items():
+            try:
+                AutoscalingConfig(**pool_autoscaling_config(pool, settings))  # Serve's own checks, now
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"autoscaling[{pool!r}]: {error}") from error
         return parsed
+
+    def pool_scaling(self, pool: str, num_replicas: int) -> dict[str, Any]:
+        """The deployment options that size `pool`: a fixed count or its autoscaling config."""
+        aliases = ("decode", "colocated") if pool in ("decode", "colocated") else (pool,)
+        for name in aliases:
+            if name in self.autoscaling:
+                return {"autoscaling_config": pool_autoscaling_config(pool, self.autoscaling[name])}
+        return {"num_replicas": num_replicas}
 
 
 def _max_model_len(model: str, engine_kwargs: dict[str, Any]) -> int:
@@ -96,22 +124,24 @@ def _decode_pool(args: AppArgs, model: str) -> Application:
         opts: dict[str, Any] = {"num_cpus": args.worker_num_cpus, "num_gpus": num_gpus}
         if args.pool_resources:
             opts["resources"] = {pool: 1}
-        return opts
+        return {"ray_actor_options": opts, "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S[pool],
+                "graceful_shutdown_wait_loop_s": 1.0}
 
     common = dict(max_ongoing_requests=args.max_ongoing_requests, request_router_config=_router_config(args),
                   health_check_period_s=5)
     if args.mode == "colocated":
         worker = serve.deployment(LLMWorker, name="LLMWorker")
-        return worker.options(num_replicas=args.num_replicas, ray_actor_options=actor_options("decode"),
+        return worker.options(**actor_options("decode"),
+                              **args.pool_scaling("colocated", args.num_replicas),
                               **common).bind(model, dict(args.engine_kwargs), args.device)
     from workers.decode_worker import DecodeWorker
     from workers.prefill_worker import PrefillWorker
 
     prefill = serve.deployment(PrefillWorker, name="PrefillWorker").options(
-        num_replicas=args.prefill_replicas, ray_actor_options=actor_options("prefill"), **common,
+        **actor_options("prefill"), **args.pool_scaling("prefill", args.prefill_replicas), **common,
     ).bind(model, dict(args.engine_kwargs), args.device, dict(args.transfer))
     return serve.deployment(DecodeWorker, name="DecodeWorker").options(
-        num_replicas=args.num_replicas, ray_actor_options=actor_options("decode"), **common,
+        **actor_options("decode"), **args.pool_scaling("decode", args.num_replicas), **common,
     ).bind(model, prefill, dict(args.engine_kwargs), args.device, dict(args.disagg), dict(args.transfer))
 
 

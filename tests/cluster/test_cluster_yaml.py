@@ -20,21 +20,30 @@ def load(name: str) -> dict:
     return yaml.safe_load((CLUSTER / name).read_text())
 
 
-@pytest.mark.parametrize("name", ["aws.yaml", "local.yaml"])
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml", "local.yaml"])
 def test_cluster_yaml_passes_ray_validation(name):
     prepared = prepare_config(copy.deepcopy(load(name)))
     validate_config(prepared)  # raises jsonschema.ValidationError on any bad field
 
 
-def test_validation_catches_a_broken_node_type():
-    config = load("aws.yaml")
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_validation_catches_a_broken_node_type(name):
+    config = load(name)
     config["available_node_types"]["decode_gpu"]["resources"]["decode"] = "eight"
     with pytest.raises(Exception, match="eight"):
         validate_config(prepare_config(config))
 
 
-def test_aws_pools_are_separate_gpu_node_types_with_one_unit_per_gpu():
-    config = load("aws.yaml")
+def test_gcp_validation_catches_a_missing_node_config():
+    config = load("gcp.yaml")
+    del config["available_node_types"]["prefill_gpu"]["node_config"]
+    with pytest.raises(Exception, match="node_config"):
+        validate_config(prepare_config(config))
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_cloud_pools_are_separate_gpu_node_types_with_one_unit_per_gpu(name):
+    config = load(name)
     node_types = config["available_node_types"]
     head = node_types[config["head_node_type"]]
     assert not {"GPU", "prefill", "decode"} & set(head["resources"])
@@ -47,12 +56,21 @@ def test_aws_pools_are_separate_gpu_node_types_with_one_unit_per_gpu():
         assert 0 <= spec["min_workers"] <= spec["max_workers"] <= config["max_workers"]
 
 
-def test_aws_installs_tandem_and_starts_serve_on_the_head():
-    config = load("aws.yaml")
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_cloud_installs_tandem_and_starts_serve_on_the_head(name):
+    config = load(name)
+    assert config["provider"]["type"] == name.split(".")[0]
     assert any("pip install" in c and "~/tandem" in c for c in config["setup_commands"])
     head = " ".join(config["head_start_ray_commands"])
     assert "ray start --head" in head and "--include-dashboard=" in head
     assert "serve start" in head
+
+
+def test_gcp_gpu_nodes_stop_on_host_maintenance():
+    # GCP refuses to create GPU VMs that would live-migrate.
+    node_types = load("gcp.yaml")["available_node_types"]
+    for name in ("prefill_gpu", "decode_gpu"):
+        assert {"onHostMaintenance": "TERMINATE"} in node_types[name]["node_config"]["scheduling"]
 
 
 def run_worker_start(tmp_path: Path, node_ip: str, num_gpus: int) -> list[str]:

@@ -47,6 +47,22 @@ def test_pools_have_their_own_resources_and_autoscaling(name, pool):
     assert autoscaling.downscale_delay_s > autoscaling.upscale_delay_s
 
 
+@pytest.mark.parametrize("name,policy", [("PrefillWorker", "PrefillPolicy"), ("DecodeWorker", "DecodePolicy")])
+def test_pools_scale_with_their_own_policy(name, policy):
+    from ray.serve._private.autoscaling_state import _resolve_policy_callable
+
+    from cluster import autoscaling
+
+    for config in (serve_config(), yaml.safe_load((ROOT / "helm" / "values.yaml").read_text())["serveConfig"]):
+        autoscaling_config = AutoscalingConfig(**deployments(config)[name]["autoscaling_config"])
+        assert autoscaling_config.policy.policy_function == f"cluster.autoscaling:{policy}"
+        # What the controller builds: the policy class with the config's targets.
+        built = _resolve_policy_callable(autoscaling_config.policy)
+        assert type(built).__name__ == policy
+        expected = getattr(autoscaling, policy)(**autoscaling_config.policy.policy_kwargs).targets
+        assert built.targets == expected
+
+
 def test_decode_drains_longer_than_prefill():
     specs = deployments(serve_config())
     assert (specs["DecodeWorker"]["graceful_shutdown_timeout_s"]
