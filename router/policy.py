@@ -1,25 +1,32 @@
 """The routing policy: rank a pool's replicas for one request, cached prefix against load.
 
 Pure Python and deterministic given its inputs and its own state (a round-robin counter, a
-seeded RNG, the session map). It sees each candidate as a `CandidateState` (blocks of this
-request's prefix it holds, outstanding tokens, KV use) and returns replica ids best first;
-Serve sends to the first one with a free slot.
+seeded RNG, the session map). The hot path, `rank_lists`, takes plain parallel lists (replica
+ids, matched blocks, outstanding tokens, KV use) and returns replica ids best first; Serve
+sends to the first one with a free slot. `rank` takes `CandidateState`s, for callers that
+prefer records.
 
-`prefix_aware` (default) scores each replica
+`prefix_aware` (default) gives each replica a cost in tokens, as Dynamo's KV router does:
 
-    prefix_weight * hit_fraction - load_weight * excess / load_scale - kv_weight * kv_usage
+    cost = outstanding_tokens − prefix_weight · cached_tokens + kv_weight · load_scale_tokens · kv_usage
 
-where `hit_fraction` is the share of the prompt already cached there, `excess` is how many
-more outstanding tokens it has than the least loaded candidate, and `load_scale` is
-max(`load_scale_tokens`, prompt tokens). So with unit weights a whole-prompt hit is worth up
-to `load_scale_tokens` of extra queue: a few thousand tokens of skipped prefill pay for about
-as many tokens of waiting (the ranking only compares replicas, so only the excess matters, not
-the busiest replica's absolute load). A balance guard then checks the winner: if its
-outstanding tokens exceed the least loaded replica's by more than `balance_abs_tokens` *and*
-by a factor of more than `balance_rel`, the ranking falls back to least-loaded, so one hot
-prefix cannot pile onto one replica. A session id sticks to the replica it last went to while
-that replica is a candidate and passes the same guard. `round_robin`, `least_loaded` and
-`random` are the baselines; they ignore prefixes and sessions.
+`cached_tokens` is how much of this prompt the replica already holds (whole blocks, the last
+prompt token always computed). So with `prefix_weight` 1 a cached token is worth exactly one
+token of queue: a replica holding a 3k-token conversation keeps it until it carries 3k tokens
+more than another replica, and then the conversation moves (one re-prefill) instead of the
+pile growing. The lowest cost wins; ties rotate so idle replicas share new prefixes.
+
+A balance guard then checks the winner against the whole pool, as SGLang's cache-aware router
+does: if its outstanding tokens exceed the least loaded replica's by more than
+`balance_abs_tokens` *and* the pool's mean by a factor of more than `balance_rel`, the ranking
+falls back to least-loaded, so one hot prefix cannot pile onto one replica.
+
+Sessions: a `session_id` remembers the replica it last went to and that request's prompt
+length; that replica is assumed to hold that prompt even before its KV events arrive (a chat
+turn extends the previous one). Stickiness is thus a cache estimate inside the same cost, not
+an override of it.
+
+`round_robin`, `least_loaded` and `random` are the baselines; they ignore prefixes and sessions.
 """
 from __future__ import annotations
 
@@ -39,12 +46,12 @@ class RoutingConfig:
 
     policy: PolicyName = "prefix_aware"
     block_size: int = 16
-    prefix_weight: float = 1.0
-    load_weight: float = 1.0
-    kv_weight: float = 0.25
+    prefix_weight: float = 4.0  # tokens of queue one cached prompt token is worth
+    load_weight: float = 1.0  # per outstanding token (the unit of the cost)
+    kv_weight: float = 0.25  # a full KV cache counts as kv_weight * load_scale_tokens tokens
     load_scale_tokens: int = 4096
-    balance_abs_tokens: int = 8192
-    balance_rel: float = 1.5
+    balance_abs_tokens: int = 2048
+    balance_rel: float = 1.2  # of the pool's mean outstanding tokens
     max_sessions: int = 100_000
     max_index_blocks: int = 1_000_000
     in_flight_ttl_s: float = 30.0
@@ -86,76 +93,111 @@ class RoutingPolicy:
         self.config = config
         self._turn = 0  # round-robin position, also breaks ties between equal scores
         self._rng = random.Random(config.seed)
-        self._session_replica: OrderedDict[str, str] = OrderedDict()
+        # session_id -> (replica it last went to, that request's prompt tokens), LRU order
+        self._sessions: OrderedDict[str, tuple[str, int]] = OrderedDict()
 
     def rank(self, request: RoutingRequest, candidates: Sequence[CandidateState]) -> list[str]:
         """Replica ids, best first (empty if there are no candidates)."""
-        if not candidates:
-            return []
         ordered = sorted(candidates, key=lambda c: c.replica_id)
+        return self.rank_lists(
+            request,
+            [c.replica_id for c in ordered],
+            [c.matched_blocks for c in ordered],
+            [c.outstanding_tokens for c in ordered],
+            [c.kv_usage for c in ordered],
+        )
+
+    def rank_lists(
+        self,
+        request: RoutingRequest,
+        replica_ids: Sequence[str],
+        matched_blocks: Sequence[int] | dict[int, int],
+        outstanding_tokens: Sequence[int],
+        kv_usage: Sequence[float],
+    ) -> list[str]:
+        """`rank` over parallel lists; `replica_ids` in a stable order (rotation uses it).
+
+        `matched_blocks` may also be a dict {position in replica_ids: blocks} holding only the
+        replicas that hold some of the prefix (what the pool router passes)."""
+        n = len(replica_ids)
+        if n == 0:
+            return []
         turn = self._turn
         self._turn += 1
+        start = turn % n
+        rotated = list(range(start, n)) + list(range(start))  # ties go to the next in turn
         policy = self.config.policy
         if policy == "round_robin":
-            start = turn % len(ordered)
-            return [c.replica_id for c in ordered[start:] + ordered[:start]]
+            return [replica_ids[i] for i in rotated]
         if policy == "random":
-            ids = [c.replica_id for c in ordered]
+            ids = list(replica_ids)
             self._rng.shuffle(ids)
             return ids
         if policy == "least_loaded":
-            return self._least_loaded(ordered, turn)
-        return self._prefix_aware(request, ordered, turn)
+            return self._least_loaded(replica_ids, outstanding_tokens, kv_usage, rotated)
+        return self._prefix_aware(request, replica_ids, matched_blocks, outstanding_tokens, kv_usage, rotated)
 
     def session_replica(self, session_id: str) -> str | None:
-        return self._session_replica.get(session_id)
+        entry = self._sessions.get(session_id)
+        return entry[0] if entry is not None else None
 
     def forget_replica(self, replica_id: str) -> None:
-        for session_id in [s for s, r in self._session_replica.items() if r == replica_id]:
-            del self._session_replica[session_id]
+        for session_id in [s for s, (r, _) in self._sessions.items() if r == replica_id]:
+            del self._sessions[session_id]
 
-    def _least_loaded(self, ordered: list[CandidateState], turn: int) -> list[str]:
-        n = len(ordered)
-        ranked = sorted(range(n), key=lambda i: (ordered[i].outstanding_tokens, ordered[i].kv_usage, (i - turn) % n))
-        return [ordered[i].replica_id for i in ranked]
+    def _least_loaded(self, replica_ids, outstanding_tokens, kv_usage, rotated: list[int]) -> list[str]:
+        rotated.sort(key=lambda i: (outstanding_tokens[i], kv_usage[i]))  # stable: ties keep the turn order
+        return list(map(replica_ids.__getitem__, rotated))
 
-    def _prefix_aware(self, request: RoutingRequest, ordered: list[CandidateState], turn: int) -> list[str]:
+    def _prefix_aware(self, request, replica_ids, matched_blocks, outstanding_tokens, kv_usage, rotated: list[int]) -> list[str]:
         config = self.config
-        n = len(ordered)
-        num_prompt_tokens = max(1, request.num_prompt_tokens)
-        least_loaded_tokens = min(c.outstanding_tokens for c in ordered)
-        load_scale = max(config.load_scale_tokens, num_prompt_tokens)
-        scores = [
-            config.prefix_weight * min(1.0, c.matched_blocks * config.block_size / num_prompt_tokens)
-            - config.load_weight * (c.outstanding_tokens - least_loaded_tokens) / load_scale
-            - config.kv_weight * c.kv_usage
-            for c in ordered
-        ]
-        ranked = [ordered[i] for i in sorted(range(n), key=lambda i: (-scores[i], (i - turn) % n))]
-
-        sticky = None
-        if request.session_id is not None:
-            replica_id = self._session_replica.get(request.session_id)
-            sticky = next((c for c in ranked if c.replica_id == replica_id), None)
-        if sticky is not None and not self._overloaded(sticky, least_loaded_tokens):
-            ranked.remove(sticky)
-            ranked.insert(0, sticky)
-            result = [c.replica_id for c in ranked]
-        elif self._overloaded(ranked[0], least_loaded_tokens):
-            result = self._least_loaded(ordered, turn)
+        n = len(replica_ids)
+        # The last prompt token is always computed, so at most this many blocks can be reused.
+        usable_blocks = max(0, (request.num_prompt_tokens - 1) // config.block_size)
+        prefix_per_block = config.prefix_weight * config.block_size
+        kv_scale = config.kv_weight * config.load_scale_tokens
+        load_weight = config.load_weight
+        costs = [load_weight * o + kv_scale * k for o, k in zip(outstanding_tokens, kv_usage)]
+        if isinstance(matched_blocks, dict):  # replica position -> blocks, only the holders
+            for i, m in matched_blocks.items():
+                costs[i] -= prefix_per_block * (m if m < usable_blocks else usable_blocks)
         else:
-            result = [c.replica_id for c in ranked]
-
-        if request.session_id is not None:
-            self._session_replica[request.session_id] = result[0]
-            self._session_replica.move_to_end(request.session_id)
-            while len(self._session_replica) > config.max_sessions:
-                self._session_replica.popitem(last=False)
-        return result
-
-    def _overloaded(self, candidate: CandidateState, least_loaded_tokens: int) -> bool:
-        excess = candidate.outstanding_tokens - least_loaded_tokens
-        return (
-            excess > self.config.balance_abs_tokens
-            and candidate.outstanding_tokens > self.config.balance_rel * least_loaded_tokens
-        )
+            for i, m in enumerate(matched_blocks):
+                if m:
+                    costs[i] -= prefix_per_block * (m if m < usable_blocks else usable_blocks)
+        session_id = request.session_id
+        if session_id is not None:
+            entry = self._sessions.get(session_id)
+            if entry is not None:
+                # Its last replica holds its last prompt, whether or not the events are in yet.
+                last_replica, last_prompt_tokens = entry
+                try:
+                    i = replica_ids.index(last_replica)
+                except ValueError:
+                    i = -1
+                if i >= 0:
+                    known = matched_blocks.get(i, 0) if isinstance(matched_blocks, dict) else matched_blocks[i]
+                    known = min(known, usable_blocks)
+                    assumed = min(max(0, (last_prompt_tokens - 1) // config.block_size), usable_blocks)
+                    if assumed > known:
+                        costs[i] -= prefix_per_block * (assumed - known)
+        # The balance guard: a replica far above both the least loaded one and the pool's mean
+        # takes no new work while another can; those go last, least loaded first.
+        ceiling = max(min(outstanding_tokens) + config.balance_abs_tokens, config.balance_rel * sum(outstanding_tokens) / n)
+        over = None
+        if max(outstanding_tokens) > ceiling:
+            over = [i for i in rotated if outstanding_tokens[i] > ceiling]
+            rotated = [i for i in rotated if outstanding_tokens[i] <= ceiling]
+            over.sort(key=outstanding_tokens.__getitem__)
+            rotated += over
+            for i in over:
+                costs[i] = float("inf")  # keeps them last through the sort below
+        rotated.sort(key=costs.__getitem__)  # stable: ties keep the turn order (and `over`'s load order)
+        ranked = list(map(replica_ids.__getitem__, rotated))
+        if session_id is not None:
+            sessions = self._sessions
+            sessions[session_id] = (ranked[0], request.num_prompt_tokens)
+            sessions.move_to_end(session_id)
+            if len(sessions) > config.max_sessions:
+                sessions.popitem(last=False)
+        return ranked

@@ -5,11 +5,12 @@ simulator can drive one directly. Times are passed in, so it is deterministic un
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 
 from router.kv_events import KVEventBatch
 from router.load import LoadTracker, ReplicaLoad
-from router.policy import CandidateState, RoutingConfig, RoutingPolicy, RoutingRequest
+from router.policy import RoutingConfig, RoutingPolicy, RoutingRequest
 from router.prefix_index import PrefixIndex
 
 
@@ -19,6 +20,10 @@ class PoolRouter:
         self.index = PrefixIndex(max_blocks=config.max_index_blocks)
         self.loads = LoadTracker(in_flight_ttl_s=config.in_flight_ttl_s)
         self.policy = RoutingPolicy(config)
+        self._last_candidates: list[str] = []
+        self._sorted: list[str] = []
+        self._candidate_set: frozenset[str] = frozenset()
+        self._position: dict[str, int] = {}
 
     def reconfigure(self, config: RoutingConfig) -> None:
         """New policy settings; the index and the load view are kept."""
@@ -34,23 +39,37 @@ class PoolRouter:
         self.loads.update(load, now)
 
     def route(self, request: RoutingRequest, candidates: Sequence[str], now: float) -> list[str]:
-        """Rank `candidates` for `request` and count it as in flight on the first one."""
+        """Rank `candidates` for `request` and count it as in flight on the first one.
+
+        The hot path: one walk of the prefix index for per-replica match lengths, one dict
+        lookup per candidate for its load, then the policy over plain lists."""
         if not candidates:
             return []
-        self.loads.expire(now)
-        matched_blocks = self.index.match(request.block_hashes, candidates) if self.config.policy == "prefix_aware" else {}
-        states = [
-            CandidateState(
-                replica_id,
-                matched_blocks.get(replica_id, 0),
-                self.loads.outstanding_tokens(replica_id),
-                self.loads.kv_usage(replica_id),
-            )
-            for replica_id in candidates
-        ]
-        ranked = self.policy.rank(request, states)
-        self.loads.on_routed(request.request_id, ranked[0], request.num_prompt_tokens, now)
+        loads = self.loads
+        loads.expire(now)
+        replica_ids = self._sorted_candidates(candidates)
+        zeros = itertools.repeat(0)
+        outstanding = list(map(loads.outstanding.get, replica_ids, zeros))
+        kv_usage = list(map(loads.kv_usage_of.get, replica_ids, itertools.repeat(0.0)))
+        matched: dict[int, int] = {}
+        if self.config.policy == "prefix_aware":
+            position = self._position
+            for replica_id, blocks in self.index.match(request.block_hashes, self._candidate_set).items():
+                matched[position[replica_id]] = blocks
+        ranked = self.policy.rank_lists(request, replica_ids, matched, outstanding, kv_usage)
+        loads.on_routed(request.request_id, ranked[0], request.num_prompt_tokens, now)
         return ranked
+
+    def _sorted_candidates(self, candidates: Sequence[str]) -> list[str]:
+        """Candidates in id order (the policy rotates ties over it); cached while they repeat."""
+        if not isinstance(candidates, list):
+            candidates = list(candidates)
+        if candidates != self._last_candidates:
+            self._last_candidates = list(candidates)
+            self._sorted = sorted(set(candidates))
+            self._candidate_set = frozenset(self._sorted)
+            self._position = {replica_id: i for i, replica_id in enumerate(self._sorted)}
+        return self._sorted
 
     def request_finished(self, request_id: str) -> None:
         self.loads.on_finished(request_id)

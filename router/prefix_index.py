@@ -74,9 +74,14 @@ class PrefixIndex:
         return count
 
     def match(self, block_hashes: Sequence[int], candidates: Iterable[str] | None = None) -> dict[str, int]:
-        """Per replica, how many leading blocks of `block_hashes` it holds (only those > 0)."""
+        """Per replica, how many leading blocks of `block_hashes` it holds (only those > 0).
+
+        One walk down the tree; a replica's count is fixed where it drops out of the path."""
         self._clock += 1
-        allowed = set(candidates) if candidates is not None else None
+        if candidates is None or isinstance(candidates, (set, frozenset)):
+            allowed = candidates
+        else:
+            allowed = set(candidates)
         matched: dict[str, int] = {}
         alive: set[str] | None = None
         node, depth, total = self._root, 0, len(block_hashes)
@@ -104,7 +109,7 @@ class PrefixIndex:
             node = child
         for replica_id in alive or ():
             matched[replica_id] = depth
-        return {replica_id: n for replica_id, n in matched.items() if n > 0}
+        return matched  # a replica drops out only below the first node, so every count is > 0
 
     def replicas(self) -> set[str]:
         found: set[str] = set()

@@ -24,18 +24,28 @@ def test_prefix_wins_when_load_is_even():
 def test_prefix_outweighs_a_moderate_load_difference():
     policy = RoutingPolicy(RoutingConfig(block_size=16))
     # r1 holds the whole 4k prompt but runs 2k more tokens than r0: still worth it.
-    ranked = policy.rank(request(4096), states(matched=(0, 256, 0), outstanding=(1000, 3000, 1000)))
+    ranked = policy.rank(request(4096), states(matched=(0, 256, 0), outstanding=(10000, 12000, 10000)))
     assert ranked[0] == "r1"
 
 
-def test_balance_guard_falls_back_to_least_loaded():
-    config = RoutingConfig(block_size=16, prefix_weight=10.0, balance_abs_tokens=8192, balance_rel=1.5)
+def test_cost_is_in_tokens_a_cached_token_worth_prefix_weight():
+    policy = RoutingPolicy(RoutingConfig(block_size=16, prefix_weight=1.0, kv_weight=0.0, balance_rel=10.0))
+    # 1024 cached tokens are worth 1024 tokens of queue: 1000 more wins, 1100 more loses.
+    assert policy.rank(request(2048), states(matched=(0, 64, 0), outstanding=(20000, 21000, 20000)))[0] == "r1"
+    assert policy.rank(request(2048), states(matched=(0, 64, 0), outstanding=(20000, 21100, 20000)))[0] != "r1"
+
+
+def test_balance_guard_skips_replicas_far_above_the_mean():
+    config = RoutingConfig(block_size=16, prefix_weight=100.0, balance_abs_tokens=2048, balance_rel=1.2)
     policy = RoutingPolicy(config)
-    # The prefix weight makes r1 win on score, but it is 20k tokens busier than r2.
-    ranked = policy.rank(request(4096), states(matched=(0, 256, 0), outstanding=(9000, 25000, 5000)))
-    assert ranked == ["r2", "r0", "r1"]
-    # Within the threshold, the prefix keeps it.
-    ranked = policy.rank(request(4096), states(matched=(0, 256, 0), outstanding=(9000, 12000, 5000)))
+    # The prefix weight makes r1 win on cost, but it is above 1.2x the mean and 2k over the least.
+    ranked = policy.rank(request(4096), states(matched=(256, 256, 0), outstanding=(10000, 16000, 9000)))
+    assert ranked == ["r0", "r2", "r1"]  # the guarded one goes last; the others by cost
+    # Within the bound the prefix keeps it.
+    ranked = policy.rank(request(4096), states(matched=(0, 256, 0), outstanding=(10000, 12500, 9000)))
+    assert ranked[0] == "r1"
+    # On a near-idle pool the absolute bound keeps the relative one from thrashing.
+    ranked = policy.rank(request(4096), states(matched=(0, 256, 0), outstanding=(0, 2000, 0)))
     assert ranked[0] == "r1"
 
 
@@ -50,18 +60,27 @@ def test_idle_ties_rotate_instead_of_piling_onto_one_replica():
     assert firsts == ["r0", "r1", "r2", "r0", "r1", "r2"]
 
 
-def test_session_sticks_while_healthy_and_not_overloaded():
+def test_session_counts_as_a_cached_prefix_before_its_events_arrive():
     policy = RoutingPolicy(RoutingConfig(block_size=16))
-    first = policy.rank(request(256, "conv-1"), states(matched=(0, 0, 8)))[0]
-    assert first == "r2"
-    # Another replica now has a longer match, load is modest: the session stays.
-    assert policy.rank(request(256, "conv-1"), states(matched=(12, 0, 0), outstanding=(0, 0, 2000)))[0] == "r2"
+    first = policy.rank(request(1024, "conv-1"), states(matched=(0, 0, 8)))[0]
+    assert first == "r2" and policy.session_replica("conv-1") == "r2"
+    # The next turn: the index has not heard of r2's blocks yet, r0 holds a shorter shared
+    # prefix, r2 is modestly busier; the session's last prompt (1024 tokens) counts as cached.
+    assert policy.rank(request(1200, "conv-1"), states(matched=(32, 0, 0), outstanding=(0, 0, 1500)))[0] == "r2"
     # Its replica leaves the candidates: the session moves, and remembers where.
-    moved = policy.rank(request(256, "conv-1"), states(matched=(12, 0, 0))[:2])[0]
+    moved = policy.rank(request(1300, "conv-1"), states(matched=(12, 0, 0))[:2])[0]
     assert moved == "r0" and policy.session_replica("conv-1") == "r0"
-    # Its replica is overloaded: the guard moves it to the least loaded.
-    assert policy.rank(request(256, "conv-1"), states(outstanding=(50_000, 100, 3000)))[0] == "r1"
+    # Its replica is far above the mean: the guard moves it to the least loaded.
+    assert policy.rank(request(1400, "conv-1"), states(outstanding=(50_000, 100, 3000)))[0] == "r1"
     assert policy.session_replica("conv-1") == "r1"
+
+
+def test_rank_lists_matches_rank_and_takes_a_sparse_match():
+    ids, outstanding, kv = ["a", "b", "c", "d"], [4000, 3000, 5000, 3000], [0.1, 0.2, 0.1, 0.2]
+    dense, sparse = RoutingPolicy(RoutingConfig()), RoutingPolicy(RoutingConfig())
+    for matched in ([0, 0, 40, 0], [10, 0, 0, 3], [0, 0, 0, 0]):
+        expected = dense.rank_lists(request(800), ids, matched, outstanding, kv)
+        assert sparse.rank_lists(request(800), ids, {i: m for i, m in enumerate(matched) if m}, outstanding, kv) == expected
 
 
 def test_session_map_is_bounded_lru():
