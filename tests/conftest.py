@@ -1,5 +1,6 @@
 """Suite-wide setup: Triton runs in its interpreter when there is no GPU; `gpu` tests skip
-without one (they are reported as skipped, never silently passed)."""
+without one (they are reported as skipped, never silently passed); `slow` tests (soak,
+multi-node, bundle builds) run only when asked for, e.g. `pytest -m slow` or `-m "slow or not slow"`."""
 import os
 
 import pytest
@@ -12,9 +13,11 @@ if not HAS_CUDA:
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_slow = pytest.mark.skip(reason="slow: run with -m slow")
+    want_slow = "slow" in (config.getoption("markexpr") or "")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not want_slow:
+            item.add_marker(skip_slow)
