@@ -46,12 +46,12 @@ class RoutingConfig:
 
     policy: PolicyName = "prefix_aware"
     block_size: int = 16
-    prefix_weight: float = 4.0  # tokens of queue one cached prompt token is worth
+    prefix_weight: float = 6.0  # tokens of queue one cached prompt token is worth
     load_weight: float = 1.0  # per outstanding token (the unit of the cost)
     kv_weight: float = 0.25  # a full KV cache counts as kv_weight * load_scale_tokens tokens
     load_scale_tokens: int = 4096
     balance_abs_tokens: int = 2048
-    balance_rel: float = 1.2  # of the pool's mean outstanding tokens
+    balance_rel: float = 1.15  # of the pool's mean outstanding tokens
     max_sessions: int = 100_000
     max_index_blocks: int = 1_000_000
     in_flight_ttl_s: float = 30.0
