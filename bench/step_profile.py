@@ -30,6 +30,16 @@ from bench.engine_bench import CONFIG_8B, make_workload  # noqa: E402
 from workers import LLM, SamplingParams  # noqa: E402
 
 
+def timed(record: dict[str, list[float]], name: str, fn):
+    """`fn` wrapped so each call's wall time is appended to `record[name]`."""
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        r = fn(*a, **kw)
+        record[name].append(time.perf_counter() - t)
+        return r
+    return wrapper
+
+
 def build_llm(max_num_seqs: int = 256) -> LLM:
     import transformers
 
@@ -85,8 +95,8 @@ def profile_b1(llm: LLM, out: Path) -> dict:
 
 
 def host_phases(llm: LLM, batch: int = 1, steps: int = 100) -> dict:
-    """Batch-1 decode with host phases timed by perf_counter (no profiler): where the gap
-    between the GPU's ~6 ms of kernels and the step's wall time goes."""
+    """Decode steps of `batch` sequences with host phases timed by perf_counter (no profiler):
+    where the gap between the captured graph's GPU time and the step's wall time goes."""
     engine = llm.engine
     runner = engine.runner
     vocab = engine.hf_config.vocab_size
@@ -100,25 +110,14 @@ def host_phases(llm: LLM, batch: int = 1, steps: int = 100) -> dict:
         engine.step()
     acc = collections.defaultdict(list)
     graphs = runner.graphs
-    orig_prepare, orig_run, orig_replay = runner.prepare, graphs.run, None
-    g1 = graphs.graphs[graphs.padded_size(batch)]
-
-    def clock(name, fn):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            r = fn(*a, **kw)
-            acc[name].append(time.perf_counter() - t)
-            return r
-        return wrapper
-
-    runner.prepare = clock("prepare", orig_prepare)
-    graphs.run = clock("graph_run_incl_replay", orig_run)
-    orig_replay = g1.replay
-    g1.replay = clock("replay_call", orig_replay)
+    graph = graphs.graphs[graphs.padded_size(batch)]
+    orig_prepare, orig_run, orig_replay = runner.prepare, graphs.run, graph.replay
     sched_fn = engine.scheduler.schedule
-    engine.scheduler.schedule = clock("schedule", sched_fn)
+    runner.prepare = timed(acc, "prepare", orig_prepare)
+    graphs.run = timed(acc, "graph_run_incl_replay", orig_run)
+    graph.replay = timed(acc, "replay_call", orig_replay)
+    engine.scheduler.schedule = timed(acc, "schedule", sched_fn)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    gpu = []
     for _ in range(steps):
         t = time.perf_counter()
         engine.step()
@@ -131,7 +130,7 @@ def host_phases(llm: LLM, batch: int = 1, steps: int = 100) -> dict:
     end.record()
     torch.cuda.synchronize()
     gpu = start.elapsed_time(end) / 20
-    runner.prepare, graphs.run, g1.replay = orig_prepare, orig_run, orig_replay
+    runner.prepare, graphs.run, graph.replay = orig_prepare, orig_run, orig_replay
     engine.scheduler.schedule = sched_fn
     while engine.has_unfinished_requests():
         engine.step()
@@ -170,17 +169,8 @@ def profile_throughput(llm: LLM, num: int = 256) -> dict:
     vocab = engine.hf_config.vocab_size
     prompts, outs = make_workload(num, 64, 1024, 128, 1024, vocab)
     engine.block_manager.reset_prefix_cache()
-    phase = collections.defaultdict(float)
+    phase = collections.defaultdict(list)
     steps = []
-
-    def timed(name, fn):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            r = fn(*a, **kw)
-            phase[name] += time.perf_counter() - t
-            return r
-        return wrapper
-
     sched_fn, exec_fn, samp_fn = engine.scheduler.schedule, engine.runner.execute, engine.sampler
     last = {}
 
@@ -190,8 +180,9 @@ def profile_throughput(llm: LLM, num: int = 256) -> dict:
         last["seqs"] = len(s.scheduled)
         return s
 
-    engine.scheduler.schedule = timed("schedule", schedule)
-    engine.runner.execute = timed("prepare_and_launch", exec_fn)
+    engine.scheduler.schedule = timed(phase, "schedule", schedule)
+    engine.runner.execute = timed(phase, "prepare_and_launch", exec_fn)
+
     class TimedSampler:  # the engine also calls sampler.forget(): keep the object, time its call
         def __init__(self, inner):
             self.inner = inner
@@ -199,7 +190,7 @@ def profile_throughput(llm: LLM, num: int = 256) -> dict:
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
-        __call__ = timed("sampler_incl_gpu_wait", lambda self, *a, **kw: self.inner(*a, **kw))
+        __call__ = timed(phase, "sampler_incl_gpu_wait", lambda self, *a, **kw: self.inner(*a, **kw))
 
     engine.sampler = TimedSampler(samp_fn)
     for i, (p, m) in enumerate(zip(prompts, outs)):
@@ -221,7 +212,8 @@ def profile_throughput(llm: LLM, num: int = 256) -> dict:
     mixed = [s for s in steps if s[0] != s[1]]
     return {
         "elapsed_s": elapsed, "output_tokens": got, "tok_s": got / elapsed, "num_steps": len(steps),
-        "phases_s": dict(phase), "post_s": total_step - sum(phase.values()),
+        "phases_s": {k: sum(v) for k, v in phase.items()},
+        "post_s": total_step - sum(sum(v) for v in phase.values()),
         "decode_steps": len(decode_steps), "decode_steps_s": sum(s[2] for s in decode_steps) / 1e3,
         "mixed_steps": len(mixed), "mixed_steps_s": sum(s[2] for s in mixed) / 1e3,
         "steps_under_8_seqs": sum(1 for s in steps if s[1] < 8),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import json
 import os
 import statistics
@@ -56,6 +55,7 @@ def http_ttft(model: str, device: str, n: int, port: int) -> float:
     import ray
     from ray import serve
 
+    from bench.routing_gpu_bench import chat_stream
     from router.app import build_app
 
     ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 3))
@@ -63,23 +63,8 @@ def http_ttft(model: str, device: str, n: int, port: int) -> float:
     serve.run(build_app({"model": model, "served_model_name": "m", "num_replicas": 1, "device": device}),
               name="ttft-probe", route_prefix="/")
 
-    def one() -> float:
-        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2,
-                           "stream": True, "temperature": 0}).encode()
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        t0 = time.perf_counter()
-        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        first = None
-        while line := resp.readline():
-            if first is None and line.startswith(b"data:") and b'"content"' in line:
-                first = time.perf_counter() - t0
-        conn.close()
-        if first is None:
-            raise RuntimeError("no content streamed")
-        return first
-
-    times = [one() for _ in range(n + 3)][3:]
+    messages = [{"role": "user", "content": PROMPT}]
+    times = [chat_stream(port, "m", messages, 2, 60.0)[0] for _ in range(n + 3)][3:]
     serve.shutdown()
     ray.shutdown()
     return statistics.median(times)
