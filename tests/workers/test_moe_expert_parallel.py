@@ -237,6 +237,11 @@ def _unequal_worker(rank: int, port: int, model_dir: str, results: mp.Queue) -> 
                 time.sleep(0.01)
             # Leave the engine loop stepping with the group: no rank stops before the other.
             out[(mode, "async_ok")] = not engine.is_dead
+        # The store's server lives in rank 0's process: rank 0 leaves only after every rank has
+        # made its last store call (else a rank still polling above gets "connection reset").
+        store.add("left-store", 1)
+        while rank == 0 and store.add("left-store", 0) < WORLD:
+            time.sleep(0.01)
         results.put(out)
     except BaseException:
         results.put({"rank": rank, "error": traceback.format_exc()})
