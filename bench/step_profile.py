@@ -6,7 +6,8 @@
    replays), grouped by kernel, with their share of the step.
 2. Decode steps at several batch sizes (graph replay), median wall time per step.
 3. The mixed offline workload of `engine_bench.py`, with each engine step split into host
-   phases (schedule, prepare+launch, sampler incl. the wait for the GPU, post-processing) and
+   phases (schedule, prepare+launch, sampling launch, reading the previous step's tokens incl.
+   the wait for the GPU + per-token bookkeeping, the rest) and
    a per-step log (tokens, sequences, wall), so the serial host share and the tail are visible.
 Writes `step_profile.json` (and the profiler table) under --out.
 """
@@ -40,7 +41,7 @@ def timed(record: dict[str, list[float]], name: str, fn):
     return wrapper
 
 
-def build_llm(max_num_seqs: int = 256) -> LLM:
+def build_llm(max_num_seqs: int = 256, async_scheduling: bool = True) -> LLM:
     import transformers
 
     from workers.make_model import build_tokenizer
@@ -54,7 +55,7 @@ def build_llm(max_num_seqs: int = 256) -> LLM:
         hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     state = hf.state_dict()
     llm = LLM(str(folder), device="cuda", dtype="bfloat16", weights=state.items(), max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=8192, max_model_len=8192)
+              max_num_batched_tokens=8192, max_model_len=8192, async_scheduling=async_scheduling)
     del hf, state
     torch.cuda.empty_cache()
     return llm
@@ -171,7 +172,8 @@ def profile_throughput(llm: LLM, num: int = 256) -> dict:
     engine.block_manager.reset_prefix_cache()
     phase = collections.defaultdict(list)
     steps = []
-    sched_fn, exec_fn, samp_fn = engine.scheduler.schedule, engine.runner.execute, engine.sampler
+    sched_fn, exec_fn = engine.scheduler.schedule, engine.runner.execute
+    samp_fn, finish_fn = engine.sampler.sample, engine._finish_in_flight
     last = {}
 
     def schedule():
@@ -183,16 +185,9 @@ def profile_throughput(llm: LLM, num: int = 256) -> dict:
     engine.scheduler.schedule = timed(phase, "schedule", schedule)
     engine.runner.execute = timed(phase, "prepare_and_launch", exec_fn)
 
-    class TimedSampler:  # the engine also calls sampler.forget(): keep the object, time its call
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        __call__ = timed(phase, "sampler_incl_gpu_wait", lambda self, *a, **kw: self.inner(*a, **kw))
-
-    engine.sampler = TimedSampler(samp_fn)
+    engine.sampler.sample = timed(phase, "sample_launch", samp_fn)
+    # With overlap scheduling the wait for the GPU happens here, while the next step runs.
+    engine._finish_in_flight = timed(phase, "read_tokens_incl_gpu_wait_and_bookkeeping", finish_fn)
     for i, (p, m) in enumerate(zip(prompts, outs)):
         engine.add_request(f"t{i}", {"prompt_token_ids": p},
                            SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, detokenize=False))
@@ -206,7 +201,8 @@ def profile_throughput(llm: LLM, num: int = 256) -> dict:
         got += sum(len(o.outputs[0].token_ids) for o in outs_ if o.finished)
         steps.append((last.get("tokens", 0), last.get("seqs", 0), round(dt * 1e3, 3)))
     elapsed = time.perf_counter() - t0
-    engine.scheduler.schedule, engine.runner.execute, engine.sampler = sched_fn, exec_fn, samp_fn
+    engine.scheduler.schedule, engine.runner.execute = sched_fn, exec_fn
+    del engine.sampler.sample, engine._finish_in_flight  # the class's methods again
     total_step = sum(s[2] for s in steps) / 1e3
     decode_steps = [s for s in steps if s[0] == s[1]]
     mixed = [s for s in steps if s[0] != s[1]]
@@ -227,11 +223,12 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/prof")
     ap.add_argument("--throughput-only", action="store_true")
     ap.add_argument("--b1-phases", action="store_true")
+    ap.add_argument("--sync", action="store_true", help="no overlap scheduling (async_scheduling=False)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    llm = build_llm()
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    llm = build_llm(async_scheduling=not args.sync)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "async_scheduling": not args.sync}
     if args.b1_phases:
         res["host_phases"] = {bs: host_phases(llm, bs) for bs in (1, 64, 256)}
     if not args.throughput_only:

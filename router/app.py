@@ -14,6 +14,12 @@ least_loaded | random), whose `block_size` is the engine's.
 A pool is fixed at its replica count, or autoscaled when `autoscaling` names it: then Serve
 runs that pool's policy from `cluster.autoscaling` (prefill on queued prompt tokens, decode on
 KV use and running sequences) between its min and max replicas.
+
+A pool runs a mixture-of-experts model expert parallel when its `expert_parallel_size` N > 1
+(`expert_parallel_size`: the decode or colocated pool; `prefill_expert_parallel_size`: the
+prefill pool): each replica is then an expert-parallel group of N ranks, one GPU each
+(`workers.ep_replica`), and Serve reserves the N bundles of a replica together (a placement
+group, STRICT_PACK: one node). The router sees one replica per group.
 """
 from __future__ import annotations
 
@@ -66,6 +72,11 @@ class AppArgs:
     # AutoscalingConfig fields plus `targets` (the policy's knobs, cluster.autoscaling). A pool
     # named here is autoscaled and its replica count above is ignored.
     autoscaling: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Expert parallelism (MoE models): ranks (GPUs) per replica of the decode or colocated pool,
+    # and of the prefill pool. Each pool has its own degree; 1 is a plain replica.
+    expert_parallel_size: int = 1
+    prefill_expert_parallel_size: int = 1
+    health_check_period_s: float = 5.0  # Serve's health check of each engine replica (3 misses: replaced)
 
     @classmethod
     def from_dict(cls, args: dict[str, Any] | None) -> "AppArgs":
@@ -84,6 +95,16 @@ class AppArgs:
         pools = ("prefill", "decode") if parsed.mode == "disaggregated" else ("decode", "colocated")
         if len(set(parsed.autoscaling) & {"decode", "colocated"}) > 1 or set(parsed.autoscaling) - set(pools):
             raise ValueError(f"autoscaling: a {parsed.mode} app has the pools {pools}, got {sorted(parsed.autoscaling)}")
+        for name in ("expert_parallel_size", "prefill_expert_parallel_size"):
+            size = getattr(parsed, name)
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
+        if parsed.mode == "colocated" and parsed.prefill_expert_parallel_size != 1:
+            raise ValueError("prefill_expert_parallel_size needs mode 'disaggregated'; a colocated pool's degree is "
+                             "expert_parallel_size")
+        if "expert_parallel_size" in parsed.engine_kwargs:
+            raise ValueError("expert_parallel_size is a pool option, not an EngineConfig field: set the app args "
+                             "expert_parallel_size (decode/colocated pool) and prefill_expert_parallel_size")
         for pool, settings in parsed.autoscaling.items():
             try:
                 AutoscalingConfig(**pool_autoscaling_config(pool, settings))  # Serve's own checks, now
@@ -120,29 +141,74 @@ def _decode_pool(args: AppArgs, model: str) -> Application:
     if num_gpus is None:
         num_gpus = 1.0 if args.device.startswith("cuda") else 0.0
 
-    def actor_options(pool: str) -> dict[str, Any]:
+    def actor_options(pool: str, ep_size: int) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": args.worker_num_cpus, "num_gpus": num_gpus}
         if args.pool_resources:
             opts["resources"] = {pool: 1}
-        return {"ray_actor_options": opts, "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S[pool],
-                "graceful_shutdown_wait_loop_s": 1.0}
+        options = {"ray_actor_options": opts, "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S[pool],
+                   "graceful_shutdown_wait_loop_s": 1.0}
+        if ep_size > 1 and args.device.startswith("cuda") and num_gpus < 1:
+            raise ValueError(f"an expert-parallel {pool} pool needs one whole GPU per rank (NCCL cannot put two ranks "
+                             f"on one GPU); worker_num_gpus is {num_gpus}")
+        if ep_size > 1:  # one bundle per rank, all on one node: the replica in bundle 0
+            options["placement_group_bundles"] = [_bundle(opts)] * ep_size
+            options["placement_group_strategy"] = "STRICT_PACK"
+        return options
 
     common = dict(max_ongoing_requests=args.max_ongoing_requests, request_router_config=_router_config(args),
-                  health_check_period_s=5)
+                  health_check_period_s=args.health_check_period_s)
+
+    def deployment(cls, name: str, pool: str, ep_size: int, scaling: dict[str, Any]):
+        """A pool's deployment, and the init kwargs its expert-parallel degree adds."""
+        options = actor_options(pool, ep_size)
+        ep_kwargs: dict[str, Any] = {}
+        if ep_size > 1:  # same role, as rank 0 of a group; each rank actor asks what the replica has
+            from workers.ep_replica import EXPERT_PARALLEL_WORKERS
+
+            cls = EXPERT_PARALLEL_WORKERS[cls]
+            ep_kwargs = {"expert_parallel_size": ep_size, "rank_actor_options": dict(options["ray_actor_options"])}
+        return serve.deployment(cls, name=name).options(**options, **scaling, **common), ep_kwargs
+
+    decode_ep, prefill_ep = args.expert_parallel_size, args.prefill_expert_parallel_size
     if args.mode == "colocated":
-        worker = serve.deployment(LLMWorker, name="LLMWorker")
-        return worker.options(**actor_options("decode"),
-                              **args.pool_scaling("colocated", args.num_replicas),
-                              **common).bind(model, dict(args.engine_kwargs), args.device)
+        pool, ep_kwargs = deployment(LLMWorker, "LLMWorker", "decode", decode_ep,
+                                     args.pool_scaling("colocated", args.num_replicas))
+        return pool.bind(model, dict(args.engine_kwargs), args.device, **ep_kwargs)
     from workers.decode_worker import DecodeWorker
     from workers.prefill_worker import PrefillWorker
 
-    prefill = serve.deployment(PrefillWorker, name="PrefillWorker").options(
-        **actor_options("prefill"), **args.pool_scaling("prefill", args.prefill_replicas), **common,
-    ).bind(model, dict(args.engine_kwargs), args.device, dict(args.transfer))
-    return serve.deployment(DecodeWorker, name="DecodeWorker").options(
-        **actor_options("decode"), **args.pool_scaling("decode", args.num_replicas), **common,
-    ).bind(model, prefill, dict(args.engine_kwargs), args.device, dict(args.disagg), dict(args.transfer))
+    pool, ep_kwargs = deployment(PrefillWorker, "PrefillWorker", "prefill", prefill_ep,
+                                 args.pool_scaling("prefill", args.prefill_replicas))
+    prefill = pool.bind(model, dict(args.engine_kwargs), args.device, dict(args.transfer), **ep_kwargs)
+    pool, ep_kwargs = deployment(DecodeWorker, "DecodeWorker", "decode", decode_ep,
+                                 args.pool_scaling("decode", args.num_replicas))
+    return pool.bind(model, prefill, dict(args.engine_kwargs), args.device, dict(args.disagg), dict(args.transfer),
+                     **ep_kwargs)
+
+
+def _bundle(actor_options: dict[str, Any]) -> dict[str, float]:
+    """One rank's placement-group bundle: the replica's own resources."""
+    bundle = {"CPU": actor_options["num_cpus"], "GPU": actor_options["num_gpus"], **actor_options.get("resources", {})}
+    bundle = {name: float(amount) for name, amount in bundle.items() if amount}
+    if not bundle:
+        raise ValueError("an expert-parallel pool reserves one placement-group bundle per rank, and Ray needs a "
+                         "non-zero resource in each: set worker_num_cpus or worker_num_gpus > 0")
+    return bundle
+
+
+def check_expert_parallel(args: AppArgs, model: str) -> None:
+    """Each pool's degree against the model (ValueError: dense model, more ranks than experts);
+    at build time, so a bad degree never reaches a replica."""
+    from workers.ep_replica import check_expert_parallel_size
+
+    pools = {"expert_parallel_size": args.expert_parallel_size}
+    if args.mode == "disaggregated":
+        pools["prefill_expert_parallel_size"] = args.prefill_expert_parallel_size
+    for name, size in pools.items():
+        try:
+            check_expert_parallel_size(model, size)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -153,6 +219,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         from workers.generate_cli import default_model
 
         model = default_model()
+    check_expert_parallel(parsed, model)
     config = IngressConfig(
         model=model,
         served_model_name=parsed.served_model_name or parsed.model or "tandem-tiny-llama",

@@ -18,6 +18,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True: no CUDA graphs
+    # Overlap scheduling: schedule and launch step N+1 before reading step N's sampled tokens,
+    # so the host's per-step work runs while the GPU computes (workers/llm_engine.py).
+    async_scheduling: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -11,8 +11,10 @@ from workers.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", weights=None, **engine_kwargs) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, device=device, dtype=dtype, **engine_kwargs), weights)
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", weights=None, runner_factory=None,
+                 **engine_kwargs) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, device=device, dtype=dtype, **engine_kwargs), weights,
+                                runner_factory)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

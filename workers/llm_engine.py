@@ -2,13 +2,22 @@
 
 Owns the request table. Validation happens before a request touches any engine state, so a
 bad request raises a clear `ValueError` and the others keep running.
+
+Overlap scheduling (`EngineConfig.async_scheduling`, as SGLang's overlap scheduler and vLLM's
+async scheduling): `step()` schedules and launches step N+1 first, then reads step N's sampled
+tokens (waiting for the GPU only there) and does the per-token bookkeeping while step N+1 runs.
+A sequence that sampled in step N is scheduled in N+1 with a placeholder as its last token; the
+runner fills it on the device from step N's token tensor. A sequence that turns out to have
+finished at step N (EOS, stop string) wastes its slot in N+1; its result there is dropped. Steps
+that need the known tokens on the host first (penalties, min_tokens, logprobs, KV export,
+expert-parallel groups) run without overlap: the step in flight is finished before scheduling.
 """
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Callable, Union
 
 import torch
 
@@ -41,6 +50,22 @@ class _Request:
 
 
 @dataclass
+class _LaunchedStep:
+    """A step whose forward pass and sampling are queued on the device, tokens not read yet."""
+    scheduled: list  # ScheduledSeq
+    sampling: list[Sequence]  # row i of `tokens` is sampling[i]'s next token
+    tokens: torch.Tensor  # [len(sampling)] int64, on the device
+    host_tokens: torch.Tensor | None  # pinned copy of `tokens`, valid once `copied` has run
+    copied: object | None  # CUDA event after the copy (None on CPU: already there)
+    raw_logprobs: torch.Tensor | None  # [len(sampling), vocab] when a row asked for logprobs
+
+    def token_list(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()  # the only wait for the GPU in a step
+        return (self.host_tokens if self.host_tokens is not None else self.tokens).tolist()
+
+
+@dataclass
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -57,14 +82,16 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, weights=None) -> None:
+    def __init__(self, config: EngineConfig, weights=None, runner_factory: Callable[..., ModelRunner] | None = None) -> None:
+        """`runner_factory(config, hf_config, weights)` builds the model runner (default
+        `ModelRunner`); an expert-parallel rank passes one bound to its group."""
         from transformers import AutoTokenizer
 
         torch.manual_seed(config.seed)
         self.config = config
         self.hf_config = load_hf_config(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.runner = ModelRunner(config, self.hf_config, weights)
+        self.runner = (runner_factory or ModelRunner)(config, self.hf_config, weights)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_ids = self._eos_ids()
@@ -84,6 +111,8 @@ class LLMEngine:
         # nothing scheduled runs `execute_idle` while another rank has tokens.
         self.collective = bool(getattr(self.runner, "collective", False))
         self._group_busy = False  # another rank of the group had requests at the last step
+        self._in_flight: _LaunchedStep | None = None  # overlap scheduling: launched, not yet read
+        self._num_sync_requests = 0  # live requests whose sampling needs known tokens (no overlap)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -148,13 +177,16 @@ class LLMEngine:
         text, ids, params = self.validate(prompt, params)
         now = arrival_time if arrival_time is not None else time.monotonic()
         seqs, detoks = [], []
+        max_tokens = params.max_tokens or (self.max_model_len - len(ids))
         for i in range(params.n):
-            seq = Sequence(request_id, ids, params, arrival_time=now, output_index=i)
+            seq = Sequence(request_id, ids, params, arrival_time=now, output_index=i,
+                           max_num_tokens=len(ids) + max_tokens)
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
                                                  params.stop_list, params.include_stop_str_in_output))
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, text, ids, params, seqs, detoks, [0] * params.n, stream)
+        self._num_sync_requests += Sampler.needs_known_tokens(params)
         self.prompt_tokens_total += len(ids)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -179,38 +211,83 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
-        resolved = self._poll_transfers()
+        touched = self._poll_transfers()
+        overlap = self._can_overlap()
+        if not overlap:
+            self._finish_in_flight(touched)
         sched = self.scheduler.schedule()
         if self.collective:
             self._group_busy, group_tokens = self.runner.sync_step(bool(self.requests), sched.num_tokens)
             if sched.is_empty and group_tokens:
                 self.runner.execute_idle()
         if sched.is_empty:
-            if self._transfers_pending():
+            if self._in_flight is not None:  # its tokens may finish sequences and free blocks
+                self._finish_in_flight(touched)
+            elif self._transfers_pending():
                 # Only transfers are in flight: sleep until one resolves instead of spinning.
                 self.transfer_wakeup.wait(0.005)
                 self.transfer_wakeup.clear()
-                return [self._emit(req) for req in resolved.values()]
-            if self.scheduler.waiting and not self.scheduler.running:
+            elif self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("the scheduler cannot admit any waiting request (KV cache too small)")
-            return [self._emit(req) for req in resolved.values()]
-        logits = self.runner.execute(sched)
+            return self._outputs(touched)
+        launched = self._launch(sched)
+        self._finish_in_flight(touched)  # the previous step, read while this one runs
+        for item in sched.scheduled:
+            # After the previous step's tokens are known: every computed position is resolved.
+            self.block_manager.cache_full_blocks(item.seq)
+        self._in_flight = launched
+        if not overlap:
+            self._finish_in_flight(touched)
+        return self._outputs(touched)
+
+    def _can_overlap(self) -> bool:
+        return (self.config.async_scheduling and not self._num_sync_requests and self.kv_exporter is None
+                and not self.collective)
+
+    def _launch(self, sched) -> _LaunchedStep:
+        """Queue the step's forward pass and sampling on the device; no wait for the GPU."""
+        prev = self._in_flight
+        logits = self.runner.execute(sched, prev.tokens if prev is not None else None)
         sampling = [item.seq for item in sched.scheduled if item.samples]
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(item.seq)
-        results = self.sampler(logits, sampling) if sampling else []
-        touched: dict[str, _Request] = resolved
-        for seq, result in zip(sampling, results):
-            req = self.requests[seq.request_id]
-            if self.kv_exporter is not None and self.kv_exporter.wants(seq):
-                self._start_export(seq, result.token_id, result.logprobs)
+        if not sampling:
+            return _LaunchedStep(sched.scheduled, [], logits.new_empty(0, dtype=torch.int64), None, None, None)
+        want_logprobs = any(s.sampling_params.logprobs is not None for s in sampling)
+        raw = self.sampler.raw_logprobs(logits) if want_logprobs else None
+        tokens = self.sampler.sample(logits, sampling)
+        host, copied = None, None
+        if tokens.is_cuda:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        for row, seq in enumerate(sampling):
+            seq.add_placeholder(row)
+        return _LaunchedStep(sched.scheduled, sampling, tokens, host, copied, raw)
+
+    def _finish_in_flight(self, touched: dict[str, _Request]) -> None:
+        """Read the launched step's tokens and apply them: stop checks, detokenizing, export."""
+        step, self._in_flight = self._in_flight, None
+        if step is None or not step.sampling:
+            return
+        for row, (seq, token) in enumerate(zip(step.sampling, step.token_list())):
+            if seq.is_finished:  # finished (or aborted) before this step's token was read
                 continue
-            self._append_token(req, seq, result.token_id, result.logprobs)
+            req = self.requests[seq.request_id]
+            logprobs = None
+            if step.raw_logprobs is not None and seq.sampling_params.logprobs is not None:
+                logprobs = self.sampler.logprobs(step.raw_logprobs[row], token, seq.sampling_params.logprobs)
+            if self.kv_exporter is not None and self.kv_exporter.wants(seq):
+                self._start_export(seq, token, logprobs)
+                continue
+            self._append_token(req, seq, token, logprobs)
             touched[req.request_id] = req
+
+    def _outputs(self, touched: dict[str, _Request]) -> list[RequestOutput]:
         # Offline (non-streaming) requests report once, when every one of their outputs is done.
-        touched = {rid: r for rid, r in touched.items() if r.stream or all(q.is_finished for q in r.seqs)}
-        return [self._emit(req) for req in touched.values()]
+        return [self._emit(req) for req in touched.values()
+                if req.request_id in self.requests and (req.stream or all(q.is_finished for q in req.seqs))]
 
     # -------------------------------------------------------- disaggregation
     def enable_kv_export(self, exporter: KVExporter) -> None:
@@ -226,7 +303,7 @@ class LLMEngine:
         return bool(self._exports or self.scheduler.remote_waiting)
 
     def _start_export(self, seq: Sequence, token: int, logprobs) -> None:
-        seq.token_ids.append(token)
+        seq.add_token(token)
         self.generation_tokens_total += 1
         if logprobs is not None:
             seq.output_logprobs.append(logprobs)
@@ -265,7 +342,7 @@ class LLMEngine:
         return touched
 
     def _append_token(self, req: _Request, seq: Sequence, token: int, logprobs) -> None:
-        seq.token_ids.append(token)
+        seq.add_token(token)
         self.generation_tokens_total += 1
         if logprobs is not None:
             seq.output_logprobs.append(logprobs)
@@ -279,7 +356,7 @@ class LLMEngine:
             self._finish(seq, "stop", token)
         elif can_stop and stop_str is not None:
             self._finish(seq, "stop", stop_str)
-        elif seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.max_model_len:
+        elif seq.num_output_tokens >= max_tokens or seq.num_known_tokens >= self.max_model_len:
             self._finish(seq, "length", None)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
@@ -305,6 +382,7 @@ class LLMEngine:
         finished = all(seq.is_finished for seq in req.seqs)
         if finished:
             del self.requests[req.request_id]
+            self._num_sync_requests -= Sampler.needs_known_tokens(req.params)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished,
                              num_cached_tokens=req.seqs[0].num_cached_tokens)
 

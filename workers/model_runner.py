@@ -45,8 +45,11 @@ class ModelRunner:
         self.model = self._load_model(weights)
         self.num_kv_blocks = config.num_kv_blocks or self._num_blocks_from_memory()
         self.kv_cache = torch.zeros(self.kv_cache_shape(self.num_kv_blocks), dtype=self.dtype, device=self.device)
-        self._pinned: torch.Tensor | None = None  # reused host staging for step inputs
-        self._copy_done = None  # CUDA event: the last copy out of _pinned has run
+        # Host staging for step inputs: two pinned buffers used in turn, each with an event for
+        # its last copy, so preparing step N+1 never waits on step N's copy (overlap scheduling).
+        self._pinned: list[torch.Tensor | None] = [None, None]
+        self._copy_done: list = [None, None]
+        self._turn = 0
         self.graphs = None
         if self.device.type == "cuda":
             self._warm_up()
@@ -80,6 +83,8 @@ class ModelRunner:
                         yield name, f.get_tensor(name)
 
         model.load_weights(from_files() if weights is None else weights)
+        if self.device.type == "cuda":
+            model.use_column_major_weights()
         return model.eval()
 
     def _build_model(self, cls) -> torch.nn.Module:
@@ -133,9 +138,13 @@ class ModelRunner:
         torch.cuda.synchronize(dev)
 
     # ------------------------------------------------------------------ steps
-    def prepare(self, sched: SchedulerOutput) -> StepInputs:
+    def prepare(self, sched: SchedulerOutput, prev_tokens: torch.Tensor | None = None) -> StepInputs:
         """Build the step's index tensors on the host with numpy and ship them in ONE copy:
-        per-step host work is serial with the GPU, so it is kept to a few vectorised passes."""
+        per-step host work is kept to a few vectorised passes.
+
+        Overlap scheduling: a sequence whose last token is a placeholder (sampled by the
+        previous step, still on the device) gets that input id from `prev_tokens[seq.pending_row]`
+        by a gather on the device, so no step waits for the host to read the previous tokens."""
         bs = self.block_size
         items = sched.scheduled
         num_seqs = len(items)
@@ -166,13 +175,24 @@ class ModelRunner:
         context_lens = starts + counts
         samples = (context_lens == np.fromiter((it.seq.num_tokens for it in items), dtype=np.int64, count=num_seqs))
         logits_indices = (cu[1:] - 1)[samples]
-        packed = np.concatenate([input_ids, positions, slots, context_lens, cu, logits_indices, tables.ravel()])
+        # Placeholder inputs: only a one-token decode item can end in one (its seq sampled last step).
+        pending_rows = np.fromiter((it.seq.pending_row if it.seq.num_pending else -1 for it in items),
+                                   dtype=np.int64, count=num_seqs)
+        has_pending = pending_rows >= 0
+        fix_dst, fix_src = cu[:-1][has_pending], pending_rows[has_pending]
+        if len(fix_dst) and prev_tokens is None:
+            raise RuntimeError("a scheduled sequence ends in a placeholder but no previous step's tokens were given")
+        packed = np.concatenate([input_ids, positions, slots, context_lens, cu, logits_indices, fix_dst, fix_src,
+                                 tables.ravel()])
         dev_buf = self._to_device(packed)
-        parts = np.cumsum([0, num_tokens, num_tokens, num_tokens, num_seqs, num_seqs + 1, len(logits_indices)])
-        view = [dev_buf[parts[k] : parts[k + 1]] for k in range(6)]
+        parts = np.cumsum([0, num_tokens, num_tokens, num_tokens, num_seqs, num_seqs + 1, len(logits_indices),
+                           len(fix_dst), len(fix_src)])
+        view = [dev_buf[parts[k] : parts[k + 1]] for k in range(8)]
+        if len(fix_dst):
+            view[0].index_copy_(0, view[6], prev_tokens.index_select(0, view[7]))
         ctx = ForwardContext(
             slot_mapping=view[2],
-            block_tables=dev_buf[parts[6]:].view(num_seqs, width).to(torch.int32),
+            block_tables=dev_buf[parts[8]:].view(num_seqs, width).to(torch.int32),
             context_lens=view[3].to(torch.int32),
             cu_seqlens_q=view[4].to(torch.int32),
             is_decode=is_decode,
@@ -182,26 +202,31 @@ class ModelRunner:
 
     def _to_device(self, packed: np.ndarray) -> torch.Tensor:
         """One host-to-device copy through a reused pinned buffer (pinning anew each step costs
-        more than the copy). The copy is ordered before the step's kernels on the same stream;
-        before the buffer is rewritten we wait for the previous copy to have run (an event)."""
+        more than the copy). The copy is ordered before the step's kernels on the same stream.
+        Two buffers alternate; before one is rewritten we wait for its previous copy (an event),
+        which ran two steps ago."""
         host = torch.from_numpy(packed)
         if self.device.type != "cuda":
             return host
-        if self._pinned is None or self._pinned.numel() < host.numel():
-            self._pinned = torch.empty(max(host.numel(), 1 << 16), dtype=torch.int64).pin_memory()
-        if self._copy_done is not None:
-            self._copy_done.synchronize()  # steps that sample nothing never sync with the host
-        staging = self._pinned[: host.numel()]
+        turn = self._turn
+        self._turn ^= 1
+        pinned = self._pinned[turn]
+        if pinned is None or pinned.numel() < host.numel():
+            pinned = self._pinned[turn] = torch.empty(max(host.numel(), 1 << 16), dtype=torch.int64).pin_memory()
+        if self._copy_done[turn] is not None:
+            self._copy_done[turn].synchronize()
+        staging = pinned[: host.numel()]
         staging.copy_(host)
         on_device = staging.to(self.device, non_blocking=True)
-        self._copy_done = torch.cuda.Event()
-        self._copy_done.record()
+        done = self._copy_done[turn] = torch.cuda.Event()
+        done.record()
         return on_device
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> torch.Tensor:
-        """Run one step; returns logits [num_sampling_seqs, vocab] (float32)."""
-        inputs = self.prepare(sched)
+    def execute(self, sched: SchedulerOutput, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Launch one step; returns logits [num_sampling_seqs, vocab] (float32), not waited for.
+        `prev_tokens`: the previous step's sampled tokens, for placeholder inputs (see prepare)."""
+        inputs = self.prepare(sched, prev_tokens)
         ctx = inputs.ctx
         if self.graphs is not None and ctx.is_decode and self.graphs.padded_size(len(sched.scheduled)):
             return self.graphs.run(inputs.input_ids, inputs.positions, ctx.slot_mapping, ctx.context_lens,

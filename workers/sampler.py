@@ -6,17 +6,9 @@ as vLLM does by default.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from workers.sequence import Logprob, Sequence
-
-
-@dataclass
-class SampleResult:
-    token_id: int
-    logprobs: dict[int, Logprob] | None  # chosen token + top-n, when asked
 
 
 class Sampler:
@@ -28,26 +20,19 @@ class Sampler:
     def forget(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_key, None)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
-        logits = logits.float()
+    @staticmethod
+    def needs_known_tokens(params) -> bool:
+        """Sampling that reads the sequence's previous tokens or counts (penalties, min_tokens)
+        or reports logprobs: the engine runs such steps without overlap."""
+        return params.logprobs is not None or params.has_penalties or params.min_tokens > 0
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Next token per row as an int64 tensor on the logits' device. No host sync (the
+        overlap scheduler relies on it) except for penalties, which read the token history."""
         params = [s.sampling_params for s in seqs]
-        want_logprobs = [p.logprobs is not None for p in params]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-
         if all(p.greedy and not p.has_penalties and p.min_tokens == 0 for p in params):
-            token_ids = logits.argmax(dim=-1).tolist()
-        else:
-            token_ids = self._sample(logits.clone(), seqs)
-
-        results = []
-        for row, (seq, token) in enumerate(zip(seqs, token_ids)):
-            lp = None
-            if want_logprobs[row]:
-                lp = self._logprobs(raw_logprobs[row], token, params[row].logprobs)
-            results.append(SampleResult(token, lp))
-        return results
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+            return logits.argmax(dim=-1)
+        logits = logits.float().clone()
         vocab = logits.shape[-1]
         for row, seq in enumerate(seqs):
             p = seq.sampling_params
@@ -58,25 +43,31 @@ class Sampler:
                 banned = [t for t in banned if t < vocab]
                 if banned:
                     logits[row, banned] = float("-inf")
-
-        greedy_rows = [i for i, s in enumerate(seqs) if s.sampling_params.greedy]
-        tokens = [0] * len(seqs)
-        if greedy_rows:
-            picked = logits[greedy_rows].argmax(dim=-1).tolist()
-            for i, t in zip(greedy_rows, picked):
-                tokens[i] = t
-        random_rows = [i for i, s in enumerate(seqs) if not s.sampling_params.greedy]
+        tokens = logits.argmax(dim=-1)  # greedy rows keep theirs
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if not random_rows:
             return tokens
-        temps = torch.tensor([seqs[i].sampling_params.temperature for i in random_rows],
-                             device=logits.device, dtype=torch.float32)
-        probs = torch.softmax(logits[random_rows] / temps[:, None], dim=-1)
-        probs = self._filter(probs, [seqs[i].sampling_params for i in random_rows])
-        for j, i in enumerate(random_rows):
-            seq = seqs[i]
-            gen = self._generator(seq)
-            tokens[i] = int(torch.multinomial(probs[j], 1, generator=gen).item())
-        return tokens
+        dev = logits.device
+        rows = _to(dev, random_rows, torch.int64)
+        temps = _to(dev, [params[i].temperature for i in random_rows], torch.float32)
+        probs = torch.softmax(logits.index_select(0, rows) / temps[:, None], dim=-1)
+        probs = self._filter(probs, [params[i] for i in random_rows])
+        # Seeded rows draw from their own generator (reproducible whatever the batch); the rest
+        # draw together from the global one.
+        seeded = [j for j, i in enumerate(random_rows) if params[i].seed is not None]
+        if len(seeded) < len(random_rows):
+            picked = torch.multinomial(probs, 1).squeeze(1)
+        else:
+            picked = torch.empty(len(random_rows), dtype=torch.int64, device=dev)
+        for j in seeded:
+            gen = self._generator(seqs[random_rows[j]])
+            picked[j : j + 1] = torch.multinomial(probs[j], 1, generator=gen)
+        return tokens.index_copy_(0, rows, picked)
+
+    @staticmethod
+    def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
+        """The model's own distribution (before penalties and temperature), as logprobs."""
+        return torch.log_softmax(logits.float(), dim=-1)
 
     @staticmethod
     def _apply_penalties(row: torch.Tensor, seq: Sequence, vocab: int) -> None:
@@ -100,11 +91,11 @@ class Sampler:
             return probs
         sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
         ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
-        keep = ranks < torch.tensor(top_k, device=probs.device)[:, None]
+        keep = ranks < _to(probs.device, top_k, torch.int64)[:, None]
         cumulative = sorted_probs.cumsum(dim=-1)
         # keep a token if the mass before it is below top_p (the first token always stays)
-        keep &= (cumulative - sorted_probs) < torch.tensor(top_p, device=probs.device)[:, None]
-        keep &= sorted_probs >= torch.tensor(min_p, device=probs.device)[:, None] * sorted_probs[:, :1]
+        keep &= (cumulative - sorted_probs) < _to(probs.device, top_p, torch.float32)[:, None]
+        keep &= sorted_probs >= _to(probs.device, min_p, torch.float32)[:, None] * sorted_probs[:, :1]
         sorted_probs = sorted_probs * keep
         filtered = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
         return filtered / filtered.sum(dim=-1, keepdim=True)
@@ -121,7 +112,7 @@ class Sampler:
         return gen
 
     @staticmethod
-    def _logprobs(row: torch.Tensor, token: int, top_n: int) -> dict[int, Logprob]:
+    def logprobs(row: torch.Tensor, token: int, top_n: int) -> dict[int, Logprob]:
         chosen = float(row[token])
         rank = int((row > row[token]).sum().item()) + 1
         result = {token: Logprob(token, chosen, rank)}
@@ -130,3 +121,9 @@ class Sampler:
             for r, (v, i) in enumerate(zip(values.tolist(), indices.tolist()), start=1):
                 result.setdefault(i, Logprob(i, v, r))
         return result
+
+
+def _to(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """A small host list on `device` without waiting for the device (`torch.tensor(...,
+    device=cuda)` would synchronise the stream, stalling the overlap scheduler)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

@@ -87,6 +87,11 @@ class Scheduler:
         queue = list(self.running)
         while queue and budget > 0:
             seq = queue.pop(0)
+            if seq.num_tokens >= seq.max_num_tokens:
+                # Its last token is still on the device (overlap scheduling) and is its final
+                # one: it finishes when that token is read, so computing more would be waste.
+                kept.append(seq)
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.can_append(seq, num_new):
                 victim = queue.pop() if queue else seq
@@ -133,6 +138,7 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """Mark finished and free its blocks at once (running or waiting)."""
         seq.status = SequenceStatus.FINISHED
+        seq.drop_pending()  # tokens sampled for a step after its end are never reported
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         if seq in self.running:

@@ -147,7 +147,8 @@ def queued_prefill_tokens(engine: LLMEngine) -> int:
     recomputed, so its outputs count too) and of every partially prefilled running one. A
     decoding sequence has exactly one uncomputed token, its last sampled one: not prefill work."""
     sch = engine.scheduler
-    running = sum(max(0, s.num_tokens - s.num_computed_tokens - (1 if s.num_output_tokens else 0))
+    # (Under overlap scheduling that token may still be a placeholder: count outputs by length.)
+    running = sum(max(0, s.num_tokens - s.num_computed_tokens - (1 if s.num_tokens > s.num_prompt_tokens else 0))
                   for s in sch.running)
     return sch.num_waiting_tokens + running
 
@@ -217,7 +218,7 @@ class LLMWorker:
                  publish_interval_s: float = 0.05, stats_interval_s: float = 0.25,
                  expert_load_interval_s: float = 1.0) -> None:
         config = EngineConfig(model=model, device=device, **(engine_kwargs or {}))
-        self._engine = AsyncLLM.from_config(config)
+        self._engine = self._start_engine(config)
         self._publish_interval_s = publish_interval_s
         self._stats_interval_s = stats_interval_s
         self._expert_load_interval_s = expert_load_interval_s
@@ -286,6 +287,11 @@ class LLMWorker:
             raise RuntimeError("the engine loop died; see the replica's log")
         if self._publish_error is not None:
             logger.warning("KV event publishing failed: %r", self._publish_error)
+
+    def _start_engine(self, config: EngineConfig) -> AsyncLLM:
+        """This replica's engine. An expert-parallel replica (`workers.ep_replica`) starts its
+        group here and returns it seen as one engine (`ExpertParallelEngine`)."""
+        return AsyncLLM.from_config(config)
 
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from tests.workers.hf_oracle import hf_greedy
 from workers import LLM, SamplingParams
@@ -66,3 +67,24 @@ def test_prefix_hits_match_hf(model_dirs, arch):
     run_and_compare(llm, model_dir, prompts[4:], max_tokens[4:])
     hits = llm.engine.stats().prefix_cache_hits - before
     assert hits >= 20 * 288, f"expected the shared 300-token prefix to hit, got {hits} hit tokens"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_column_major_weights_compute_the_same_function(model_dirs, arch):
+    """The GPU runner re-lays some projection weights column-major (faster small-batch GEMMs);
+    the model must compute the same logprobs, and the re-laid weights really are transposed views."""
+    prompts = [{"prompt_token_ids": [3 + i, 17, 29, 41 + i, 5]} for i in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+    llm = LLM(model_dirs[arch])
+    before = [o.outputs[0].logprobs[0] for o in llm.generate(prompts, params)]
+    model = llm.engine.runner.model
+    model.use_column_major_weights()
+    relaid = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and n.endswith(model.column_major_suffixes) and m.weight.stride(0) == 1]
+    assert relaid and any(n.endswith("down_proj") or n.endswith("o_proj") for n in relaid)
+    llm.engine.block_manager.reset_prefix_cache()
+    after = [o.outputs[0].logprobs[0] for o in llm.generate(prompts, params)]
+    for b, a in zip(before, after):
+        assert b.keys() == a.keys()
+        for t in b:
+            assert a[t].logprob == pytest.approx(b[t].logprob, abs=1e-4)

@@ -124,7 +124,9 @@ def test_queued_prefill_tokens_follow_chunked_prefill(llama_dir):
 
     # one 40-token prompt, 16 tokens per step, then decoding (nothing left to prefill), then idle
     one = run(1)
-    assert [s["queued_prefill_tokens"] for s in one] == [40.0, 24.0, 8.0, 0.0, 0.0, 0.0], one
+    # (overlap scheduling reads the last token one step later: one more idle-ish step at the end)
+    queued = [s["queued_prefill_tokens"] for s in one]
+    assert queued[:3] == [40.0, 24.0, 8.0] and queued[3:] == [0.0] * (len(queued) - 3) and len(queued) >= 6, one
     assert one[0]["num_waiting"] == 1.0 and one[0]["num_running"] == 0.0
     assert one[1]["num_running"] == 1.0 and one[1]["num_waiting"] == 0.0 and one[1]["kv_usage"] > 0
     assert one[-1] == dict.fromkeys(STAT_KEYS, 0.0)

@@ -12,7 +12,6 @@ import socket
 import time
 import traceback
 from datetime import timedelta
-from unittest import mock
 
 import pytest
 import torch
@@ -65,7 +64,7 @@ def _ep_worker(rank: int, port: int, model_dirs: dict[str, str], results: mp.Que
     try:
         from torch.distributed import TCPStore
 
-        from workers import LLM, SamplingParams, llm_engine
+        from workers import LLM, SamplingParams
         from workers.expert_parallel import ExpertParallelGroup, ExpertParallelModelRunner
 
         torch.set_num_threads(1)
@@ -80,9 +79,8 @@ def _ep_worker(rank: int, port: int, model_dirs: dict[str, str], results: mp.Que
             mine = prompts[:6] if rank == 0 else prompts[6:]  # data-parallel attention: own batches
             expected_logits = _prefill_logits(whole, mine)
             for mode, ep in groups.items():
-                runner = functools.partial(ExpertParallelModelRunner, ep=ep)
-                with mock.patch.object(llm_engine, "ModelRunner", runner):  # stand-in for the runner seam
-                    llm = LLM(model_dir, device="cpu", dtype="float32", max_num_batched_tokens=256)
+                llm = LLM(model_dir, device="cpu", dtype="float32", max_num_batched_tokens=256,
+                          runner_factory=functools.partial(ExpertParallelModelRunner, ep=ep))
                 model = llm.engine.runner.model
                 experts = model.layers[0].mlp.experts
                 out[(mode, arch, "local_experts")] = (experts.first, experts.gate_up_proj.shape[0])
@@ -184,7 +182,7 @@ def _unequal_worker(rank: int, port: int, model_dir: str, results: mp.Queue) -> 
     try:
         from torch.distributed import TCPStore
 
-        from workers import LLM, SamplingParams, llm_engine
+        from workers import LLM, SamplingParams
         from workers.async_engine import AsyncLLM
         from workers.expert_parallel import ExpertParallelGroup, ExpertParallelModelRunner
 
@@ -204,8 +202,8 @@ def _unequal_worker(rank: int, port: int, model_dir: str, results: mp.Queue) -> 
         for mode in DISPATCH_MODES:
             ep = ExpertParallelGroup(store, rank, WORLD, "cpu", prefix=f"ep-unequal/{mode}", dispatch=mode,
                                      timeout_s=60)
-            with mock.patch.object(llm_engine, "ModelRunner", functools.partial(ExpertParallelModelRunner, ep=ep)):
-                llm = LLM(model_dir, device="cpu", dtype="float32", max_num_batched_tokens=64)
+            llm = LLM(model_dir, device="cpu", dtype="float32", max_num_batched_tokens=64,
+                      runner_factory=functools.partial(ExpertParallelModelRunner, ep=ep))
             steps = []
             for scenario, per_rank in UNEQUAL.items():
                 mine = per_rank[rank]

@@ -145,6 +145,22 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
+    # Projections whose weight reads faster on an H100 stored column-major (the [out, in]
+    # parameter as a transposed view of a contiguous [in, out] tensor): F.linear then hands
+    # cuBLAS an NN problem, whose small-batch kernels read the weight at 2.4-3.0 TB/s instead
+    # of 2.0-2.9 (bench/gemv_probe.py, bench/results/gemv_probe_h100.json); large-batch
+    # (prefill) rates are within +-3%. qkv is left as it is: slower that way at batch 1.
+    column_major_suffixes = ("o_proj", "gate_up_proj", "down_proj", "lm_head")
+
+    def use_column_major_weights(self) -> None:
+        """Re-lay the `column_major_suffixes` weights in place (after loading; GPU only)."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and name.endswith(self.column_major_suffixes):
+                if name == "lm_head" and module.weight is self.embed_tokens.weight:
+                    continue  # tied to the embedding, whose row gathers want row-major
+                with torch.no_grad():
+                    module.weight.data = module.weight.data.t().contiguous().t()
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())
         loaded: set[str] = set()

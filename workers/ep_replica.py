@@ -1,0 +1,613 @@
+"""Expert parallelism in a Serve pool: one replica is one expert-parallel group of N ranks.
+
+As in vLLM's data-parallel + expert-parallel deployment, attention is data parallel and the
+experts are split: every rank runs its own engine (`AsyncLLM` over an
+`ExpertParallelModelRunner`) with its own scheduler, KV cache and batch, and the engines meet
+only in the MoE layers' all-to-alls (`workers.expert_parallel`).
+
+- The Serve replica is rank 0. At start it hosts the group's TCPStore on its node's IP (a free
+  port, a prefix unique to the replica) and creates ranks 1..N-1 as plain Ray actors
+  (`ExpertParallelRank`), one per GPU, each in its own bundle of the replica's placement group
+  (`router.app` asks Serve for N identical bundles, STRICT_PACK, so the N GPUs are reserved
+  together on one node). A rank actor holds a worker object of the replica's own role
+  (`LLMWorker`, `PrefillWorker` or `DecodeWorker`), so KV export, remote prefill and stage
+  timing work on every rank exactly as on a plain replica.
+- The replica spreads its requests over the ranks (`choose_rank`): the rank holding the longest
+  cached prefix of the prompt, unless it has `RANK_IMBALANCE_LIMIT` more requests in flight
+  than the least busy rank; otherwise the least busy rank (ties rotate). `generate` streams the
+  chosen rank's deltas back (a Ray streaming generator), `prefill` returns its result; a caller
+  that leaves cancels the rank's call and aborts the request there.
+- To the router the group is one replica: `ExpertParallelEngine.call_in_engine` answers the
+  publish loop's `read_engine` and Serve's `autoscaling_stats` for the whole group, merging the
+  ranks' prefix-cache events under the replica's id (a block is "stored" when a first rank
+  stores it and "removed" when no rank holds it any more; `RankCaches`), and summing loads,
+  engine counters and expert load. The same per-rank caches pick the rank for a request.
+- Rank actors die with the replica: the replica kills them on shutdown, Ray kills them with
+  their owner or their placement group, and the replica's health check fails while any rank is
+  dead (or its engine is), so Serve replaces the whole group.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import ray
+
+from workers.async_engine import AsyncLLM
+from workers.block_manager import CacheEvent
+from workers.config import EngineConfig
+from workers.decode_worker import DecodeWorker
+from workers.disagg import PrefillRequest, PrefillResult
+from workers.llm_engine import EngineStats, LLMEngine
+from workers.metrics import WorkerMetrics
+from workers.prefill_worker import PrefillWorker
+from workers.prefix_hash import hash_full_blocks
+from workers.serve_worker import (EngineReading, LLMWorker, WorkerDelta, WorkerRequest, autoscaling_stats,
+                                  read_engine)
+
+logger = logging.getLogger("ray.serve")
+
+RANK_IMBALANCE_LIMIT = 4  # requests in flight a prefix hit may cost over the least busy rank
+GROUP_TIMEOUT_S = 120.0  # one collective (a dead or hung rank fails the others after this)
+START_TIMEOUT_S = 1800.0  # every rank joined / loaded its weights (big checkpoints load slowly)
+RANK_HEALTH_TIMEOUT_S = 10.0
+RANK_NAMESPACE = "tandem"
+
+
+# --------------------------------------------------------------------------------- the degree
+def check_expert_parallel_size(model: str, size: int) -> None:
+    """A clear ValueError for a degree this model cannot run with."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"expert_parallel_size must be an integer >= 1, got {size!r}")
+    if size == 1:
+        return
+    from workers.model_runner import load_hf_config
+    from workers.models import model_class_for
+    from workers.models.moe import MoeForCausalLM, num_experts_of
+
+    hf_config = load_hf_config(model)
+    if model_class_for(hf_config) is not MoeForCausalLM:
+        raise ValueError(f"expert_parallel_size={size} needs a mixture-of-experts model; {model!r} is a dense "
+                         f"{'/'.join(hf_config.architectures or ['?'])}")
+    num_experts = num_experts_of(hf_config)
+    if size > num_experts:
+        raise ValueError(f"expert_parallel_size={size} is larger than the model's {num_experts} experts: every rank "
+                         f"must hold at least one")
+
+
+# ------------------------------------------------------------------------ per-rank prefix caches
+class RankCaches:
+    """Which full blocks (by hash) each rank's prefix cache holds, fed by the ranks' cache
+    events; turns them into the replica's events (what the pool's prefix index sees)."""
+
+    def __init__(self, world_size: int) -> None:
+        self.held: list[set[int]] = [set() for _ in range(world_size)]
+        self._holders: dict[int, int] = {}  # block hash -> ranks holding it
+
+    def apply(self, rank: int, events: Sequence[CacheEvent]) -> list[CacheEvent]:
+        """Record `rank`'s events; returns the replica-level events they amount to."""
+        merged: list[CacheEvent] = []
+        held = self.held[rank]
+        for event in events:
+            if event.kind == "stored":
+                for block_hash in event.block_hashes:
+                    if block_hash not in held:
+                        held.add(block_hash)
+                        self._holders[block_hash] = self._holders.get(block_hash, 0) + 1
+                # Forwarded whole: the index keeps the chain, and a block it has is a no-op.
+                merged.append(event)
+            elif event.kind in ("removed", "cleared"):
+                dropped = [h for h in event.block_hashes if h in held] if event.kind == "removed" else list(held)
+                gone = []
+                for block_hash in dropped:
+                    held.discard(block_hash)
+                    left = self._holders.pop(block_hash) - 1
+                    if left:
+                        self._holders[block_hash] = left
+                    else:
+                        gone.append(block_hash)
+                if gone:
+                    merged.append(CacheEvent("removed", gone))
+            else:
+                raise ValueError(f"unknown cache event kind {event.kind!r}")
+        return merged
+
+    def cached_blocks(self, block_hashes: Sequence[int]) -> list[int]:
+        """Per rank: how many leading blocks of the chain it holds."""
+        counts = []
+        for held in self.held:
+            n = 0
+            while n < len(block_hashes) and block_hashes[n] in held:
+                n += 1
+            counts.append(n)
+        return counts
+
+
+def choose_rank(cached_blocks: Sequence[int], outstanding: Sequence[int], first: int = 0,
+                imbalance_limit: int = RANK_IMBALANCE_LIMIT) -> int:
+    """The rank with the longest cached prefix, unless it has more than `imbalance_limit`
+    requests in flight over the least busy rank; else the least busy rank (ties: the first
+    from `first` on, so a caller rotating `first` spreads an idle group's requests)."""
+    n = len(outstanding)
+    order = [(first + i) % n for i in range(n)]
+    least = min(order, key=lambda r: outstanding[r])
+    best = max(order, key=lambda r: (cached_blocks[r], -outstanding[r]))
+    if cached_blocks[best] > 0 and outstanding[best] - outstanding[least] <= imbalance_limit:
+        return best
+    return least
+
+
+# ------------------------------------------------------------------------------- merging ranks
+def merge_stats(parts: Sequence[Any]) -> Any:
+    """The group's stats from its ranks' (same dataclass each): counts summed, `timestamp` the
+    latest, text the first non-empty, `kv_usage` recomputed from the summed blocks."""
+    first = parts[0]
+    values = {}
+    for f in dataclasses.fields(first):
+        if not f.init:
+            continue
+        column = [getattr(p, f.name) for p in parts]
+        head = column[0]
+        if f.name == "timestamp":
+            values[f.name] = max(column)
+        elif dataclasses.is_dataclass(head) and not isinstance(head, type):
+            values[f.name] = merge_stats(column)
+        elif isinstance(head, bool):
+            values[f.name] = any(column)
+        elif isinstance(head, (int, float)):
+            values[f.name] = sum(column)
+        elif isinstance(head, str):
+            values[f.name] = next((v for v in column if v), head)
+        else:
+            values[f.name] = head
+    if isinstance(first, EngineStats):
+        total = values["num_total_blocks"]
+        values["kv_usage"] = 1.0 - values["num_free_blocks"] / total if total else 0.0
+    return dataclasses.replace(first, **values)
+
+
+def _merge_expert_load(loads: list):
+    if any(load is None for load in loads):
+        return None
+    first = loads[0]
+
+    def add(rows: list[list[list[int]]]) -> list[list[int]]:
+        return [[sum(col) for col in zip(*layer)] for layer in zip(*rows)]
+
+    return dataclasses.replace(first, last_step=add([x.last_step for x in loads]),
+                               cumulative=add([x.cumulative for x in loads]),
+                               num_steps=max(x.num_steps for x in loads))
+
+
+def _merge_readings(group: ExpertParallelEngine, readings: list[EngineReading]) -> EngineReading:
+    group.local_reading = readings[0]
+    events: list[CacheEvent] = []
+    for rank, reading in enumerate(readings):
+        events += group.caches.apply(rank, reading.events)
+    return EngineReading(events, merge_stats([r.stats for r in readings]),
+                         sum(r.queued_prefill_tokens for r in readings),
+                         sum(r.num_remote_prefilling for r in readings),
+                         _merge_expert_load([r.expert_load for r in readings]))
+
+
+def _merge_autoscaling(group: ExpertParallelEngine, parts: list[dict[str, float]]) -> dict[str, float]:
+    # Every rank has the same cache size, so the group's KV use is the ranks' mean.
+    merged = {key: sum(p[key] for p in parts) for key in parts[0]}
+    merged["kv_usage"] = merged["kv_usage"] / len(parts)
+    return merged
+
+
+# What `call_in_engine` answers for the whole group (every rank's engine thread, merged).
+GROUP_READINGS = {read_engine: _merge_readings, autoscaling_stats: _merge_autoscaling}
+
+
+# -------------------------------------------------------------------------- starting the group
+@dataclass(frozen=True)
+class RankSpec:
+    """Where one rank finds its group."""
+
+    rank: int
+    world_size: int
+    store_host: str
+    store_port: int
+    prefix: str
+    replica_id: str
+    group_timeout_s: float = GROUP_TIMEOUT_S
+    start_timeout_s: float = START_TIMEOUT_S
+
+
+def _ep_engine(config: EngineConfig, ep) -> LLMEngine:
+    """An `LLMEngine` whose runner holds this rank's experts."""
+    from workers.expert_parallel import ExpertParallelModelRunner
+
+    return LLMEngine(config, runner_factory=functools.partial(ExpertParallelModelRunner, ep=ep))
+
+
+def _store_barrier(store, spec: RankSpec, name: str, check=None) -> None:
+    """Wait until every rank got here (long loads allowed); `check()` raises on a failed peer."""
+    key = f"{spec.prefix}/barrier/{name}"
+    store.add(key, 1)
+    deadline = time.monotonic() + spec.start_timeout_s
+    while store.add(key, 0) < spec.world_size:
+        if check is not None:
+            check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"expert-parallel rank {spec.rank}: not every rank reached {name!r} in "
+                               f"{spec.start_timeout_s:.0f} s")
+        time.sleep(0.01)
+
+
+def start_rank_engine(config: EngineConfig, spec: RankSpec, store=None, check=None) -> AsyncLLM:
+    """This rank's engine of the group: joins the store, builds the group and the engine, and
+    starts stepping only once every rank has loaded (an idle rank steps collectively at once)."""
+    from torch.distributed import TCPStore
+
+    from workers.expert_parallel import ExpertParallelGroup
+
+    if store is None:
+        store = TCPStore(spec.store_host, spec.store_port, spec.world_size, False,
+                         timeout=timedelta(seconds=spec.group_timeout_s))
+    _store_barrier(store, spec, "joined", check)
+    ep = ExpertParallelGroup(store, spec.rank, spec.world_size, config.device, prefix=spec.prefix,
+                             timeout_s=spec.group_timeout_s)
+    # The dispatch syncs the host for its split sizes, so no CUDA graphs (docs/MOE.md).
+    engine = _ep_engine(dataclasses.replace(config, enforce_eager=True), ep)
+    engine.ep_store = store  # the store (rank 0: its server) lives as long as the engine
+    _store_barrier(store, spec, "loaded", check)
+    return AsyncLLM(engine)
+
+
+def _replica_id() -> str:
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_id.to_full_id_str()
+    except Exception:  # outside a Serve replica (the class used directly)
+        return f"local-{uuid.uuid4().hex[:8]}"
+
+
+def start_group(role: str, worker_args: tuple, worker_kwargs: dict, config: EngineConfig, world_size: int,
+                rank_actor_options: dict[str, Any]) -> ExpertParallelEngine:
+    """Rank 0 (this process) plus ranks 1..N-1 as actors: the group seen as one engine."""
+    from torch.distributed import TCPStore
+
+    check_expert_parallel_size(config.model, world_size)
+    replica_id = _replica_id()
+    host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+    store = TCPStore(host, 0, world_size, True, timeout=timedelta(seconds=GROUP_TIMEOUT_S), wait_for_workers=False)
+    prefix = f"ep/{replica_id}/{uuid.uuid4().hex[:8]}"
+    specs = [RankSpec(r, world_size, host, store.port, prefix, replica_id) for r in range(world_size)]
+    actors = [_create_rank_actor(role, worker_args, worker_kwargs, spec, rank_actor_options) for spec in specs[1:]]
+    ready = [actor.ready.remote() for actor in actors]
+
+    def check_ranks_started() -> None:
+        done, _ = ray.wait(ready, num_returns=len(ready), timeout=0)
+        for ref in done:
+            ray.get(ref)  # raises if that rank failed to start
+
+    try:
+        local = start_rank_engine(config, specs[0], store, check_ranks_started)
+        ray.get(ready, timeout=specs[0].start_timeout_s)
+    except BaseException:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        raise
+    logger.info("expert-parallel group of %d ranks up for %s", world_size, replica_id)
+    return ExpertParallelEngine(local, actors, config.block_size, replica_id)
+
+
+def _create_rank_actor(role: str, worker_args: tuple, worker_kwargs: dict, spec: RankSpec,
+                       options: dict[str, Any]):
+    from ray.util.placement_group import get_current_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    opts = dict(options)
+    opts.setdefault("num_cpus", 0)
+    opts.setdefault("num_gpus", 0)
+    placement_group = get_current_placement_group()
+    if placement_group is not None:  # a Serve replica with one bundle per rank (router.app)
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group, placement_group_bundle_index=spec.rank, placement_group_capture_child_tasks=True)
+    return _RankActor.options(name=rank_actor_name(spec.replica_id, spec.rank), namespace=RANK_NAMESPACE,
+                              max_restarts=0, **opts).remote(role, worker_args, worker_kwargs, spec)
+
+
+def rank_actor_name(replica_id: str, rank: int) -> str:
+    return f"tandem-ep:{replica_id}:rank{rank}"
+
+
+# --------------------------------------------------------------------------- the group, as one
+class ExpertParallelEngine:
+    """What an expert-parallel replica holds in place of its `AsyncLLM`: rank 0's engine (in
+    this process) and the actors of ranks 1..N-1.
+
+    It answers the `AsyncLLM` calls `LLMWorker` makes. `generate`, `abort`, `stats` and
+    `engine` are rank 0's (the replica's `generate` has chosen the rank already). A
+    `call_in_engine` of a function in `GROUP_READINGS` runs on every rank's engine thread and
+    returns the merged answer (call it from the replica's event loop); any other function runs
+    on rank 0's engine only."""
+
+    def __init__(self, local: AsyncLLM, ranks: list, block_size: int, replica_id: str) -> None:
+        self.local = local
+        self.replica_id = replica_id
+        self.ranks = ranks  # actor handles of ranks 1..N-1
+        self.world_size = len(ranks) + 1
+        self.block_size = block_size
+        self.caches = RankCaches(self.world_size)
+        self.outstanding = [0] * self.world_size  # requests in flight per rank
+        self.num_served = [0] * self.world_size
+        self._next_first = itertools.count()
+        self.rank_error: BaseException | None = None
+        self.local_reading: EngineReading | None = None  # rank 0's part of the last group reading
+
+    # AsyncLLM's face (rank 0) -------------------------------------------------------------
+    @property
+    def engine(self) -> LLMEngine:
+        return self.local.engine
+
+    @property
+    def tokenizer(self):
+        return self.local.tokenizer
+
+    @property
+    def is_dead(self) -> bool:
+        return self.local.is_dead or self.rank_error is not None
+
+    def generate(self, *args, **kwargs):
+        return self.local.generate(*args, **kwargs)
+
+    def abort(self, request_id: str) -> None:
+        self.local.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        return self.local.stats()
+
+    def call_in_engine(self, fn, *args):
+        merge = GROUP_READINGS.get(fn)
+        if merge is None:
+            return self.local.call_in_engine(fn, *args)
+        return asyncio.run_coroutine_threadsafe(self._call_group(fn, merge, args), asyncio.get_running_loop())
+
+    async def _call_group(self, fn, merge, args):
+        mine = asyncio.wrap_future(self.local.call_in_engine(fn, *args))
+        results = await asyncio.gather(mine, *(self._remote(r, actor.call_in_engine.remote(fn, *args))
+                                               for r, actor in enumerate(self.ranks, start=1)))
+        return merge(self, list(results))
+
+    def shutdown(self) -> None:
+        for actor in self.ranks:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as error:  # already gone
+                logger.debug("killing an expert-parallel rank: %r", error)
+        self.local.shutdown()
+
+    # spreading requests ---------------------------------------------------------------------
+    def choose_rank(self, prompt_token_ids: Sequence[int]) -> int:
+        cached = self.caches.cached_blocks(hash_full_blocks(prompt_token_ids, self.block_size))
+        return choose_rank(cached, self.outstanding, next(self._next_first) % self.world_size)
+
+    def begin(self, rank: int) -> None:
+        self.outstanding[rank] += 1
+        self.num_served[rank] += 1
+
+    def end(self, rank: int) -> None:
+        self.outstanding[rank] -= 1
+
+    async def stream(self, rank: int, request: WorkerRequest) -> AsyncIterator[WorkerDelta]:
+        """Rank `rank`'s `generate(request)`; leaving early cancels it and aborts the request."""
+        actor = self.ranks[rank - 1]
+        deltas = actor.generate.options(num_returns="streaming").remote(request)
+        finished = False
+        try:
+            async for ref in deltas:
+                delta = await self._remote(rank, ref)
+                finished = delta.finished
+                yield delta
+        finally:
+            if not finished:
+                try:
+                    ray.cancel(deltas)
+                    actor.abort.remote(request.request_id)
+                except Exception as error:  # the rank is gone: nothing left to stop
+                    logger.debug("cancelling on expert-parallel rank %d: %r", rank, error)
+
+    async def prefill(self, rank: int, request: PrefillRequest) -> PrefillResult:
+        ref = self.ranks[rank - 1].prefill.remote(request)
+        try:
+            return await self._remote(rank, ref)
+        except asyncio.CancelledError:
+            ray.cancel(ref)  # the rank's prefill aborts its request and forgets the export
+            raise
+
+    async def rank_stats(self) -> list:
+        return list(await asyncio.gather(*(self._remote(r, a.stats.remote())
+                                           for r, a in enumerate(self.ranks, start=1))))
+
+    async def check_ranks(self) -> None:
+        """Raises if a rank actor is gone or its engine died."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self._remote(r, a.check_health.remote())
+                                                    for r, a in enumerate(self.ranks, start=1))),
+                                   RANK_HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"an expert-parallel rank did not answer its health check in "
+                               f"{RANK_HEALTH_TIMEOUT_S:.0f} s") from None
+        if self.rank_error is not None:
+            raise RuntimeError(f"an expert-parallel rank failed: {self.rank_error!r}")
+
+    async def _remote(self, rank: int, ref):
+        try:
+            return await ref
+        except ray.exceptions.RayActorError as error:
+            self.rank_error = error  # the group cannot step without it: health checks fail from now
+            raise RuntimeError(f"expert-parallel rank {rank} is dead: {error}") from error
+
+
+# ----------------------------------------------------------------------------- the replica side
+class ExpertParallelReplica:
+    """Mixed into a worker class (`ExpertParallelLLMWorker`, ...): the replica is rank 0 of a
+    group of `expert_parallel_size` and spreads its requests over the ranks."""
+
+    role = ""  # key into RANK_WORKERS
+
+    def __init__(self, *args, expert_parallel_size: int, rank_actor_options: dict[str, Any] | None = None,
+                 **kwargs) -> None:
+        self._ep_size = expert_parallel_size
+        self._ep_worker_args = (args, kwargs)
+        self._ep_rank_actor_options = dict(rank_actor_options or {})
+        super().__init__(*args, **kwargs)
+
+    def _start_engine(self, config: EngineConfig) -> ExpertParallelEngine:
+        args, kwargs = self._ep_worker_args
+        return start_group(self.role, args, kwargs, config, self._ep_size, self._ep_rank_actor_options)
+
+    async def generate(self, request: WorkerRequest) -> AsyncIterator[WorkerDelta]:
+        group: ExpertParallelEngine = self._engine
+        rank = group.choose_rank(request.prompt_token_ids)
+        group.begin(rank)
+        stream = super().generate(request) if rank == 0 else group.stream(rank, request)
+        try:
+            async for delta in stream:
+                delta.replica_id = self._replica_id
+                yield delta
+        finally:
+            group.end(rank)
+            await stream.aclose()
+
+    async def stats(self):
+        """The group's counters (summed over ranks); `rank_stats()` has each rank's."""
+        return merge_stats([super().stats(), *await self._engine.rank_stats()])
+
+    async def rank_stats(self) -> list:
+        """Each rank's own stats, rank 0 first."""
+        return [super().stats(), *await self._engine.rank_stats()]
+
+    def requests_per_rank(self) -> list[int]:
+        """Requests each rank was given since start."""
+        return list(self._engine.num_served)
+
+    def rank_actor_names(self) -> list[str]:
+        """The Ray actor names (namespace `RANK_NAMESPACE`) of ranks 1..N-1."""
+        return [rank_actor_name(self._engine.replica_id, r) for r in range(1, self._ep_size)]
+
+    def _update_role_metrics(self, reading: EngineReading) -> None:
+        # Role series (KV transfer, remote prefills) are per rank: rank 0's here under the
+        # replica's id, rank r's by its actor under "<replica>/rank<r>"; the engine series
+        # (`update_engine`) are the group's, here only.
+        super()._update_role_metrics(self._engine.local_reading or reading)
+
+    async def check_health(self) -> None:
+        await self._engine.check_ranks()  # first: a dead rank also kills rank 0's engine loop
+        await super().check_health()
+
+
+class ExpertParallelLLMWorker(ExpertParallelReplica, LLMWorker):
+    role = "colocated"
+
+
+class ExpertParallelDecodeWorker(ExpertParallelReplica, DecodeWorker):
+    role = "decode"
+
+
+class ExpertParallelPrefillWorker(ExpertParallelReplica, PrefillWorker):
+    role = "prefill"
+
+    async def prefill(self, request: PrefillRequest) -> PrefillResult:
+        group: ExpertParallelEngine = self._engine
+        rank = group.choose_rank(request.prompt_token_ids)
+        group.begin(rank)
+        try:
+            if rank == 0:
+                return await super().prefill(request)
+            self._ensure_publishing()
+            return await group.prefill(rank, request)
+        finally:
+            group.end(rank)
+
+
+EXPERT_PARALLEL_WORKERS = {LLMWorker: ExpertParallelLLMWorker, DecodeWorker: ExpertParallelDecodeWorker,
+                           PrefillWorker: ExpertParallelPrefillWorker}
+
+
+# -------------------------------------------------------------------------------- the rank side
+class _RankWorker:
+    """Mixed into a worker class inside a rank actor: the worker of rank r, whose engine joins
+    the replica's group. It publishes nothing itself: the replica reads it with the group."""
+
+    def __init__(self, spec: RankSpec, *args, **kwargs) -> None:
+        self._rank_spec = spec
+        super().__init__(*args, **kwargs)
+        self._replica_id = spec.replica_id
+        # Its own series (KV transfer) under its own name; the engine's are the replica's sum.
+        self.metrics = WorkerMetrics(self.pool, f"{spec.replica_id}/rank{spec.rank}",
+                                     self.metrics.tags["model_name"])
+
+    def _start_engine(self, config: EngineConfig) -> AsyncLLM:
+        return start_rank_engine(config, self._rank_spec)
+
+    def _ensure_publishing(self) -> None:
+        pass
+
+
+class _RankLLMWorker(_RankWorker, LLMWorker):
+    pass
+
+
+class _RankDecodeWorker(_RankWorker, DecodeWorker):
+    pass
+
+
+class _RankPrefillWorker(_RankWorker, PrefillWorker):
+    pass
+
+
+RANK_WORKERS = {"colocated": _RankLLMWorker, "decode": _RankDecodeWorker, "prefill": _RankPrefillWorker}
+
+
+class ExpertParallelRank:
+    """A plain Ray actor (one per GPU): rank r's worker, created by and dying with its replica."""
+
+    def __init__(self, role: str, worker_args: tuple, worker_kwargs: dict, spec: RankSpec) -> None:
+        self.worker = RANK_WORKERS[role](spec, *worker_args, **worker_kwargs)
+
+    def ready(self) -> int:
+        return self.worker._rank_spec.rank
+
+    async def generate(self, request: WorkerRequest) -> AsyncIterator[WorkerDelta]:
+        stream = self.worker.generate(request)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            await stream.aclose()  # cancelled: the engine request is aborted
+
+    async def prefill(self, request: PrefillRequest) -> PrefillResult:
+        return await self.worker.prefill(request)
+
+    def abort(self, request_id: str) -> None:
+        self.worker._engine.abort(request_id)
+
+    async def call_in_engine(self, fn, *args):
+        result = await asyncio.wrap_future(self.worker._engine.call_in_engine(fn, *args))
+        if isinstance(result, EngineReading):
+            self.worker._update_role_metrics(result)  # this rank's KV-transfer series
+        return result
+
+    def stats(self):
+        return self.worker.stats()
+
+    async def check_health(self) -> None:
+        await self.worker.check_health()
+
+
+_RankActor = ray.remote(ExpertParallelRank)
