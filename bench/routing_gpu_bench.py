@@ -13,7 +13,11 @@ TTFT is measured at the client (request sent -> first streamed content token).
 
 Writes routing_<device>.json / .md with `ttft_mean_ms` per policy and
 `ttft_roundrobin_over_prefix` (the issue's contract), plus percentiles, follow-up-turn TTFT,
-output throughput and the workload.
+output throughput and the workload. Every request asks for the serving path's stage stamps
+(`"tandem_timing": true`, `router.stage_timing`); each policy's `stage_medians_ms` (all turns)
+and `stage_medians_followup_ms` (turns 2+) give the median time spent in each stage up to the
+first token, plus `client_outside_ingress` (client TTFT minus the ingress's own first-token
+time: the HTTP proxy both ways and the client), so a run separates where TTFT goes.
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ class TurnResult:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    stages_ms: dict[str, float] | None = None  # stage_intervals(...) of this turn
 
 
 @dataclass
@@ -90,12 +95,25 @@ def single_token_words(folder: Path) -> list[str]:
     return [w for w in words if len(tok(" " + w, add_special_tokens=False).input_ids) == 1]
 
 
-def chat_stream(port: int, model: str, messages: list[dict], max_tokens: int, timeout: float):
-    """One streamed chat completion; returns (ttft_s, latency_s, text, completion tokens,
-    prompt tokens, prompt tokens served from the replica's prefix cache)."""
-    body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-                       "ignore_eos": True, "stream": True,
-                       "stream_options": {"include_usage": True}}).encode()
+@dataclass
+class StreamResult:
+    ttft_s: float  # request sent -> first streamed content token
+    latency_s: float
+    text: str
+    completion_tokens: int
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens served from the replica's prefix cache
+    timing: dict | None = None  # the reply's `tandem_timing` (router.stage_timing), when asked for
+
+
+def chat_stream(port: int, model: str, messages: list[dict], max_tokens: int, timeout: float,
+                timing: bool = False) -> StreamResult:
+    """One streamed chat completion. `timing`: ask for the serving path's stage stamps."""
+    request = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+               "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if timing:
+        request["tandem_timing"] = True
+    body = json.dumps(request).encode()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     t0 = time.perf_counter()
     conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
@@ -105,6 +123,7 @@ def chat_stream(port: int, model: str, messages: list[dict], max_tokens: int, ti
     ttft = None
     parts: list[str] = []
     tokens = prompt_tokens = cached = 0
+    stages = None
     while True:
         line = resp.readline()
         if not line:
@@ -116,6 +135,8 @@ def chat_stream(port: int, model: str, messages: list[dict], max_tokens: int, ti
         if data == b"[DONE]":
             break
         chunk = json.loads(data)
+        if "tandem_timing" in chunk:
+            stages = chunk["tandem_timing"]
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
             prompt_tokens = chunk["usage"]["prompt_tokens"]
@@ -130,7 +151,32 @@ def chat_stream(port: int, model: str, messages: list[dict], max_tokens: int, ti
     conn.close()
     if ttft is None:
         raise RuntimeError("no content streamed")
-    return ttft, latency, "".join(parts), tokens, prompt_tokens, cached
+    return StreamResult(ttft, latency, "".join(parts), tokens, prompt_tokens, cached, stages)
+
+
+def stage_intervals(result: StreamResult) -> dict[str, float] | None:
+    """The reply's stage intervals (ms), plus what the client saw outside the ingress."""
+    if not result.timing:
+        return None
+    intervals = dict(result.timing["intervals_ms"])
+    sent = result.timing["stamps_ms"].get("first_token_sent")
+    if sent is not None:
+        intervals["client_outside_ingress"] = result.ttft_s * 1e3 - sent
+    intervals["client_ttft"] = result.ttft_s * 1e3
+    return intervals
+
+
+def stage_order() -> list[str]:
+    from router.stage_timing import INTERVALS, TOTAL
+
+    return [*INTERVALS.values(), TOTAL, "client_outside_ingress", "client_ttft"]
+
+
+def stage_medians(samples: list[dict[str, float]], order: list[str] | None = None) -> dict[str, float]:
+    """Median of each stage (or stamp) over the requests that have it, in path order."""
+    order = order or stage_order()
+    names = sorted({k for s in samples for k in s}, key=lambda k: order.index(k) if k in order else len(order))
+    return {k: statistics.median([s[k] for s in samples if k in s]) for k in names}
 
 
 def run_policy(policy: str, args, words: list[str], model_dir: Path) -> PolicyRun:
@@ -169,16 +215,18 @@ def run_policy(policy: str, args, words: list[str], model_dir: Path) -> PolicyRu
             for t in range(args.turns):
                 prompt_words = sum(len(m["content"].split()) for m in messages)
                 try:
-                    ttft, lat, text, n, p, hit = chat_stream(args.port, "bench", messages, args.output_tokens,
-                                                             args.timeout)
-                    res = TurnResult(c, t, prompt_words, ttft, lat, n, p, hit)
+                    reply = chat_stream(args.port, "bench", messages, args.output_tokens, args.timeout,
+                                        timing=not args.no_stage_timing)
+                    res = TurnResult(c, t, prompt_words, reply.ttft_s, reply.latency_s, reply.completion_tokens,
+                                     reply.prompt_tokens, reply.cached_tokens, stages_ms=stage_intervals(reply))
                 except Exception as e:  # recorded, counted, and the conversation ends
                     with lock:
-                        run.results.append(TurnResult(c, t, prompt_words, float("nan"), float("nan"), 0, repr(e)[:300]))
+                        run.results.append(TurnResult(c, t, prompt_words, float("nan"), float("nan"), 0,
+                                                      error=repr(e)[:300]))
                     break
                 with lock:
                     run.results.append(res)
-                messages.append({"role": "assistant", "content": text})
+                messages.append({"role": "assistant", "content": reply.text})
                 messages.append({"role": "user", "content": " ".join(crng.choice(words) for _ in range(args.user_words))})
 
     # Warm-up: one short request per replica's worth, so graph capture/compiles are not timed.
@@ -215,7 +263,26 @@ def summarize(run: PolicyRun) -> dict:
         "prompt_tokens": sum(r.prompt_tokens for r in ok),
         "prefix_hit_rate": sum(r.cached_tokens for r in ok) / max(1, sum(r.prompt_tokens for r in ok)),
         "error_samples": [r.error for r in run.results if r.error][:3],
+        "stage_medians_ms": stage_medians([r.stages_ms for r in ok if r.stages_ms]),
+        "stage_medians_followup_ms": stage_medians([r.stages_ms for r in ok if r.stages_ms and r.turn > 0]),
     }
+
+
+def stage_table(runs: dict[str, dict]) -> list[str]:
+    """Markdown: median ms per serving-path stage (columns: policy x all turns / follow-ups)."""
+    columns = [(p, key, label) for p in runs for key, label in (("stage_medians_ms", "all"),
+                                                                 ("stage_medians_followup_ms", "follow-up"))]
+    stages = [s for s in stage_order() if any(s in runs[p][key] for p, key, _ in columns)]
+    if not stages:
+        return []
+    lines = ["", "Median ms per serving-path stage up to the first token (`router.stage_timing`; "
+                 "`client_outside_ingress` = client TTFT - ingress first-token time: HTTP proxy both ways + client):", "",
+             "| stage | " + " | ".join(f"{p} {label}" for p, _, label in columns) + " |",
+             "| --- |" + " ---: |" * len(columns)]
+    for stage in stages:
+        cells = [runs[p][key].get(stage) for p, key, _ in columns]
+        lines.append(f"| {stage} | " + " | ".join("" if v is None else f"{v:.2f}" for v in cells) + " |")
+    return lines
 
 
 def main() -> int:
@@ -239,6 +306,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script with --model")
+    ap.add_argument("--no-stage-timing", action="store_true", help="do not ask for the stage stamps")
     args = ap.parse_args()
 
     import ray
@@ -289,6 +357,7 @@ def main() -> int:
     if "ttft_roundrobin_over_prefix" in res:
         lines += ["", f"Mean TTFT round-robin / prefix-aware: **{res['ttft_roundrobin_over_prefix']:.2f}x**; "
                       f"output throughput prefix-aware / round-robin: {res['throughput_prefix_over_roundrobin']:.2f}x."]
+    lines += stage_table(runs)
     (out / f"routing_{slug}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     return 0

@@ -56,6 +56,8 @@ from router.openai_protocol import (
     TopLogprob,
     Usage,
 )
+from router.prompt_tokenizer import PromptTokenizer
+from router.stage_timing import IngressTrace, StageHistograms, route_stamps, timing_payload
 from workers.serve_worker import TokenLogprob, WorkerDelta, WorkerRequest
 
 logger = logging.getLogger("ray.serve")
@@ -80,6 +82,9 @@ class IngressConfig:
     # A request whose engine replica dies before any byte of the reply was sent is sent again
     # (Serve routes it to a live replica) this many times, then answered 503.
     replica_retries: int = 1
+    # Chat prompts are tokenized piece by piece with an LRU of this many characters of text
+    # (router.prompt_tokenizer: a follow-up turn tokenizes only its new messages); 0: off.
+    tokenize_cache_chars: int = 64 << 20
 
 
 class ApiError(Exception):
@@ -165,6 +170,7 @@ class OpenAIIngress:
         self._config = config
         self._pool = decode_pool.options(stream=True)
         self._tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self._prompt_tokenizer = PromptTokenizer(self._tokenizer, config.tokenize_cache_chars)
         self._vocab_size = len(self._tokenizer)
         self._model_names = {config.served_model_name, config.model}
         self._in_flight = 0
@@ -176,6 +182,8 @@ class OpenAIIngress:
         except Exception:
             app_name = "default"
         self._board = get_stats_board(app_name)
+        self._stage_histograms = StageHistograms()
+        self._route_stamps = route_stamps()
 
     # ----------------------------------------------------------------- routes
     @app.get("/health")
@@ -190,7 +198,8 @@ class OpenAIIngress:
             logger.warning("stats board did not answer: %r", error)
             per_replica = {}
         ingress = dict(self._counters, tandem_ingress_requests_in_flight=self._in_flight)
-        return PlainTextResponse(render_prometheus(per_replica, self._config.served_model_name, ingress),
+        return PlainTextResponse(render_prometheus(per_replica, self._config.served_model_name, ingress,
+                                                   self._stage_histograms),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -210,16 +219,18 @@ class OpenAIIngress:
 
     # --------------------------------------------------------- request intake
     async def _serve(self, request: Request, model_cls, handler) -> Response:
+        trace = IngressTrace()
         self._counters["tandem_ingress_requests_total"] += 1
         try:
             self._authorize(request)
-            body = await self._read_json(request)
+            body = await self._read_json(request, trace)
             try:
                 parsed = model_cls.model_validate(body)
             except ValidationError as error:
                 first = error.errors()[0]
                 param = ".".join(str(part) for part in first["loc"]) or None
                 raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+            trace.mark("parsed")
             self._check_model(parsed.model)
             if self._in_flight >= self._config.max_in_flight:
                 self._counters["tandem_ingress_rejected_total"] += 1
@@ -240,7 +251,7 @@ class OpenAIIngress:
                 self._in_flight -= 1
 
         try:
-            response = await handler(parsed, request, release)
+            response = await handler(parsed, request, release, trace)
         except ApiError as error:
             release()
             if 400 <= error.status < 500:
@@ -263,7 +274,7 @@ class OpenAIIngress:
             raise ApiError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
                            "authentication_error", code="invalid_api_key")
 
-    async def _read_json(self, request: Request) -> object:
+    async def _read_json(self, request: Request, trace: IngressTrace) -> object:
         limit = self._config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -274,6 +285,7 @@ class OpenAIIngress:
             if size > limit:
                 raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
             chunks.append(chunk)
+        trace.mark("body_read")
         try:
             body = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as error:
@@ -305,7 +317,7 @@ class OpenAIIngress:
         max_model_len = self._config.max_model_len
         if not prompt_token_ids:
             raise ApiError(400, "the prompt is empty", param=prompt_param)
-        if any(not 0 <= t < self._vocab_size for t in prompt_token_ids):
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self._vocab_size:  # min/max loop in C
             raise ApiError(400, f"prompt token ids must be in [0, {self._vocab_size})", param=prompt_param)
         if len(prompt_token_ids) >= max_model_len:
             raise ApiError(400, f"this model's maximum context length is {max_model_len} tokens, but the prompt "
@@ -344,7 +356,7 @@ class OpenAIIngress:
     def _session_id(req: SamplingFields, request: Request) -> str | None:
         return request.headers.get(SESSION_HEADER) or req.user
 
-    async def _complete(self, req: CompletionRequest, request: Request, release) -> Response:
+    async def _complete(self, req: CompletionRequest, request: Request, release, trace: IngressTrace) -> Response:
         self._check_common(req)
         if req.echo:
             raise ApiError(400, "echo is not supported", param="echo")
@@ -367,11 +379,12 @@ class OpenAIIngress:
             raise ApiError(400, f"at most {self._config.max_prompts} prompts per request", param="prompt")
         if len(prompts) * req.n > self._config.max_n:
             raise ApiError(400, f"prompts × n must be at most {self._config.max_n}", param="n")
+        trace.mark("tokenized")
         session_id = self._session_id(req, request)
         work = [self._worker_request(req, ids, req.max_tokens, req.logprobs, session_id, "prompt") for ids in prompts]
-        return await self._run(work, req, request, release, chat=False, top_logprobs=req.logprobs)
+        return await self._run(work, req, request, release, trace, chat=False, top_logprobs=req.logprobs)
 
-    async def _chat(self, req: ChatCompletionRequest, request: Request, release) -> Response:
+    async def _chat(self, req: ChatCompletionRequest, request: Request, release, trace: IngressTrace) -> Response:
         self._check_common(req)
         if req.tools:
             raise ApiError(400, "tools are not supported", param="tools")
@@ -383,20 +396,30 @@ class OpenAIIngress:
                                                        tokenize=False)
         except Exception as error:  # template errors are the request's fault (roles, order)
             raise ApiError(400, f"could not apply the chat template: {error}", param="messages") from None
-        ids = self._encode(text, False, "messages")
+        try:
+            ids = await self._prompt_tokenizer.encode(text)
+        except (TypeError, ValueError):  # e.g. a lone surrogate, sent as "\ud800" in the JSON
+            raise ApiError(400, "the text is not valid Unicode (lone surrogate?)", param="messages") from None
+        trace.mark("tokenized")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         work = [self._worker_request(req, ids, max_tokens, logprobs, self._session_id(req, request), "messages")]
-        return await self._run(work, req, request, release, chat=True, top_logprobs=logprobs)
+        return await self._run(work, req, request, release, trace, chat=True, top_logprobs=logprobs)
 
     # ---------------------------------------------------------------- running
-    async def _start(self, work: list[WorkerRequest]) -> list[_Started]:
+    async def _start(self, work: list[WorkerRequest], trace: IngressTrace) -> list[_Started]:
         """Send every prompt and wait for each first delta: refused input raises a 400 here,
-        before any byte of the reply is sent."""
+        before any byte of the reply is sent. The trace follows the first prompt."""
+        trace.mark("dispatched")
         streams = [self._pool.generate.remote(w) for w in work]
 
         async def first(i: int) -> _Started:
-            return _Started(i, await streams[i].__anext__(), streams[i])
+            delta = await streams[i].__anext__()
+            if i == 0:
+                trace.mark("first_delta")
+                trace.add_route(self._route_stamps.take(work[0].request_id))
+                trace.add_worker(delta.timing, delta.replica_id)
+            return _Started(i, delta, streams[i])
 
         try:
             started = await asyncio.gather(*(first(i) for i in range(len(streams))))
@@ -456,11 +479,11 @@ class OpenAIIngress:
             for task in tasks:
                 task.cancel()
 
-    async def _run(self, work: list[WorkerRequest], req: SamplingFields, request: Request, release, *, chat: bool,
-                   top_logprobs: int | None) -> Response:
+    async def _run(self, work: list[WorkerRequest], req: SamplingFields, request: Request, release,
+                   trace: IngressTrace, *, chat: bool, top_logprobs: int | None) -> Response:
         for attempt in range(self._config.replica_retries + 1):
             try:
-                return await self._run_once(work, req, release, chat=chat, top_logprobs=top_logprobs)
+                return await self._run_once(work, req, release, trace, chat=chat, top_logprobs=top_logprobs)
             except ApiError as error:
                 if error.code != REPLICA_DIED or attempt == self._config.replica_retries:
                     raise
@@ -469,9 +492,9 @@ class OpenAIIngress:
                 work = [dataclasses.replace(w, request_id=uuid.uuid4().hex) for w in work]
         raise AssertionError("unreachable")
 
-    async def _run_once(self, work: list[WorkerRequest], req: SamplingFields, release, *, chat: bool,
-                        top_logprobs: int | None) -> Response:
-        started = await self._start(work)
+    async def _run_once(self, work: list[WorkerRequest], req: SamplingFields, release, trace: IngressTrace, *,
+                        chat: bool, top_logprobs: int | None) -> Response:
+        started = await self._start(work, trace)
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         replicas = ",".join(dict.fromkeys(s.first.replica_id for s in started))
         headers = {REPLICA_HEADER: replicas, "x-request-id": response_id}
@@ -479,7 +502,8 @@ class OpenAIIngress:
         model = self._config.served_model_name
         if req.stream:
             body = self._sse(started, response_id, model, n, chat, top_logprobs,
-                             bool(req.stream_options and req.stream_options.include_usage), release)
+                             bool(req.stream_options and req.stream_options.include_usage), release,
+                             trace, req.tandem_timing)
             return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
         choices = [_Choice() for _ in range(len(work) * n)]
@@ -513,22 +537,40 @@ class OpenAIIngress:
                 CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                                  logprobs=self._completion_logprobs(c.logprobs, 0) if top_logprobs is not None else None)
                 for i, c in enumerate(choices)])
-        return JSONResponse(body.model_dump(), headers=headers)
+        payload = body.model_dump()
+        timing = self._first_token_sent(trace, req.tandem_timing)
+        if timing is not None:
+            payload["tandem_timing"] = timing
+        return JSONResponse(payload, headers=headers)
+
+    def _first_token_sent(self, trace: IngressTrace, want_timing: bool) -> dict | None:
+        """Stamp the first token leaving, record the request's stages; the reply's
+        `tandem_timing` when it asked for it."""
+        trace.mark("first_token_sent")
+        self._stage_histograms.observe(trace.intervals_ms())
+        return timing_payload(trace) if want_timing else None
 
     async def _sse(self, started: list[_Started], response_id: str, model: str, n: int, chat: bool,
-                   top_logprobs: int | None, include_usage: bool, release) -> AsyncIterator[str]:
+                   top_logprobs: int | None, include_usage: bool, release, trace: IngressTrace,
+                   want_timing: bool) -> AsyncIterator[str]:
         created = int(time.time())
+        sent_token = False
         usage = _UsageTotals(len(started))
         text_offsets = [0] * (len(started) * n)
         finished = False
+        # SSE lines held back to leave with the next ones: the same bytes in fewer HTTP body
+        # messages, each of which is one more Serve message to the proxy (the role chunk rides
+        # with the first token's).
+        pending = ""
         try:
             if chat:
                 role = ChatCompletionChunk(id=response_id, created=created, model=model, choices=[
                     ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
                     for i in range(len(started) * n)])
-                yield _sse_line(role.model_dump())
+                pending = _sse_line(role.model_dump())
             async for prompt_index, delta in self._deltas(started):
                 usage.add(prompt_index, delta)
+                lines = [pending] if pending else []
                 for out in delta.outputs:
                     if not out.token_ids and not out.text and out.finish_reason is None:
                         continue
@@ -546,24 +588,33 @@ class OpenAIIngress:
                                              logprobs=self._completion_logprobs(out.logprobs or [], text_offsets[index])
                                              if want_logprobs else None)])
                         text_offsets[index] += len(out.text)
-                    yield _sse_line(chunk.model_dump())
+                    payload = chunk.model_dump()
+                    if not sent_token:
+                        sent_token = True
+                        timing = self._first_token_sent(trace, want_timing)
+                        if timing is not None:
+                            payload["tandem_timing"] = timing
+                    lines.append(_sse_line(payload))
+                if len(lines) > bool(pending):
+                    pending = ""
+                    yield "".join(lines)
             if include_usage:
                 cls = ChatCompletionChunk if chat else CompletionResponse
-                yield _sse_line(cls(id=response_id, created=created, model=model, choices=[],
-                                    usage=usage.usage()).model_dump())
-            yield "data: [DONE]\n\n"
+                pending += _sse_line(cls(id=response_id, created=created, model=model, choices=[],
+                                         usage=usage.usage()).model_dump())
+            yield pending + "data: [DONE]\n\n"
             finished = True
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except RayActorError:  # headers are sent: report in the stream; the client retries
             logger.warning("stream %s lost its engine replica", response_id)
             died = self._replica_died()
-            yield _sse_line(ErrorResponse(error=ErrorInfo(message=died.message, type=died.type, code=died.code))
-                            .model_dump())
+            yield pending + _sse_line(ErrorResponse(error=ErrorInfo(message=died.message, type=died.type,
+                                                                    code=died.code)).model_dump())
         except Exception as error:  # headers are sent: report in the stream, as vLLM does
             logger.exception("stream %s failed", response_id)
-            yield _sse_line(ErrorResponse(error=ErrorInfo(message=f"internal error: {type(error).__name__}",
-                                                          type="server_error", code=500)).model_dump())
+            yield pending + _sse_line(ErrorResponse(error=ErrorInfo(message=f"internal error: {type(error).__name__}",
+                                                                    type="server_error", code=500)).model_dump())
         finally:
             if not finished:  # client disconnect: stop the engine work now
                 for s in started:

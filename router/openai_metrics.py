@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import ray
 
+from router.stage_timing import StageHistograms
+
 logger = logging.getLogger("ray.serve")
 
 STATS_NAMESPACE = "tandem"
@@ -93,8 +95,10 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_prometheus(per_replica: dict[str, dict], model_name: str, ingress: dict[str, float]) -> str:
-    """Prometheus text for every replica's engine stats plus this ingress's own counters."""
+def render_prometheus(per_replica: dict[str, dict], model_name: str, ingress: dict[str, float],
+                      stage_histograms: StageHistograms | None = None) -> str:
+    """Prometheus text for every replica's engine stats plus this ingress's own counters and,
+    when given, its serving-path stage histograms."""
     lines: list[str] = []
     model = _escape(model_name)
     for metric in _METRICS:
@@ -109,4 +113,6 @@ def render_prometheus(per_replica: dict[str, dict], model_name: str, ingress: di
         kind = "counter" if name.endswith("_total") else "gauge"
         lines.append(f"# TYPE {name} {kind}")
         lines.append(f'{name}{{model_name="{model}"}} {float(value)}')
+    if stage_histograms is not None:
+        lines += stage_histograms.render(f'model_name="{model}"')
     return "\n".join(lines) + "\n"

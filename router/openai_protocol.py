@@ -51,6 +51,9 @@ class SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Tandem's: the reply carries `tandem_timing` (the serving path's stage stamps,
+    # router.stage_timing), on the first chunk with a token when streaming
+    tandem_timing: bool = False
 
 
 class CompletionRequest(SamplingFields):

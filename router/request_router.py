@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +32,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from router.index_actor import get_index_actor, pool_name
 from router.policy import RoutingConfig
+from router.stage_timing import RouteStamps, route_stamps
 from workers.prefix_hash import hash_full_blocks
 
 logger = logging.getLogger("ray.serve")
@@ -42,6 +44,7 @@ REQUEST_ROUTER_CLASS = "router.request_router.TandemRequestRouter"
 class RoutingKey:
     prompt_token_ids: list[int]
     session_id: str | None
+    request_id: str | None = None  # names the routing stamps (router.stage_timing)
 
 
 def routing_key(pending_request: PendingRequest) -> RoutingKey | None:
@@ -52,12 +55,15 @@ def routing_key(pending_request: PendingRequest) -> RoutingKey | None:
     if isinstance(request, Mapping):
         prompt_token_ids = request.get("prompt_token_ids")
         session_id = request.get("session_id")
+        request_id = request.get("request_id")
     else:
         prompt_token_ids = getattr(request, "prompt_token_ids", None)
         session_id = getattr(request, "session_id", None)
+        request_id = getattr(request, "request_id", None)
     if not isinstance(prompt_token_ids, (list, tuple)):
         return None
-    return RoutingKey(list(prompt_token_ids), None if session_id is None else str(session_id))
+    return RoutingKey(list(prompt_token_ids), None if session_id is None else str(session_id),
+                      request_id if isinstance(request_id, str) else None)
 
 
 class TandemRequestRouter(RequestRouter):
@@ -69,6 +75,7 @@ class TandemRequestRouter(RequestRouter):
         self._pool = pool or pool_name(self._deployment_id.app_name, self._deployment_id.name)
         self._index = get_index_actor(self._pool)
         self._index.configure.remote(dataclasses.asdict(self._config))
+        self._route_stamps = route_stamps()
         self._register_cleanup()
 
     async def choose_replicas(
@@ -76,11 +83,13 @@ class TandemRequestRouter(RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
+        started = time.perf_counter()
         key = routing_key(pending_request) if pending_request is not None else None
         if key is None or not candidate_replicas:
             return [candidate_replicas]
         by_id = {replica.replica_id.to_full_id_str(): replica for replica in candidate_replicas}
         block_hashes = hash_full_blocks(key.prompt_token_ids, self._config.block_size)
+        hashed = time.perf_counter()
         try:
             ranked_ids = await asyncio.wait_for(
                 self._index.route.remote(
@@ -95,6 +104,8 @@ class TandemRequestRouter(RequestRouter):
         except Exception as error:  # the index is a view: without it, route by queue length
             logger.warning("prefix index for %s did not answer (%r); routing by queue length", self._pool, error)
             return [candidate_replicas]
+        if key.request_id is not None:
+            self._route_stamps.put(key.request_id, RouteStamps(started, hashed, time.perf_counter()))
         return [[by_id[replica_id]] for replica_id in ranked_ids if replica_id in by_id]
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:

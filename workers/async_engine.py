@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -25,9 +26,20 @@ class EngineDeadError(RuntimeError):
 
 
 @dataclass
+class EngineTiming:
+    """When the engine thread reached one request (`time.perf_counter()` of this process), for the
+    serving path's stage timing (`router.stage_timing`). Written by the engine thread only."""
+
+    added: float | None = None  # `add_request` done: the scheduler has it
+    first_step: float | None = None  # the first engine step that began after it was added
+    first_output: float | None = None  # its first output was handed to the caller's stream
+
+
+@dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    timing: EngineTiming | None = None
 
     def put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -42,6 +54,7 @@ class AsyncLLM:
         self._stats = engine.stats()
         self._error: BaseException | None = None
         self._stopped = threading.Event()
+        self._unstepped: list[EngineTiming] = []  # added since the last step began (engine thread)
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
         self._thread.start()
 
@@ -60,15 +73,17 @@ class AsyncLLM:
 
     # -------------------------------------------------------------- public
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream this request's outputs (each carries the text/tokens so far and the delta)."""
+                       request_id: str | None = None,
+                       timing: EngineTiming | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream this request's outputs (each carries the text/tokens so far and the delta).
+        `timing`, when given, is filled in by the engine thread before the first output arrives."""
         if self._error is not None:
             raise EngineDeadError(f"the engine loop died: {self._error!r}")
         self.engine.validate(prompt, sampling_params)  # pure: safe outside the engine thread
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), timing)
         self._streams[request_id] = stream
         self._commands.put(("add", request_id, prompt, sampling_params))
         finished = False
@@ -118,6 +133,10 @@ class AsyncLLM:
                 self.engine.add_request(request_id, prompt, params)
             except ValueError as e:
                 stream.put(e)
+                return
+            if stream.timing is not None:
+                stream.timing.added = time.perf_counter()
+                self._unstepped.append(stream.timing)
         elif kind == "abort":
             out = self.engine.abort_request(cmd[1])
             stream = self._streams.get(cmd[1])
@@ -147,9 +166,16 @@ class AsyncLLM:
                 if not self.engine.must_step() and not self.engine.collective:
                     self._stats = self.engine.stats()
                     continue
+                if self._unstepped:
+                    started = time.perf_counter()
+                    for timing in self._unstepped:
+                        timing.first_step = started
+                    self._unstepped.clear()
                 for out in self.engine.step():
                     stream = self._streams.get(out.request_id)
                     if stream is not None:
+                        if stream.timing is not None and stream.timing.first_output is None:
+                            stream.timing.first_output = time.perf_counter()
                         stream.put(out)
                 self._stats = self.engine.stats()
         except BaseException as e:  # the engine is broken: fail every open stream loudly

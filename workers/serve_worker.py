@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
-from workers.async_engine import AsyncLLM
+from workers.async_engine import AsyncLLM, EngineTiming
 from workers.block_manager import CacheEvent
 from workers.config import EngineConfig
 from workers.llm_engine import EngineStats, LLMEngine
@@ -95,8 +95,33 @@ class OutputDelta:
 
 
 @dataclass
+class WorkerTiming:
+    """How this worker reached a request's first token, for the serving path's stage timing
+    (`router.stage_timing`). `received_unix` is the wall clock when `generate` began (comparable
+    with the ingress's across processes); the rest are seconds after it on this process's
+    monotonic clock. None: not reached (e.g. the engine refused the request)."""
+
+    received_unix: float
+    engine_added_s: float | None = None  # the engine thread took the request
+    engine_first_step_s: float | None = None  # the first engine step after that began
+    first_token_s: float | None = None  # that step (or a later one) produced its first output
+    first_yield_s: float | None = None  # the first delta is about to leave this generator
+
+    @classmethod
+    def measured(cls, received: float, received_unix: float, engine: EngineTiming) -> "WorkerTiming":
+        """From `generate`'s start (`perf_counter`, wall clock) and the engine thread's stamps; now
+        is the first yield."""
+        def since(stamp: float | None) -> float | None:
+            return None if stamp is None else stamp - received
+
+        return cls(received_unix, since(engine.added), since(engine.first_step), since(engine.first_output),
+                   time.perf_counter() - received)
+
+
+@dataclass
 class WorkerDelta:
-    """One streamed update. `error` set: the request was refused (bad input) and nothing ran."""
+    """One streamed update. `error` set: the request was refused (bad input) and nothing ran.
+    `timing` is on the first delta of a request only."""
 
     request_id: str
     outputs: list[OutputDelta]
@@ -106,6 +131,7 @@ class WorkerDelta:
     num_output_tokens: int = 0  # over all n outputs, so far
     replica_id: str = ""
     error: str | None = None
+    timing: WorkerTiming | None = None
 
 
 @dataclass
@@ -242,12 +268,14 @@ class LLMWorker:
 
     # ----------------------------------------------------------------- requests
     async def generate(self, request: WorkerRequest) -> AsyncIterator[WorkerDelta]:
+        received, received_unix = time.perf_counter(), time.time()
         self._ensure_publishing()
         top_n = request.logprobs or 0
+        engine_timing = EngineTiming()
         try:
             params = request.sampling_params()
             stream = self._engine.generate({"prompt_token_ids": list(request.prompt_token_ids)}, params,
-                                           request.request_id)
+                                           request.request_id, engine_timing)
             first = await stream.__anext__()
         except ValueError as error:  # bad input: refused before it touched the engine
             yield WorkerDelta(request.request_id, [], True, len(request.prompt_token_ids),
@@ -256,7 +284,9 @@ class LLMWorker:
         # Leaving this generator early (Serve cancels it when the caller goes away) closes
         # `stream`, and AsyncLLM aborts the request and frees its blocks.
         try:
-            yield to_delta(first, self._replica_id, top_n)
+            first_delta = to_delta(first, self._replica_id, top_n)
+            first_delta.timing = WorkerTiming.measured(received, received_unix, engine_timing)
+            yield first_delta
             if first.finished:
                 return
             async for out in stream:
