@@ -188,7 +188,7 @@ def run_policy(policy: str, args, words: list[str], model_dir: Path) -> PolicyRu
         "model": str(model_dir), "served_model_name": "bench", "num_replicas": args.replicas,
         "routing_policy": policy, "device": args.device,
         "worker_num_gpus": args.gpus_per_replica if args.device == "cuda" else 0,
-        "max_in_flight": 4096, "max_ongoing_requests": 256,
+        "max_in_flight": 4096, "max_ongoing_requests": 256, "ingress_replicas": args.ingress_replicas,
         "engine_kwargs": {"dtype": "bfloat16" if args.device == "cuda" else "float32", "max_model_len": args.max_model_len,
                           "num_kv_blocks": args.kv_blocks, "max_num_seqs": 64,
                           "max_num_batched_tokens": args.max_batched_tokens},
@@ -290,6 +290,8 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--model", help="model folder (default: a random Llama-3.2-3B shape made here)")
     ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--ingress-replicas", type=int, default=1,
+                    help="OpenAI ingress replicas (each streams its requests' SSE on its own event loop)")
     ap.add_argument("--gpus-per-replica", type=float, default=0.25)
     ap.add_argument("--kv-blocks", type=int, default=3000, help="KV blocks per replica (16 tokens each)")
     ap.add_argument("--max-model-len", type=int, default=16384)
@@ -318,7 +320,7 @@ def main() -> int:
     import os
 
     # One CPU unit per engine replica and the ingress (Serve's default asks), however few cores.
-    ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, args.replicas + 2))
+    ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, args.replicas + args.ingress_replicas + 1))
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     runs = {}
     for policy in args.policies.split(","):
