@@ -135,6 +135,8 @@ def chat_stream(port: int, model: str, messages: list[dict], max_tokens: int, ti
         if data == b"[DONE]":
             break
         chunk = json.loads(data)
+        if chunk.get("error"):  # the server ended the stream with an error event
+            raise RuntimeError(f"stream error: {json.dumps(chunk['error'])[:300]}")
         if "tandem_timing" in chunk:
             stages = chunk["tandem_timing"]
         if chunk.get("usage"):
@@ -149,8 +151,8 @@ def chat_stream(port: int, model: str, messages: list[dict], max_tokens: int, ti
                 parts.append(piece)
     latency = time.perf_counter() - t0
     conn.close()
-    if ttft is None:
-        raise RuntimeError("no content streamed")
+    if ttft is None:  # e.g. every generated token was a special token (empty text)
+        raise RuntimeError(f"no content streamed ({tokens} completion tokens reported)")
     return StreamResult(ttft, latency, "".join(parts), tokens, prompt_tokens, cached, stages)
 
 
