@@ -30,6 +30,8 @@ class PrefillWorker(LLMWorker):
     """A Serve deployment class: decorate with `serve.deployment` and pin it to the prefill
     pool's nodes (`ray_actor_options={"resources": {"prefill": 1}}`)."""
 
+    pool = "prefill"  # the `pool` tag of this replica's metrics
+
     def __init__(self, model: str, engine_kwargs: dict | None = None, device: str = "cpu",
                  transfer_kwargs: dict | None = None, **worker_kwargs) -> None:
         super().__init__(model, engine_kwargs, device, **worker_kwargs)

@@ -169,3 +169,13 @@ def test_moe_worker_exports_tokens_per_expert(model_dirs):
             assert worker.metrics.value(EXPERT_TOKENS, layer=str(layer), expert=str(expert)) == count
     hot_layer, hot_expert, hot_count = load.hot_experts(1)[0]
     assert worker.metrics.value(EXPERT_TOKENS, layer=str(hot_layer), expert=str(hot_expert)) == hot_count > 0
+
+
+def test_prefill_worker_metrics_are_tagged_with_the_prefill_pool(llama_dir):
+    from workers.prefill_worker import PrefillWorker
+
+    worker = PrefillWorker(llama_dir, {"num_kv_blocks": 64})
+    try:
+        assert worker.metrics.tags["pool"] == "prefill"
+    finally:
+        worker.__del__()
