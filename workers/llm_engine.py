@@ -52,7 +52,6 @@ class _Request:
 @dataclass
 class _LaunchedStep:
     """A step whose forward pass and sampling are queued on the device, tokens not read yet."""
-    scheduled: list  # ScheduledSeq
     sampling: list[Sequence]  # row i of `tokens` is sampling[i]'s next token
     tokens: torch.Tensor  # [len(sampling)] int64, on the device
     host_tokens: torch.Tensor | None  # pinned copy of `tokens`, valid once `copied` has run
@@ -252,7 +251,7 @@ class LLMEngine:
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
         if not sampling:
-            return _LaunchedStep(sched.scheduled, [], logits.new_empty(0, dtype=torch.int64), None, None, None)
+            return _LaunchedStep([], logits.new_empty(0, dtype=torch.int64), None, None, None)
         want_logprobs = any(s.sampling_params.logprobs is not None for s in sampling)
         raw = self.sampler.raw_logprobs(logits) if want_logprobs else None
         tokens = self.sampler.sample(logits, sampling)
@@ -264,7 +263,7 @@ class LLMEngine:
             copied.record()
         for row, seq in enumerate(sampling):
             seq.add_placeholder(row)
-        return _LaunchedStep(sched.scheduled, sampling, tokens, host, copied, raw)
+        return _LaunchedStep(sampling, tokens, host, copied, raw)
 
     def _finish_in_flight(self, touched: dict[str, _Request]) -> None:
         """Read the launched step's tokens and apply them: stop checks, detokenizing, export."""
@@ -348,7 +347,6 @@ class LLMEngine:
             seq.output_logprobs.append(logprobs)
         params = seq.sampling_params
         stop_str = req.detoks[seq.output_index].add_token(token) if params.detokenize else None
-        max_tokens = params.max_tokens or (self.max_model_len - seq.num_prompt_tokens)
         can_stop = seq.num_output_tokens >= params.min_tokens
         if can_stop and not params.ignore_eos and token in self.eos_token_ids:
             self._finish(seq, "stop", None)
@@ -356,7 +354,7 @@ class LLMEngine:
             self._finish(seq, "stop", token)
         elif can_stop and stop_str is not None:
             self._finish(seq, "stop", stop_str)
-        elif seq.num_output_tokens >= max_tokens or seq.num_known_tokens >= self.max_model_len:
+        elif seq.num_known_tokens >= seq.max_num_tokens:  # max_tokens reached (<= max_model_len, validated)
             self._finish(seq, "length", None)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
