@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import inspect
 import json
 import math
 import os
@@ -102,18 +103,69 @@ def hf_static(model, prompts, outs, batch: int, device: str, pad_id: int) -> tup
     return total_tokens / (time.perf_counter() - t0), len(prompts)
 
 
-def hf_continuous(model, prompts, max_new: int, device: str, pad_id: int) -> tuple[float, int]:
-    """HF `generate_batch` (continuous batching). Its API takes one max_new_tokens for all
-    requests, so every request asks for `max_new` tokens and all generated tokens count."""
+def hf_continuous(model, prompts, outs, device: str, pad_id: int) -> tuple[float, int, str]:
+    """HF continuous batching on the same workload: each request asks for its own number of
+    tokens through the manager's `add_request(max_new_tokens=...)`, EOS disabled; counts the
+    generated tokens. Falls back to `generate_batch` (one max_new_tokens for all: the workload's
+    mean) where this transformers version lacks the manager API; the returned mode says which."""
     from transformers import GenerationConfig
 
-    cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
+    cfg = GenerationConfig(max_new_tokens=max(outs), do_sample=False, eos_token_id=None, pad_token_id=pad_id)
+    manager_cm = getattr(model, "continuous_batching_context_manager", None)
+    if manager_cm is not None:
+        try:
+            return _hf_continuous_manager(model, manager_cm, cfg, prompts, outs, device)
+        except Exception as e:  # noqa: BLE001 - an API difference in this transformers version
+            print(f"HF continuous batching manager failed ({e!r}); falling back to generate_batch", flush=True)
+    mean_out = max(1, round(sum(outs) / len(outs)))
+    cfg.max_new_tokens = mean_out
     t0 = time.perf_counter()
     results = model.generate_batch(inputs=prompts, generation_config=cfg)  # manages its own no-grad
     sync(device)
     elapsed = time.perf_counter() - t0
     generated = sum(len(r.generated_tokens) for r in results.values())
-    return generated / elapsed, len(prompts)
+    return generated / elapsed, len(prompts), f"generate_batch (warm-up timed), {mean_out} new tokens each"
+
+
+def _hf_continuous_manager(model, manager_cm, cfg, prompts, outs, device: str) -> tuple[float, int, str]:
+    kwargs = dict(generation_config=cfg, block=True, timeout=5)
+    if "workload_hints" in inspect.signature(manager_cm).parameters:  # sizes its cache, as generate_batch does
+        from transformers.generation.continuous_batching.continuous_api import WorkloadHints
+
+        kwargs["workload_hints"] = WorkloadHints(max_prompt_length=max(map(len, prompts)),
+                                                 max_generated_length=max(outs), num_requests=len(prompts))
+    # No inference_mode here: the manager computes in its own thread (no-grad there), and tensors
+    # made in inference mode on this thread could not be updated in place by it.
+    with torch.no_grad():
+        # The manager's warm-up (graph capture, where this version has one) happens on entry,
+        # before the clock starts, as Tandem's engine is built and warmed before its run.
+        with manager_cm(**kwargs) as manager:
+            t0 = time.perf_counter()
+            for i, (p, n) in enumerate(zip(prompts, outs)):
+                manager.add_request(input_ids=p, request_id=f"r{i}", max_new_tokens=n)
+            done: dict[str, int] = {}
+            while len(done) < len(prompts):
+                result = manager.get_result(timeout=1)
+                if result is not None and result.is_finished():
+                    if getattr(result, "error", None):
+                        raise RuntimeError(f"HF continuous batching failed {result.request_id}: {result.error}")
+                    done[result.request_id] = len(result.generated_tokens)
+                elif result is None and not manager.is_running():
+                    raise RuntimeError("HF continuous batching loop stopped early")
+            sync(device)
+            elapsed = time.perf_counter() - t0
+    generated = sum(done.values())
+    requested = sum(outs)
+    if generated != requested:
+        raise RuntimeError(f"HF continuous batching generated {generated} tokens, {requested} requested")
+    return generated / elapsed, len(prompts), "manager.add_request, each request's own max_new_tokens"
+
+
+def static_tokens_per_step(outs: list[int], batch: int) -> float:
+    """Requested tokens per decode step of static batching (a batch runs as long as its longest
+    request): what makes a subset cheaper or dearer for HF static than the whole workload."""
+    steps = sum(max(outs[i : i + batch]) for i in range(0, len(outs), batch))
+    return sum(outs) / steps
 
 
 def hf_greedy(model, prompt, n, device) -> list[int]:
@@ -161,6 +213,13 @@ def main() -> int:
     ap.add_argument("--hf-static-requests", type=int, default=None)
     ap.add_argument("--hf-cb-requests", type=int, default=None)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--max-batched-tokens", type=int, default=None,
+                    help="Tandem's per-step token budget (default 8192 on GPU, 2048 on CPU)")
+    ap.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "lof"],
+                    help="Tandem's waiting-queue order for the throughput run (EngineConfig.scheduling_policy)")
+    ap.add_argument("--sweep", default="",
+                    help="extra throughput runs on the same engine, e.g. 'lof:8192,lof:1024' (policy:budget, "
+                         "budget <= --max-batched-tokens)")
     ap.add_argument("--compare-no-overlap", action="store_true",
                     help="also measure decode b1 and throughput with async_scheduling off")
     args = ap.parse_args()
@@ -180,6 +239,11 @@ def main() -> int:
     except ImportError:
         results["triton"] = None
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+    partial = Path(args.out) / "engine_partial.json"  # what a run cut short still leaves; removed at the end
+
+    def checkpoint() -> None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(results, indent=2) + "\n")
 
     results["copy_bandwidth_gb_s"] = measure_copy_bandwidth(args.device) / 1e9
     results["matmul_tflops"] = measure_matmul(args.device, dtype) / 1e12
@@ -201,18 +265,25 @@ def main() -> int:
         hf_lp = [torch.log_softmax(hf(torch.tensor([p], device=args.device)).logits[0, -1].float(), -1).cpu()
                  for p in parity_prompts]
     if not args.skip_hf:
-        n_static = args.hf_static_requests or (32 if gpu else 16)
-        tps, n = hf_static(hf, prompts[:n_static], outs[:n_static], 32 if gpu else 8, args.device, pad_id)
-        results["hf_static"] = dict(tok_s=tps, requests=n, batch=32 if gpu else 8)
+        # Static batching's cost follows each batch's longest request, so a prefix of the workload
+        # stands for the whole only if its requested-tokens-per-step is close to the whole's (64 of
+        # the GPU workload's 256: 7.33 vs 7.22; the first 32 alone, 12.3, flattered HF 1.7x).
+        batch = 32 if gpu else 8
+        n_static = args.hf_static_requests or (64 if gpu else 16)
+        tps, n = hf_static(hf, prompts[:n_static], outs[:n_static], batch, args.device, pad_id)
+        results["hf_static"] = dict(tok_s=tps, requests=n, batch=batch,
+                                    tokens_per_step_subset=static_tokens_per_step(outs[:n], batch),
+                                    tokens_per_step_workload=static_tokens_per_step(outs, batch))
         log(f"HF static: {tps:.1f} tok/s on {n} requests")
-        n_cb = args.hf_cb_requests or (64 if gpu else 16)
+        n_cb = args.hf_cb_requests or num
         try:
-            tps, n = hf_continuous(hf, prompts[:n_cb], mean_out, args.device, pad_id)
-            results["hf_continuous"] = dict(tok_s=tps, requests=n, max_new_tokens=mean_out)
-            log(f"HF generate_batch: {tps:.1f} tok/s on {n} requests")
+            tps, n, mode = hf_continuous(hf, prompts[:n_cb], outs[:n_cb], args.device, pad_id)
+            results["hf_continuous"] = dict(tok_s=tps, requests=n, mode=mode)
+            log(f"HF continuous batching: {tps:.1f} tok/s on {n} requests ({mode})")
         except Exception as e:  # an API difference across transformers versions must not lose the run
             results["hf_continuous"] = dict(error=repr(e)[:500])
-            log(f"HF generate_batch failed: {e!r}")
+            log(f"HF continuous batching failed: {e!r}")
+        checkpoint()
 
     # Hand the same weights to Tandem through host memory, freeing the device for its KV cache.
     state = {k: v.detach().to("cpu") for k, v in hf.state_dict().items()}
@@ -221,8 +292,13 @@ def main() -> int:
     if gpu:
         torch.cuda.empty_cache()
     t0 = time.perf_counter()
+    budget = args.max_batched_tokens or (8192 if gpu else 2048)
+    sweep = [(p, int(b)) for p, b in (item.split(":") for item in args.sweep.split(",") if item)]
+    if any(b > budget or p not in ("fcfs", "lof") for p, b in sweep):
+        raise SystemExit(f"--sweep entries must be fcfs|lof:budget with budget <= {budget}")
     llm = LLM(str(folder), device=args.device, dtype="bfloat16" if gpu else "float32", weights=state.items(),
-              max_num_seqs=256, max_num_batched_tokens=8192 if gpu else 2048, max_model_len=8192 if gpu else 2048)
+              max_num_seqs=256, max_num_batched_tokens=budget, max_model_len=8192 if gpu else 2048,
+              scheduling_policy=args.scheduling_policy)
     del state
     results["engine_start_s"] = time.perf_counter() - t0
     results["num_kv_blocks"] = llm.engine.block_manager.num_blocks
@@ -243,6 +319,7 @@ def main() -> int:
         x == y for x, y in zip(ours, hf_ref)), first_divergence=first_div, matching_positions=matches,
         max_abs_logprob_diff_top20=lp_diff, hf_top1_top2_logprob_gap=gaps)
     log(f"parity vs HF: {results['parity']}")
+    checkpoint()
 
     engine = llm.engine
     # 1. batch-1 decode: time decode-only steps of one sequence.
@@ -298,18 +375,43 @@ def main() -> int:
             f"({results['prefill_4k_matmul_fraction']:.1%} of matmul)")
 
     # 3. offline throughput on the mixed workload.
-    engine.block_manager.reset_prefix_cache()
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, detokenize=False) for m in outs]
-    sync(args.device)
-    t = time.perf_counter()
-    res = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    sync(args.device)
-    elapsed = time.perf_counter() - t
-    got = sum(len(o.outputs[0].token_ids) for o in res)
-    assert got == sum(outs), (got, sum(outs))
+
+    def run_throughput():
+        engine.block_manager.reset_prefix_cache()
+        sync(args.device)
+        t = time.perf_counter()
+        res = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        sync(args.device)
+        elapsed = time.perf_counter() - t
+        got = sum(len(o.outputs[0].token_ids) for o in res)
+        assert got == sum(outs), (got, sum(outs))
+        return res, got, elapsed
+
+    res, got, elapsed = run_throughput()
     results["tandem"] = dict(tok_s=got / elapsed, requests=num, seconds=elapsed,
-                             total_tok_s=(got + results["workload"]["prompt_tokens"]) / elapsed)
-    log(f"Tandem: {got/elapsed:.0f} output tok/s over {num} requests ({elapsed:.1f}s)")
+                             total_tok_s=(got + results["workload"]["prompt_tokens"]) / elapsed,
+                             scheduling_policy=args.scheduling_policy, max_num_batched_tokens=budget)
+    log(f"Tandem: {got/elapsed:.0f} output tok/s over {num} requests ({elapsed:.1f}s, "
+        f"{args.scheduling_policy}, budget {budget})")
+    checkpoint()
+    if sweep:
+        # Other scheduler settings on the same engine and workload (the engine's frozen config
+        # is not re-read: the scheduler's own fields are the live ones). Greedy tokens with
+        # known lengths must not depend on the order.
+        results["tandem_sweep"] = []
+        for policy, b in sweep:
+            engine.scheduler.policy, engine.scheduler.max_num_batched_tokens = policy, b
+            sweep_res, _, sweep_elapsed = run_throughput()
+            # In bf16, other batch shapes pick other GEMM kernels, so a near-tied greedy token can
+            # flip and the sequence diverge from there: count, do not require.
+            same = sum(a.outputs[0].token_ids == c.outputs[0].token_ids for a, c in zip(res, sweep_res))
+            results["tandem_sweep"].append(dict(scheduling_policy=policy, max_num_batched_tokens=b,
+                                                tok_s=got / sweep_elapsed, seconds=sweep_elapsed,
+                                                sequences_identical=same))
+            log(f"Tandem {policy}, budget {b}: {got/sweep_elapsed:.0f} output tok/s ({sweep_elapsed:.1f}s), "
+                f"{same}/{num} sequences identical to the main run")
+        engine.scheduler.policy, engine.scheduler.max_num_batched_tokens = args.scheduling_policy, budget
     if args.compare_no_overlap:
         # The same two measurements with overlap scheduling off: what overlapping host work buys.
         engine.config = dataclasses.replace(engine.config, async_scheduling=False)
@@ -321,12 +423,7 @@ def main() -> int:
             t = time.perf_counter()
             engine.step()
             sync_times.append(time.perf_counter() - t)
-        engine.block_manager.reset_prefix_cache()
-        sync(args.device)
-        t = time.perf_counter()
-        sync_res = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-        sync(args.device)
-        sync_elapsed = time.perf_counter() - t
+        sync_res, _, sync_elapsed = run_throughput()
         # Known output lengths (EOS ignored): both modes run the same batches, so greedy tokens
         # must match exactly.
         results["overlap_tokens_identical"] = all(
@@ -343,6 +440,7 @@ def main() -> int:
         base = results["throughput_tok_s"][key]
         results[name] = (got / elapsed) / base if base else None
     write_reports(results, Path(args.out), gpu)
+    partial.unlink(missing_ok=True)
     return 0
 
 
@@ -376,13 +474,19 @@ def write_reports(results: dict, out: Path, gpu: bool) -> None:
             f"| prefill vs matmul | {f(results['prefill_4k_matmul_fraction'], '{:.1%}')} | target >= 60% |",
         ]
     w = results["workload"]
+    hs, hc = results.get("hf_static", {}), results.get("hf_continuous", {})
     lines += [
-        f"| Tandem throughput | {f(t['tandem'], '{:.0f}')} output tok/s | {w['num_requests']} requests, prompts {w['prompt_len']} tokens, outputs exp(mean {w['output_mean']}) capped {w['output_cap']}, EOS ignored |",
-        f"| HF static batching | {f(t['hf_static'], '{:.1f}')} output tok/s | `generate`, batches of {results.get('hf_static', {}).get('batch')}, first {results.get('hf_static', {}).get('requests')} requests, requested tokens only |",
-        f"| HF continuous batching | {f(t['hf_continuous'], '{:.1f}')} output tok/s | `generate_batch`, first {results.get('hf_continuous', {}).get('requests')} requests, {results.get('hf_continuous', {}).get('max_new_tokens')} new tokens each |",
+        f"| Tandem throughput | {f(t['tandem'], '{:.0f}')} output tok/s | {w['num_requests']} requests, prompts {w['prompt_len']} tokens, outputs exp(mean {w['output_mean']}) capped {w['output_cap']}, EOS ignored; scheduling {results['tandem'].get('scheduling_policy')}, step budget {results['tandem'].get('max_num_batched_tokens')} tokens |",
+        f"| HF static batching | {f(t['hf_static'], '{:.1f}')} output tok/s | `generate`, batches of {hs.get('batch')}, first {hs.get('requests')} requests, requested tokens only; requested tokens per decode step {f(hs.get('tokens_per_step_subset'))} in this subset vs {f(hs.get('tokens_per_step_workload'))} over the whole workload |",
+        f"| HF continuous batching | {f(t['hf_continuous'], '{:.1f}')} output tok/s | first {hc.get('requests')} requests, {hc.get('mode')} |",
         f"| vs HF static | {f(results['throughput_vs_hf_static'], '{:.1f}x')} | target >= 50x |",
         f"| vs HF continuous | {f(results['throughput_vs_hf_cb'], '{:.1f}x')} | target >= 10x |",
     ]
+    for row in results.get("tandem_sweep", []):
+        lines.append(f"| Tandem, {row['scheduling_policy']}, budget {row['max_num_batched_tokens']} | "
+                     f"{f(row['tok_s'], '{:.0f}')} output tok/s | same engine and workload, other scheduler "
+                     f"settings; sequences identical to the main run's: "
+                     f"{row.get('sequences_identical', row.get('tokens_identical'))} |")
     if "no_overlap" in results:
         n = results["no_overlap"]
         lines += [

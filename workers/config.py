@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+SCHEDULING_POLICIES = ("fcfs", "lof")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -15,6 +17,11 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
+    # Order of the waiting queue: "fcfs" (arrival order), or "lof" (longest requested output
+    # first, SGLang's policy of that name): for offline batches, where the run ends with its
+    # longest request, starting the long ones first shortens the tail. Preempted sequences
+    # return to the front under both.
+    scheduling_policy: str = "fcfs"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True: no CUDA graphs
@@ -30,6 +37,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -3,8 +3,8 @@ computes, under a token budget (chunked prefill mixed with decodes) and the free
 
 Running sequences go first (oldest first); when blocks run out the newest running sequence is
 preempted (its blocks freed, recomputed later: nothing is lost, since its tokens stay in
-`token_ids`). Waiting sequences are admitted first-come first-served while budget and blocks
-last. The output is a `SchedulerOutput`; the model runner turns it into tensors.
+`token_ids`). Waiting sequences are admitted in queue order while budget and blocks last: arrival
+order ("fcfs"), or longest requested output first ("lof", for offline batches). The output is a `SchedulerOutput`; the model runner turns it into tensors.
 """
 from __future__ import annotations
 
@@ -50,8 +50,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: str = "fcfs") -> None:
+        if policy not in ("fcfs", "lof"):
+            raise ValueError(f"unknown scheduling policy {policy!r}")
         self.block_manager = block_manager
+        self.policy = policy
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -64,6 +68,14 @@ class Scheduler:
         self.remote_waiting: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
+        if self.policy == "lof":
+            # Before the first fresh waiting sequence with fewer tokens left to generate (ties
+            # keep arrival order; preempted ones stay ahead). Linear in the waiting queue.
+            wanted = seq.max_num_tokens - seq.num_tokens
+            for i, other in enumerate(self.waiting):
+                if other.num_preemptions == 0 and other.max_num_tokens - other.num_tokens < wanted:
+                    self.waiting.insert(i, seq)
+                    return
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
