@@ -7,9 +7,10 @@ the Tandem Serve app (ingress + replica pool, `router.app.build_app`), sharing t
 host (`--gpus-per-replica`, e.g. 4 replicas x 0.25 of one H100 when no multi-GPU host is lent).
 For each routing policy the same closed-loop multi-turn chat load is replayed over HTTP:
 `--concurrency` conversations at a time, each `--turns` turns long; turn 1 carries a shared
-system prompt and a long per-conversation document, later turns add a short user message to
-the whole history (including the model's real previous answers), as chat clients do.
-TTFT is measured at the client (request sent -> first streamed content token).
+system prompt and a long document (each conversation's own, or one of `--documents` shared
+ones), later turns add a short user message to the whole history (including the model's real
+previous answers), as chat clients do.
+TTFT is measured at the client (request sent -> the first streamed token's chunk, whatever its text).
 
 Writes routing_<device>.json / .md with `ttft_mean_ms` per policy and
 `ttft_roundrobin_over_prefix` (the issue's contract), plus percentiles, follow-up-turn TTFT,
@@ -97,7 +98,7 @@ def single_token_words(folder: Path) -> list[str]:
 
 @dataclass
 class StreamResult:
-    ttft_s: float  # request sent -> first streamed content token
+    ttft_s: float  # request sent -> first streamed token (its chunk, even with empty text)
     latency_s: float
     text: str
     completion_tokens: int
@@ -144,15 +145,20 @@ def chat_stream(port: int, model: str, messages: list[dict], max_tokens: int, ti
             prompt_tokens = chunk["usage"]["prompt_tokens"]
             cached = ((chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
         for choice in chunk.get("choices", []):
-            piece = choice.get("delta", {}).get("content")
-            if piece:
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                parts.append(piece)
+            delta = choice.get("delta", {})
+            if delta.get("role"):  # the opening role chunk (it rides with the first token's)
+                continue
+            # The first token's chunk, even if its text is empty (a token that decodes to
+            # nothing yet, e.g. a special token or part of a multi-byte character): the time
+            # the ingress stamps as first_token_sent. Random weights emit such tokens.
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            if delta.get("content"):
+                parts.append(delta["content"])
     latency = time.perf_counter() - t0
     conn.close()
-    if ttft is None:  # e.g. every generated token was a special token (empty text)
-        raise RuntimeError(f"no content streamed ({tokens} completion tokens reported)")
+    if ttft is None:
+        raise RuntimeError(f"no token streamed ({tokens} completion tokens reported)")
     return StreamResult(ttft, latency, "".join(parts), tokens, prompt_tokens, cached, stages)
 
 
@@ -212,6 +218,9 @@ def run_policy(policy: str, args, words: list[str], model_dir: Path) -> PolicyRu
                 return
             crng = random.Random(args.seed * 1000 + c)  # same conversation text under every policy
             doc = " ".join(crng.choice(words) for _ in range(args.document_words))
+            if args.documents:  # the shared document replaces the conversation's own
+                drng = random.Random(args.seed * 1000 + 999_983 + c % args.documents)
+                doc = " ".join(drng.choice(words) for _ in range(args.document_words))
             messages = [{"role": "system", "content": system},
                         {"role": "user", "content": doc + " " + " ".join(crng.choice(words) for _ in range(args.user_words))}]
             for t in range(args.turns):
@@ -301,7 +310,11 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16, help="conversations in flight at once")
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--system-words", type=int, default=256, help="shared system prompt (1 token per word)")
-    ap.add_argument("--document-words", type=int, default=4000, help="per-conversation document in turn 1")
+    ap.add_argument("--document-words", type=int, default=4000, help="the document in turn 1")
+    ap.add_argument("--documents", type=int, default=0,
+                    help="distinct documents, shared round the conversations (conversation c reads document "
+                         "c mod N: many users chatting about the same few documents); 0: each conversation "
+                         "has its own")
     ap.add_argument("--user-words", type=int, default=48)
     ap.add_argument("--output-tokens", type=int, default=64)
     ap.add_argument("--max-batched-tokens", type=int, default=8192, help="engine token budget per step")
