@@ -60,6 +60,8 @@ class AppArgs:
     max_ongoing_requests: int = 256  # per engine replica
     max_n: int = 16
     max_body_bytes: int = 4 << 20
+    # The ingress's LRU of tokenized chat pieces, in characters of text (0: off; IngressConfig).
+    tokenize_cache_chars: int = 64 << 20
     worker_num_cpus: float = 1.0
     worker_num_gpus: float | None = None  # None: 1 when device is cuda, else 0
     ingress_num_cpus: float = 1.0
@@ -92,6 +94,8 @@ class AppArgs:
             raise ValueError(f"routing_policy must be one of {POLICY_NAMES}, got {parsed.routing_policy!r}")
         if parsed.num_replicas < 1 or parsed.ingress_replicas < 1 or parsed.max_in_flight < 1:
             raise ValueError("num_replicas, ingress_replicas and max_in_flight must be >= 1")
+        if not isinstance(parsed.tokenize_cache_chars, int) or parsed.tokenize_cache_chars < 0:
+            raise ValueError(f"tokenize_cache_chars must be an integer >= 0, got {parsed.tokenize_cache_chars!r}")
         pools = ("prefill", "decode") if parsed.mode == "disaggregated" else ("decode", "colocated")
         if len(set(parsed.autoscaling) & {"decode", "colocated"}) > 1 or set(parsed.autoscaling) - set(pools):
             raise ValueError(f"autoscaling: a {parsed.mode} app has the pools {pools}, got {sorted(parsed.autoscaling)}")
@@ -211,6 +215,19 @@ def check_expert_parallel(args: AppArgs, model: str) -> None:
             raise ValueError(f"{name}: {error}") from None
 
 
+def ingress_config(parsed: AppArgs, model: str) -> IngressConfig:
+    return IngressConfig(
+        model=model,
+        served_model_name=parsed.served_model_name or parsed.model or "tandem-tiny-llama",
+        max_model_len=_max_model_len(model, parsed.engine_kwargs),
+        api_key=parsed.api_key or None,
+        max_in_flight=parsed.max_in_flight,
+        max_n=parsed.max_n,
+        max_body_bytes=parsed.max_body_bytes,
+        tokenize_cache_chars=parsed.tokenize_cache_chars,
+    )
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     parsed = AppArgs.from_dict(args)
     if parsed.model:
@@ -220,15 +237,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
         model = default_model()
     check_expert_parallel(parsed, model)
-    config = IngressConfig(
-        model=model,
-        served_model_name=parsed.served_model_name or parsed.model or "tandem-tiny-llama",
-        max_model_len=_max_model_len(model, parsed.engine_kwargs),
-        api_key=parsed.api_key or None,
-        max_in_flight=parsed.max_in_flight,
-        max_n=parsed.max_n,
-        max_body_bytes=parsed.max_body_bytes,
-    )
+    config = ingress_config(parsed, model)
     return OpenAIIngress.options(
         num_replicas=parsed.ingress_replicas,
         # Above the ingress's own bound, so the excess reaches it and gets a 429 instead of

@@ -30,7 +30,7 @@ class EngineTiming:
     """When the engine thread reached one request (`time.perf_counter()` of this process), for the
     serving path's stage timing (`router.stage_timing`). Written by the engine thread only."""
 
-    added: float | None = None  # `add_request` done: the scheduler has it
+    added: float | None = None  # `add_validated` done: the scheduler has it
     first_step: float | None = None  # the first engine step that began after it was added
     first_output: float | None = None  # its first output was handed to the caller's stream
 
@@ -79,13 +79,13 @@ class AsyncLLM:
         `timing`, when given, is filled in by the engine thread before the first output arrives."""
         if self._error is not None:
             raise EngineDeadError(f"the engine loop died: {self._error!r}")
-        self.engine.validate(prompt, sampling_params)  # pure: safe outside the engine thread
+        validated = self.engine.validate(prompt, sampling_params)  # pure: safe outside the engine thread
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), timing)
         self._streams[request_id] = stream
-        self._commands.put(("add", request_id, prompt, sampling_params))
+        self._commands.put(("add", request_id, validated))
         finished = False
         try:
             while True:
@@ -125,12 +125,12 @@ class AsyncLLM:
     def _handle(self, cmd: tuple) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, request_id, prompt, params = cmd
+            _, request_id, validated = cmd
             stream = self._streams.get(request_id)
             if stream is None:
                 return  # the caller already left
             try:
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_validated(request_id, validated)
             except ValueError as e:
                 stream.put(e)
                 return

@@ -35,14 +35,15 @@ class LLM:
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        validated = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
-                self.engine.validate(prompt, p)
+                validated.append(self.engine.validate(prompt, p))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
-        for rid, prompt, p in zip(request_ids, prompts, params):
-            self.engine.add_request(rid, prompt, p, stream=False)
+        for rid, request in zip(request_ids, validated):
+            self.engine.add_validated(rid, request, stream=False)
         finished: dict[str, RequestOutput] = {}
         try:
             # Expert parallel: every rank steps (at least once, even with no prompts of its own)

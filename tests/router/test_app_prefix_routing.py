@@ -96,6 +96,18 @@ def test_app_args_are_checked():
     with pytest.raises(ValueError, match="mode"):
         AppArgs.from_dict({"mode": "split"})
     assert AppArgs.from_dict({"num_replicas": 3}).num_replicas == 3
+    with pytest.raises(ValueError, match="tokenize_cache_chars"):
+        AppArgs.from_dict({"tokenize_cache_chars": -1})
+
+
+def test_ingress_settings_reach_the_ingress_config(tmp_path):
+    from router.app import ingress_config
+
+    model_dir = str(make_model(tmp_path / "llama", "llama", seed=5))
+    parsed = AppArgs.from_dict({"model": model_dir, "tokenize_cache_chars": 0, "max_n": 4, "api_key": "k"})
+    config = ingress_config(parsed, model_dir)
+    assert (config.tokenize_cache_chars, config.max_n, config.api_key) == (0, 4, "k")
+    assert ingress_config(AppArgs.from_dict({"model": model_dir}), model_dir).tokenize_cache_chars == 64 << 20
 
 
 def test_serve_cli_flags_become_app_args():

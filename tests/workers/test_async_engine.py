@@ -62,3 +62,18 @@ def test_streams_match_offline_and_abort_frees(engine, llama_dir):
 
     st = asyncio.run(wait_idle())
     assert st.num_free_blocks == st.num_total_blocks
+
+
+def test_a_request_is_validated_once(engine, monkeypatch):
+    """The caller validates (and learns of bad input at once); the engine thread admits that
+    result as it is instead of tokenizing and checking the prompt again."""
+    calls = []
+    real = engine.engine.validate
+    monkeypatch.setattr(engine.engine, "validate", lambda *a: calls.append(a) or real(*a))
+
+    async def run():
+        return [out async for out in engine.generate("hello there", SamplingParams(temperature=0, max_tokens=3))]
+
+    outs = asyncio.run(run())
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 3
+    assert len(calls) == 1
