@@ -45,6 +45,27 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+class IdleNap:
+    """How long an idle rank of an expert-parallel group waits for a command before its next
+    (collective) step: 2 ms right after work, doubling per idle step up to 20 ms. A request that
+    lands on an idle group then waits at most ~20 ms for the group's next step, and an idle group
+    makes ~50 all-reduces a second instead of ~500."""
+
+    FIRST_S = 0.002
+    MAX_S = 0.02
+
+    def __init__(self) -> None:
+        self._current = self.FIRST_S
+
+    def next(self) -> float:
+        wait, self._current = self._current, min(self._current * 2, self.MAX_S)
+        return wait
+
+    def reset(self) -> float:
+        self._current = self.FIRST_S
+        return 0.0
+
+
 class AsyncLLM:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -152,13 +173,15 @@ class AsyncLLM:
     def _loop(self) -> None:
         try:
             # Expert parallel: the ranks of a group step together even when idle (each step
-            # begins with a collective), so an idle rank only naps briefly between steps.
-            idle_wait_s = 0.002 if self.engine.collective else 0.5
+            # begins with a collective), so an idle rank only naps between steps, longer the
+            # longer the group stays idle (IdleNap); back to the shortest once any rank has work.
+            nap = IdleNap() if self.engine.collective else None
             while not self._stopped.is_set():
                 idle = not self.engine.must_step()
+                wait_s = (nap.next() if idle else nap.reset()) if nap is not None else 0.5
                 try:
                     # idle: sleep until a command arrives; busy: take what is queued, then step
-                    self._handle(self._commands.get(timeout=idle_wait_s) if idle else self._commands.get_nowait())
+                    self._handle(self._commands.get(timeout=wait_s) if idle else self._commands.get_nowait())
                     while True:
                         self._handle(self._commands.get_nowait())
                 except queue.Empty:

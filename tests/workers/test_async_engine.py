@@ -77,3 +77,13 @@ def test_a_request_is_validated_once(engine, monkeypatch):
     outs = asyncio.run(run())
     assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 3
     assert len(calls) == 1
+
+
+def test_idle_nap_backs_off_and_resets():
+    from workers.async_engine import IdleNap
+
+    nap = IdleNap()
+    waits = [nap.next() for _ in range(8)]
+    assert waits[0] == IdleNap.FIRST_S and waits == sorted(waits) and waits[-1] == IdleNap.MAX_S
+    assert sum(waits) < 8 * IdleNap.MAX_S  # short naps first: a request right after work is not delayed
+    assert nap.reset() == 0.0 and nap.next() == IdleNap.FIRST_S
