@@ -4,7 +4,8 @@ computes, under a token budget (chunked prefill mixed with decodes) and the free
 Running sequences go first (oldest first); when blocks run out the newest running sequence is
 preempted (its blocks freed, recomputed later: nothing is lost, since its tokens stay in
 `token_ids`). Waiting sequences are admitted in queue order while budget and blocks last: arrival
-order ("fcfs"), or longest requested output first ("lof", for offline batches). The output is a `SchedulerOutput`; the model runner turns it into tensors.
+order ("fcfs"), or longest requested output first ("lof", for offline batches). The output is a
+`SchedulerOutput`; the model runner turns it into tensors.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from workers.block_manager import BlockManager
+from workers.config import SCHEDULING_POLICIES
 from workers.sequence import Sequence, SequenceStatus
 
 
@@ -52,7 +54,7 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  policy: str = "fcfs") -> None:
-        if policy not in ("fcfs", "lof"):
+        if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}")
         self.block_manager = block_manager
         self.policy = policy
