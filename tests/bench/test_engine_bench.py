@@ -1,0 +1,40 @@
+"""The offline engine benchmark runs end to end on the CPU (small random model) and writes the
+results contract: Tandem and both HF baselines on the same workload, each request's own output
+length for HF continuous batching, and the static-batching subset's tokens per step."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.engine_bench import static_tokens_per_step
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_static_tokens_per_step_follows_each_batchs_longest():
+    # Two batches of 2: steps = 5 + 9, tokens = 1 + 5 + 9 + 2.
+    assert static_tokens_per_step([1, 5, 9, 2], 2) == 17 / 14
+    assert static_tokens_per_step([4, 4, 4], 8) == 3.0
+
+
+def test_engine_bench_writes_the_contract_on_cpu(tmp_path):
+    cmd = [sys.executable, "bench/engine_bench.py", "--device", "cpu", "--out", str(tmp_path),
+           "--num-requests", "6", "--hf-static-requests", "4", "--sweep", "lof:1024"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "engine_cpu.json").read_text())
+    for key in ("device", "torch", "triton", "decode_b1_ms", "decode_b1_roofline_fraction",
+                "throughput_tok_s", "throughput_vs_hf_static", "throughput_vs_hf_cb"):
+        assert key in res, key
+    tok = res["throughput_tok_s"]
+    assert tok["tandem"] > 0 and tok["hf_static"] > 0 and tok["hf_continuous"] > 0
+    assert res["hf_continuous"]["requests"] == 6  # the whole workload, not a prefix
+    assert "own max_new_tokens" in res["hf_continuous"]["mode"]
+    assert res["hf_static"]["requests"] == 4 and res["hf_static"]["tokens_per_step_subset"] > 0
+    (row,) = res["tandem_sweep"]
+    assert (row["scheduling_policy"], row["max_num_batched_tokens"]) == ("lof", 1024)
+    assert row["sequences_identical"] == 6  # fp32 on the CPU: the order does not change the tokens
+    assert not (tmp_path / "engine_partial.json").exists()
+    assert "vs HF continuous" in (tmp_path / "engine_cpu.md").read_text()
