@@ -29,6 +29,9 @@ class FakeBehavior:
     failures: dict[int, str] = field(default_factory=dict)  # request number -> one of FAILURE_MODES
     metric_prefix: str = "tandem_"
     kv_bytes_per_request: int = 4096
+    # The first this-many tokens of each answer stream with empty text, as a model's special
+    # tokens or the first half of a multi-byte character do.
+    empty_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,7 @@ class FakeOpenAIServer:
         for i in range(max_tokens):
             if i > 0:
                 await asyncio.sleep(self.behavior.token_delay_s)
-            piece = f" w{number}_{i}"
+            piece = "" if i < self.behavior.empty_tokens else f" w{number}_{i}"
             pieces.append(piece)
             finish = "length" if i == max_tokens - 1 else None
             await send(chunk(piece, finish))
