@@ -61,9 +61,8 @@ class IdleNap:
         wait, self._current = self._current, min(self._current * 2, self.MAX_S)
         return wait
 
-    def reset(self) -> float:
+    def reset(self) -> None:
         self._current = self.FIRST_S
-        return 0.0
 
 
 class AsyncLLM:
@@ -178,10 +177,14 @@ class AsyncLLM:
             nap = IdleNap() if self.engine.collective else None
             while not self._stopped.is_set():
                 idle = not self.engine.must_step()
-                wait_s = (nap.next() if idle else nap.reset()) if nap is not None else 0.5
+                if nap is not None and not idle:
+                    nap.reset()
                 try:
                     # idle: sleep until a command arrives; busy: take what is queued, then step
-                    self._handle(self._commands.get(timeout=wait_s) if idle else self._commands.get_nowait())
+                    if idle:
+                        self._handle(self._commands.get(timeout=nap.next() if nap is not None else 0.5))
+                    else:
+                        self._handle(self._commands.get_nowait())
                     while True:
                         self._handle(self._commands.get_nowait())
                 except queue.Empty:

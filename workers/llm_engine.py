@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 PromptType = Union[str, dict, list]
 
 
-
 @dataclass(frozen=True)
 class ValidatedPrompt:
     """A request `LLMEngine.validate` accepted: the prompt's text (if given as text), its token
@@ -45,6 +44,7 @@ class ValidatedPrompt:
     text: str | None
     token_ids: list[int]
     params: SamplingParams
+
 
 @dataclass
 class _Request:
