@@ -8,9 +8,11 @@ Measures (each figure's meaning is written into the markdown report):
   2. prefill of a 4k prompt in TFLOP/s vs the bf16 matmul rate measured here (GPU only);
   3. offline throughput on a mixed workload (prompts uniform in [lo, hi] tokens, outputs exponential,
      EOS ignored), counting only requested output tokens: Tandem, HF static batching (`generate`,
-     fixed batches, left-padded), and HF continuous batching (`generate_batch`).
-HF baselines run on a prefix of the workload when the full one would not fit the time box; the
-report says how many requests each system ran.
+     fixed batches, left-padded), and HF continuous batching (its manager, each request with its own
+     output length).
+HF continuous batching runs the whole workload. HF static runs a prefix of it (two batches on the
+GPU: on an H100 the whole would take an estimated ~7 minutes); the report says how many requests each system ran and how
+the prefix's requested tokens per decode step compare with the whole workload's.
 """
 from __future__ import annotations
 
@@ -114,7 +116,7 @@ def hf_continuous(model, prompts, outs, device: str, pad_id: int) -> tuple[float
     manager_cm = getattr(model, "continuous_batching_context_manager", None)
     if manager_cm is not None:
         try:
-            return _hf_continuous_manager(model, manager_cm, cfg, prompts, outs, device)
+            return _hf_continuous_manager(manager_cm, cfg, prompts, outs, device)
         except Exception as e:  # noqa: BLE001 - an API difference in this transformers version
             print(f"HF continuous batching manager failed ({e!r}); falling back to generate_batch", flush=True)
     mean_out = max(1, round(sum(outs) / len(outs)))
@@ -127,7 +129,7 @@ def hf_continuous(model, prompts, outs, device: str, pad_id: int) -> tuple[float
     return generated / elapsed, len(prompts), f"generate_batch (warm-up timed), {mean_out} new tokens each"
 
 
-def _hf_continuous_manager(model, manager_cm, cfg, prompts, outs, device: str) -> tuple[float, int, str]:
+def _hf_continuous_manager(manager_cm, cfg, prompts, outs, device: str) -> tuple[float, int, str]:
     kwargs = dict(generation_config=cfg, block=True, timeout=5)
     if "workload_hints" in inspect.signature(manager_cm).parameters:  # sizes its cache, as generate_batch does
         from transformers.generation.continuous_batching.continuous_api import WorkloadHints
