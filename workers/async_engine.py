@@ -8,10 +8,12 @@ early (client gone, task cancelled) aborts the request and frees its blocks.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -65,6 +67,22 @@ class IdleNap:
         self._current = self.FIRST_S
 
 
+# Engines whose loop thread may still run. The thread is a daemon (a forgotten engine must not
+# keep the process alive), and a daemon thread still inside a step while the interpreter tears
+# down can crash the process at exit; `_shutdown_all` stops them first.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def _shutdown_all() -> None:
+    # A short wait each: a step ends in milliseconds, but an expert-parallel rank whose peers are
+    # gone may sit in a collective until its group timeout, and exit must not wait for that.
+    for llm in list(_LIVE):
+        llm.shutdown(timeout_s=2.0)
+
+
+atexit.register(_shutdown_all)  # atexit runs before the interpreter's finalization
+
+
 class AsyncLLM:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -77,6 +95,7 @@ class AsyncLLM:
         self._unstepped: list[EngineTiming] = []  # added since the last step began (engine thread)
         self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "AsyncLLM":
@@ -136,10 +155,11 @@ class AsyncLLM:
         self._commands.put(("call", fn, args, fut))
         return fut
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stopped.set()
         self._commands.put(("wake",))
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout_s)
+        _LIVE.discard(self)
 
     # --------------------------------------------------------- engine thread
     def _handle(self, cmd: tuple) -> None:

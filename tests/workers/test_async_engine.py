@@ -88,3 +88,17 @@ def test_idle_nap_backs_off_and_resets():
     assert sum(waits) < 8 * IdleNap.MAX_S  # short naps first: a request right after work is not delayed
     nap.reset()
     assert nap.next() == IdleNap.FIRST_S
+
+
+def test_engines_left_running_are_stopped_at_exit(llama_dir, monkeypatch):
+    """A caller that never calls shutdown(): the exit hook stops the engine thread before the
+    interpreter tears down (a daemon thread inside a step then can crash the process)."""
+    import weakref
+
+    from workers import async_engine
+
+    monkeypatch.setattr(async_engine, "_LIVE", weakref.WeakSet())  # only this test's engine
+    eng = AsyncLLM.from_config(EngineConfig(model=llama_dir))
+    assert eng._thread.is_alive() and eng in async_engine._LIVE
+    async_engine._shutdown_all()  # what atexit runs
+    assert not eng._thread.is_alive() and eng not in async_engine._LIVE
