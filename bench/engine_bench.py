@@ -399,8 +399,7 @@ def main() -> int:
     checkpoint()
     if sweep:
         # Other scheduler settings on the same engine and workload (the engine's frozen config
-        # is not re-read: the scheduler's own fields are the live ones). Greedy tokens with
-        # known lengths must not depend on the order.
+        # is not re-read: the scheduler's own fields are the live ones).
         results["tandem_sweep"] = []
         for policy, b in sweep:
             engine.scheduler.policy, engine.scheduler.max_num_batched_tokens = policy, b

@@ -218,6 +218,8 @@ def run_policy(policy: str, args, words: list[str], model_dir: Path) -> PolicyRu
                 return
             crng = random.Random(args.seed * 1000 + c)  # same conversation text under every policy
             doc = " ".join(crng.choice(words) for _ in range(args.document_words))
+            # The conversation's own document is drawn either way, so its user turns (drawn next
+            # from the same generator) are the same with or without shared documents.
             if args.documents:  # the shared document replaces the conversation's own
                 drng = random.Random(args.seed * 1000 + 999_983 + c % args.documents)
                 doc = " ".join(drng.choice(words) for _ in range(args.document_words))
