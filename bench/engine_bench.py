@@ -17,6 +17,7 @@ the prefix's requested tokens per decode step compare with the whole workload's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import inspect
@@ -34,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.step_trace import StepTracer  # noqa: E402
 from workers import LLM, SamplingParams  # noqa: E402
 
 CONFIG_8B = Path(__file__).parent / "configs" / "llama3_8b.json"
@@ -213,15 +215,22 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--num-requests", type=int, default=None)
     ap.add_argument("--hf-static-requests", type=int, default=None)
-    ap.add_argument("--hf-cb-requests", type=int, default=None)
+    ap.add_argument("--hf-cb-requests", type=int, default=None, help="default: the whole workload; 0 skips it")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--hf-only", action="store_true",
+                    help="run only the HF baselines and write hf_baselines_<device>.json (for --hf-static-from)")
+    ap.add_argument("--hf-static-from", default=None,
+                    help="take the HF static figure from an --hf-only run's JSON (same device and workload) "
+                         "instead of measuring it here: the whole workload's static batching takes ~7 min on an H100")
     ap.add_argument("--max-batched-tokens", type=int, default=None,
-                    help="Tandem's per-step token budget (default 8192 on GPU, 2048 on CPU)")
-    ap.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "lof"],
+                    help="Tandem's per-step token budget in the throughput run (default 256 on GPU: the best "
+                         "of the committed H100 sweep; 2048 on CPU)")
+    ap.add_argument("--scheduling-policy", default="lof", choices=["fcfs", "lof"],
                     help="Tandem's waiting-queue order for the throughput run (EngineConfig.scheduling_policy)")
     ap.add_argument("--sweep", default="",
-                    help="extra throughput runs on the same engine, e.g. 'lof:8192,lof:1024' (policy:budget, "
-                         "budget <= --max-batched-tokens)")
+                    help="extra throughput runs on the same engine, e.g. 'fcfs:8192,lof:1024' (policy:budget)")
+    ap.add_argument("--trace-steps", action="store_true",
+                    help="record every throughput step's shape and host/device time (bench/step_trace.py)")
     ap.add_argument("--compare-no-overlap", action="store_true",
                     help="also measure decode b1 and throughput with async_scheduling off")
     args = ap.parse_args()
@@ -271,21 +280,33 @@ def main() -> int:
         # stands for the whole only if its requested-tokens-per-step is close to the whole's (64 of
         # the GPU workload's 256: 7.33 vs 7.22; the first 32 alone, 12.3, flattered HF 1.7x).
         batch = 32 if gpu else 8
-        n_static = args.hf_static_requests or (64 if gpu else 16)
-        tps, n = hf_static(hf, prompts[:n_static], outs[:n_static], batch, args.device, pad_id)
-        results["hf_static"] = dict(tok_s=tps, requests=n, batch=batch,
-                                    tokens_per_step_subset=static_tokens_per_step(outs[:n], batch),
-                                    tokens_per_step_workload=static_tokens_per_step(outs, batch))
-        log(f"HF static: {tps:.1f} tok/s on {n} requests")
-        n_cb = args.hf_cb_requests or num
-        try:
-            tps, n, mode = hf_continuous(hf, prompts[:n_cb], outs[:n_cb], args.device, pad_id)
-            results["hf_continuous"] = dict(tok_s=tps, requests=n, mode=mode)
-            log(f"HF continuous batching: {tps:.1f} tok/s on {n} requests ({mode})")
-        except Exception as e:  # an API difference across transformers versions must not lose the run
-            results["hf_continuous"] = dict(error=repr(e)[:500])
-            log(f"HF continuous batching failed: {e!r}")
+        if args.hf_static_from:
+            results["hf_static"] = earlier_hf_static(Path(args.hf_static_from), results)
+            log(f"HF static: {results['hf_static']['tok_s']:.1f} tok/s from {args.hf_static_from}")
+        else:
+            n_static = args.hf_static_requests or (64 if gpu else 16)
+            tps, n = hf_static(hf, prompts[:n_static], outs[:n_static], batch, args.device, pad_id)
+            results["hf_static"] = dict(tok_s=tps, requests=n, batch=batch,
+                                        tokens_per_step_subset=static_tokens_per_step(outs[:n], batch),
+                                        tokens_per_step_workload=static_tokens_per_step(outs, batch))
+            log(f"HF static: {tps:.1f} tok/s on {n} requests")
+            checkpoint()
+        n_cb = num if args.hf_cb_requests is None else args.hf_cb_requests
+        if n_cb:
+            try:
+                tps, n, mode = hf_continuous(hf, prompts[:n_cb], outs[:n_cb], args.device, pad_id)
+                results["hf_continuous"] = dict(tok_s=tps, requests=n, mode=mode)
+                log(f"HF continuous batching: {tps:.1f} tok/s on {n} requests ({mode})")
+            except Exception as e:  # an API difference across transformers versions must not lose the run
+                results["hf_continuous"] = dict(error=repr(e)[:500])
+                log(f"HF continuous batching failed: {e!r}")
         checkpoint()
+    if args.hf_only:
+        out = Path(args.out) / f"hf_baselines_{device_tag(results['device'], gpu)}.json"
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        partial.unlink(missing_ok=True)
+        log(f"wrote {out}")
+        return 0
 
     # Hand the same weights to Tandem through host memory, freeing the device for its KV cache.
     state = {k: v.detach().to("cpu") for k, v in hf.state_dict().items()}
@@ -294,12 +315,16 @@ def main() -> int:
     if gpu:
         torch.cuda.empty_cache()
     t0 = time.perf_counter()
-    budget = args.max_batched_tokens or (8192 if gpu else 2048)
+    budget = args.max_batched_tokens or (256 if gpu else 2048)
     sweep = [(p, int(b)) for p, b in (item.split(":") for item in args.sweep.split(",") if item)]
-    if any(b > budget or p not in ("fcfs", "lof") for p, b in sweep):
-        raise SystemExit(f"--sweep entries must be fcfs|lof:budget with budget <= {budget}")
+    if any(b < 1 or p not in ("fcfs", "lof") for p, b in sweep):
+        raise SystemExit("--sweep entries must be fcfs|lof:budget with budget >= 1")
+    # The engine is built with a budget of at least 8192 (the 4k prefill below runs in one step,
+    # and every size of mixed-step CUDA graph is captured); each throughput run then sets the
+    # scheduler's live budget and queue order.
+    engine_budget = max([budget, 8192 if gpu else 2048] + [b for _, b in sweep])
     llm = LLM(str(folder), device=args.device, dtype="bfloat16" if gpu else "float32", weights=state.items(),
-              max_num_seqs=256, max_num_batched_tokens=budget, max_model_len=8192 if gpu else 2048,
+              max_num_seqs=256, max_num_batched_tokens=engine_budget, max_model_len=8192 if gpu else 2048,
               scheduling_policy=args.scheduling_policy)
     del state
     results["engine_start_s"] = time.perf_counter() - t0
@@ -379,21 +404,31 @@ def main() -> int:
     # 3. offline throughput on the mixed workload.
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, detokenize=False) for m in outs]
 
+    traces: list[dict] = []  # one per throughput run, in order, with --trace-steps
+
     def run_throughput():
         engine.block_manager.reset_prefix_cache()
         sync(args.device)
-        t = time.perf_counter()
-        res = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-        sync(args.device)
-        elapsed = time.perf_counter() - t
+        tracer = StepTracer(engine.runner) if args.trace_steps else contextlib.nullcontext()
+        with tracer:
+            t = time.perf_counter()
+            res = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+            sync(args.device)
+            elapsed = time.perf_counter() - t
+        if args.trace_steps:
+            traces.append(dict(tracer.summary(elapsed), step_list=tracer.steps()))
+            log(f"trace: {json.dumps({k: v for k, v in traces[-1].items() if k != 'step_list'})}")
         got = sum(len(o.outputs[0].token_ids) for o in res)
         assert got == sum(outs), (got, sum(outs))
         return res, got, elapsed
 
+    engine.scheduler.policy, engine.scheduler.max_num_batched_tokens = args.scheduling_policy, budget
     res, got, elapsed = run_throughput()
     results["tandem"] = dict(tok_s=got / elapsed, requests=num, seconds=elapsed,
                              total_tok_s=(got + results["workload"]["prompt_tokens"]) / elapsed,
                              scheduling_policy=args.scheduling_policy, max_num_batched_tokens=budget)
+    if traces:
+        results["tandem"]["step_trace"] = traces[-1]
     log(f"Tandem: {got/elapsed:.0f} output tok/s over {num} requests ({elapsed:.1f}s, "
         f"{args.scheduling_policy}, budget {budget})")
     checkpoint()
@@ -410,6 +445,9 @@ def main() -> int:
             results["tandem_sweep"].append(dict(scheduling_policy=policy, max_num_batched_tokens=b,
                                                 tok_s=got / sweep_elapsed, seconds=sweep_elapsed,
                                                 sequences_identical=same))
+            if traces:
+                results["tandem_sweep"][-1]["step_trace"] = traces[-1]
+            checkpoint()
             log(f"Tandem {policy}, budget {b}: {got/sweep_elapsed:.0f} output tok/s ({sweep_elapsed:.1f}s), "
                 f"{same}/{num} sequences identical to the main run")
         engine.scheduler.policy, engine.scheduler.max_num_batched_tokens = args.scheduling_policy, budget
@@ -445,10 +483,25 @@ def main() -> int:
     return 0
 
 
+def device_tag(device: str, gpu: bool) -> str:
+    return "".join(c if c.isalnum() else "_" for c in device.lower()).strip("_")[:40] if gpu else "cpu"
+
+
+def earlier_hf_static(path: Path, results: dict) -> dict:
+    """The HF static figure of an earlier `--hf-only` run, checked to be on this device kind and
+    this workload (so the ratio compares the same work), with where it came from."""
+    earlier = json.loads(path.read_text())
+    for key in ("device", "workload"):
+        if earlier.get(key) != results[key]:
+            raise SystemExit(f"{path}: its {key} {earlier.get(key)!r} differs from this run's {results[key]!r}")
+    if "tok_s" not in earlier.get("hf_static", {}):
+        raise SystemExit(f"{path} holds no HF static figure")
+    return dict(earlier["hf_static"], source=str(path), source_command=earlier.get("command"))
+
+
 def write_reports(results: dict, out: Path, gpu: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tag = "".join(c if c.isalnum() else "_" for c in results["device"].lower()).strip("_")[:40] if gpu else "cpu"
-    name = f"engine_{tag}"
+    name = f"engine_{device_tag(results['device'], gpu)}"
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
 
     def f(v, fmt="{:.2f}"):
@@ -478,7 +531,7 @@ def write_reports(results: dict, out: Path, gpu: bool) -> None:
     hs, hc = results.get("hf_static", {}), results.get("hf_continuous", {})
     lines += [
         f"| Tandem throughput | {f(t['tandem'], '{:.0f}')} output tok/s | {w['num_requests']} requests, prompts {w['prompt_len']} tokens, outputs exp(mean {w['output_mean']}) capped {w['output_cap']}, EOS ignored; scheduling {results['tandem'].get('scheduling_policy')}, step budget {results['tandem'].get('max_num_batched_tokens')} tokens |",
-        f"| HF static batching | {f(t['hf_static'], '{:.1f}')} output tok/s | `generate`, batches of {hs.get('batch')}, first {hs.get('requests')} requests, requested tokens only; requested tokens per decode step {f(hs.get('tokens_per_step_subset'))} in this subset vs {f(hs.get('tokens_per_step_workload'))} over the whole workload |",
+        f"| HF static batching | {f(t['hf_static'], '{:.1f}')} output tok/s | `generate`, batches of {hs.get('batch')}, first {hs.get('requests')} requests, requested tokens only; requested tokens per decode step {f(hs.get('tokens_per_step_subset'))} in this subset vs {f(hs.get('tokens_per_step_workload'))} over the whole workload{'; measured by an earlier run on this device kind: `' + hs['source_command'] + '`' if hs.get('source') else ''} |",
         f"| HF continuous batching | {f(t['hf_continuous'], '{:.1f}')} output tok/s | first {hc.get('requests')} requests, {hc.get('mode')} |",
         f"| vs HF static | {f(results['throughput_vs_hf_static'], '{:.1f}x')} | target >= 50x |",
         f"| vs HF continuous | {f(results['throughput_vs_hf_cb'], '{:.1f}x')} | target >= 10x |",

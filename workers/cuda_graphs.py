@@ -1,9 +1,18 @@
-"""CUDA graphs for decode steps: one graph per padded batch size, captured once, replayed with
-the step's inputs copied into static buffers. A decode step then costs one graph launch
-instead of hundreds of kernel launches (the gap that dominates batch-1 decode).
+"""CUDA graphs: one graph per padded size, captured once, replayed with the step's inputs
+copied into static buffers. A step then costs one graph launch instead of hundreds of kernel
+launches from Python.
 
-Padded rows write nowhere (slot -1) and have context length 0 (the attention kernel returns
-zeros for them); their logits are dropped.
+- `CudaGraphDecoder`: decode steps (one token per sequence), per padded batch size. Padded rows
+  write nowhere (slot -1) and have context length 0 (the attention kernel returns zeros for
+  them); their logits are dropped.
+- `CudaGraphMixed`: any other step (prompt chunks, with or without decodes), per padded token
+  count, up to `max_num_seqs` sequences. Eagerly, such a step costs ~20 ms of host time on an
+  H100 host (bench/results: step traces), so small-budget chunked prefill was host-bound.
+  Padding: the sequence count is always the maximum; padded sequences have no query tokens and
+  context length 0, padded tokens belong to no sequence and write nowhere. The prefill
+  attention kernel's grid comes from shapes only, and its programs for empty sequences return
+  at once. Padded tokens' hidden rows are garbage, and no kernel mixes rows, so real rows are
+  untouched; only the real rows' logits are computed (eagerly, after the replay).
 """
 from __future__ import annotations
 
@@ -75,3 +84,70 @@ class CudaGraphDecoder:
         self.block_tables[:n, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[bs][:logits_rows]
+
+
+DEFAULT_MIXED_TOKEN_SIZES = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+class CudaGraphMixed:
+    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, max_blocks_per_seq: int,
+                 max_num_seqs: int, max_tokens: int, pool=None) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.token_sizes = [t for t in DEFAULT_MIXED_TOKEN_SIZES if t <= max_tokens]
+        self.max_num_seqs = max_num_seqs
+        max_t = self.token_sizes[-1] if self.token_sizes else 0
+        dev = kv_cache.device
+        self.input_ids = torch.zeros(max_t, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(max_t, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((max_t,), -1, dtype=torch.int64, device=dev)
+        self.cu_seqlens_q = torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=dev)
+        self.context_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros((max_num_seqs, max_blocks_per_seq), dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.pool = pool
+
+    def _forward(self, num_tokens: int) -> torch.Tensor:
+        ctx = ForwardContext(self.slot_mapping[:num_tokens], self.block_tables, self.context_lens,
+                             self.cu_seqlens_q, False, self.kv_cache)
+        return self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], ctx)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        # Captured with no sequence holding a token (cu all 0): the kernels' grids depend only on
+        # the shapes, so the same graph serves any batch that fits.
+        for t in reversed(self.token_sizes):
+            self._forward(t)  # warm up: compiles the kernels for this shape
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.hidden[t] = self._forward(t)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[t] = graph
+        torch.cuda.synchronize()
+
+    def padded_size(self, num_tokens: int, num_seqs: int) -> int | None:
+        if num_seqs > self.max_num_seqs:
+            return None
+        return next((t for t in self.token_sizes if t >= num_tokens), None)
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The step's packed inputs (T tokens of B sequences, on the device) -> hidden [T, hidden].
+        The returned rows are a view of the graph's output: read them before the next replay."""
+        num_tokens, num_seqs = input_ids.shape[0], ctx.context_lens.shape[0]
+        t_pad = self.padded_size(num_tokens, num_seqs)
+        assert t_pad is not None
+        self.input_ids[:num_tokens].copy_(input_ids, non_blocking=True)
+        self.positions[:num_tokens].copy_(positions, non_blocking=True)
+        self.slot_mapping[:num_tokens].copy_(ctx.slot_mapping, non_blocking=True)
+        self.slot_mapping[num_tokens:t_pad].fill_(-1)
+        self.cu_seqlens_q[: num_seqs + 1].copy_(ctx.cu_seqlens_q, non_blocking=True)
+        self.cu_seqlens_q[num_seqs + 1 :].fill_(num_tokens)  # padded sequences: no query tokens
+        self.context_lens[:num_seqs].copy_(ctx.context_lens, non_blocking=True)
+        self.context_lens[num_seqs:].fill_(0)
+        self.block_tables[:num_seqs, : ctx.block_tables.shape[1]].copy_(ctx.block_tables, non_blocking=True)
+        self.graphs[t_pad].replay()
+        return self.hidden[t_pad][:num_tokens]

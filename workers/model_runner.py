@@ -51,15 +51,20 @@ class ModelRunner:
         self._copy_done: list = [None, None]
         self._turn = 0
         self.graphs = None
+        self.mixed_graphs = None
         if self.device.type == "cuda":
             self._warm_up()
         if self.device.type == "cuda" and not config.enforce_eager:
-            from workers.cuda_graphs import CudaGraphDecoder
+            from workers.cuda_graphs import CudaGraphDecoder, CudaGraphMixed
 
-            max_model_len = config.max_model_len or hf_config.max_position_embeddings
-            self.graphs = CudaGraphDecoder(self.model, self.kv_cache, -(-max_model_len // self.block_size),
-                                           config.max_num_seqs)
+            max_blocks = -(-(config.max_model_len or hf_config.max_position_embeddings) // self.block_size)
+            self.graphs = CudaGraphDecoder(self.model, self.kv_cache, max_blocks, config.max_num_seqs)
             self.graphs.capture()
+            if getattr(self.model, "mixed_step_graphs", False):
+                # One memory pool for all graphs: a graph's output is read before the next replay.
+                self.mixed_graphs = CudaGraphMixed(self.model, self.kv_cache, max_blocks, config.max_num_seqs,
+                                                   config.max_num_batched_tokens, pool=self.graphs.pool)
+                self.mixed_graphs.capture()
 
     # ---------------------------------------------------------------- set-up
     def _load_model(self, weights=None) -> torch.nn.Module:
@@ -231,5 +236,9 @@ class ModelRunner:
         if self.graphs is not None and ctx.is_decode and self.graphs.padded_size(len(sched.scheduled)):
             return self.graphs.run(inputs.input_ids, inputs.positions, ctx.slot_mapping, ctx.context_lens,
                                    ctx.block_tables, len(sched.scheduled))
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+        mixed = self.mixed_graphs
+        if mixed is not None and not ctx.is_decode and mixed.padded_size(len(inputs.input_ids), len(sched.scheduled)):
+            hidden = mixed.run(inputs.input_ids, inputs.positions, ctx)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, ctx)
         return self.model.compute_logits(hidden[inputs.logits_indices]).float()

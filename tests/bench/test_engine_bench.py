@@ -21,7 +21,7 @@ def test_static_tokens_per_step_follows_each_batchs_longest():
 
 def test_engine_bench_writes_the_contract_on_cpu(tmp_path):
     cmd = [sys.executable, "bench/engine_bench.py", "--device", "cpu", "--out", str(tmp_path),
-           "--num-requests", "6", "--hf-static-requests", "4", "--sweep", "lof:1024"]
+           "--num-requests", "6", "--hf-static-requests", "4", "--sweep", "lof:1024", "--trace-steps"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads((tmp_path / "engine_cpu.json").read_text())
@@ -38,3 +38,13 @@ def test_engine_bench_writes_the_contract_on_cpu(tmp_path):
     assert row["sequences_identical"] == 6  # fp32 on the CPU: the order does not change the tokens
     assert not (tmp_path / "engine_partial.json").exists()
     assert "vs HF continuous" in (tmp_path / "engine_cpu.md").read_text()
+    # The step trace accounts for every computed token: each prompt token once (the prefix cache
+    # is reset before a run), and every output token but each request's first (sampled at the end
+    # of its prompt) in a one-token decode step.
+    w = res["workload"]
+    for trace in (res["tandem"]["step_trace"], row["step_trace"]):
+        groups = trace["groups"].values()
+        assert sum(g["prefill_tokens"] for g in groups) == w["prompt_tokens"]
+        assert sum(g["decode_tokens"] for g in groups) == w["output_tokens"] - w["num_requests"]
+        assert sum(g["steps"] for g in groups) == trace["steps"] == len(trace["step_list"])
+        assert 0 < trace["host_s"] <= trace["wall_s"]

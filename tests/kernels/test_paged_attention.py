@@ -120,6 +120,29 @@ def test_decode_every_alignment():
     run_decode(list(range(1, 40)), 2, 1, 16, 4, torch.float32, split=(3, 16, 16))
 
 
+def test_prefill_padded_as_the_mixed_step_graph_pads():
+    """The layout `workers.cuda_graphs.CudaGraphMixed` replays: the batch padded to a fixed
+    sequence count (padded sequences: no query tokens, context 0, stale block-table rows) and a
+    fixed token count (padded tokens in no sequence). The real rows must equal the unpadded
+    kernel's and the reference's; the padded rows are never read."""
+    q_lens, context_lens = [5, 1, 1, 17], [12, 30, 7, 17]  # a chunk after a prefix, two decodes, a prompt
+    k_cache, v_cache, block_tables, lens = make_paged_kv(context_lens, 2, 16, 4, torch.float32)
+    dev = k_cache.device
+    real_t, pad_t, pad_b = sum(q_lens), 40, 9
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+    q = torch.randn(pad_t, 4, 16, device=dev)
+    cu_pad = torch.cat([cu, torch.full((pad_b - len(q_lens),), real_t, dtype=torch.int32, device=dev)])
+    lens_pad = torch.cat([lens, torch.zeros(pad_b - len(q_lens), dtype=torch.int32, device=dev)])
+    stale = torch.randint(0, k_cache.shape[0], (pad_b - len(q_lens), block_tables.shape[1]), device=dev)
+    tables_pad = torch.cat([block_tables, stale.to(torch.int32)])
+    with poisoned_allocations():
+        padded = paged_prefill_attention(q, k_cache, v_cache, cu_pad, tables_pad, lens_pad, 0.25)
+        plain = paged_prefill_attention(q[:real_t], k_cache, v_cache, cu, block_tables, lens, 0.25)
+    assert torch.equal(padded[:real_t], plain)
+    ref = paged_prefill_attention_ref(q[:real_t], k_cache, v_cache, cu, block_tables, lens, 0.25)
+    assert_close(padded[:real_t], ref, TOLERANCE[torch.float32])
+
+
 def test_empty_batches():
     k_cache, v_cache, block_tables, lens = make_paged_kv([], 2, 16, 4, torch.float32)
     q = torch.randn(0, 2, 16, device=k_cache.device)

@@ -115,6 +115,10 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
+    # Steps with prompt chunks may run as padded CUDA graphs (workers/cuda_graphs.CudaGraphMixed):
+    # padded token rows carry garbage, which is harmless only while no layer mixes rows.
+    mixed_step_graphs = True
+
     def __init__(self, config) -> None:
         super().__init__()
         if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):

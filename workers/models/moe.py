@@ -210,6 +210,8 @@ class MoeForCausalLM(LlamaForCausalLM):
     _expert_fragments = {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_proj", None),
                          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
                          "down_proj": ("down_proj", None)}
+    # Padded rows would be routed to experts and counted in the expert-load statistics.
+    mixed_step_graphs = False
     _per_expert = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
     _stacked = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
