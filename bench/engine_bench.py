@@ -10,9 +10,11 @@ Measures (each figure's meaning is written into the markdown report):
      EOS ignored), counting only requested output tokens: Tandem, HF static batching (`generate`,
      fixed batches, left-padded), and HF continuous batching (its manager, each request with its own
      output length).
-HF continuous batching runs the whole workload. HF static runs a prefix of it (two batches on the
-GPU: on an H100 the whole would take an estimated ~7 minutes); the report says how many requests each system ran and how
-the prefix's requested tokens per decode step compare with the whole workload's.
+HF continuous batching runs the whole workload. HF static runs a prefix of it by default (two
+batches on the GPU); the whole workload's static batching takes ~4.5 minutes on an H100, so the
+committed run takes it from an earlier `--hf-only --hf-static-requests 256` run (`--hf-static-from`).
+The first 64 requests flattered Tandem ~1.55x on the H100 (bench/results). The report says how many
+requests each system ran. `--trace-steps` records every throughput step (bench/step_trace.py).
 """
 from __future__ import annotations
 
@@ -499,9 +501,22 @@ def earlier_hf_static(path: Path, results: dict) -> dict:
     return dict(earlier["hf_static"], source=str(path), source_command=earlier.get("command"))
 
 
+def split_step_lists(results: dict, path: Path) -> None:
+    """Moves the step traces' per-step lists out of `results` into one compact file (they are
+    most of the bytes); the summaries stay."""
+    runs = [("tandem", results.get("tandem", {}))] + [
+        (f"sweep {r['scheduling_policy']}:{r['max_num_batched_tokens']}", r) for r in results.get("tandem_sweep", [])]
+    lists = {name: r["step_trace"].pop("step_list") for name, r in runs if "step_list" in r.get("step_trace", {})}
+    if lists:
+        path.write_text(json.dumps({"columns": ["decode seqs", "prompt tokens", "decode context", "host ms",
+                                                "device ms"], "runs": lists}, separators=(",", ":")) + "\n")
+        results["step_lists_file"] = path.name
+
+
 def write_reports(results: dict, out: Path, gpu: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = f"engine_{device_tag(results['device'], gpu)}"
+    split_step_lists(results, out / f"{name}_steps.json")
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
 
     def f(v, fmt="{:.2f}"):

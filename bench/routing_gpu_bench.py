@@ -199,7 +199,8 @@ def run_policy(policy: str, args, words: list[str], model_dir: Path) -> PolicyRu
         "max_in_flight": 4096, "max_ongoing_requests": 256, "ingress_replicas": args.ingress_replicas,
         "engine_kwargs": {"dtype": "bfloat16" if args.device == "cuda" else "float32", "max_model_len": args.max_model_len,
                           "num_kv_blocks": args.kv_blocks, "max_num_seqs": 64,
-                          "max_num_batched_tokens": args.max_batched_tokens},
+                          "max_num_batched_tokens": args.max_batched_tokens,
+                          "long_prefill_token_threshold": args.long_prefill_threshold},
     }
     serve.run(build_app(app_args), name="routing-bench", route_prefix="/")
     rng = random.Random(args.seed)
@@ -320,6 +321,8 @@ def main() -> int:
     ap.add_argument("--user-words", type=int, default=48)
     ap.add_argument("--output-tokens", type=int, default=64)
     ap.add_argument("--max-batched-tokens", type=int, default=8192, help="engine token budget per step")
+    ap.add_argument("--long-prefill-threshold", type=int, default=0,
+                    help="engine long_prefill_token_threshold: most tokens one sequence computes per step (0: no cap)")
     ap.add_argument("--policies", default="prefix_aware,round_robin")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--timeout", type=float, default=300)

@@ -95,6 +95,67 @@ def profile_b1(llm: LLM, out: Path) -> dict:
                           for k, v, c in table[:25]]}
 
 
+def kernel_table(prof, steps: int) -> tuple[float, list[dict]]:
+    """The profiled steps' GPU kernels grouped by name: (GPU us per step, rows by time)."""
+    kernels: dict[str, float] = collections.defaultdict(float)
+    counts: dict[str, int] = collections.defaultdict(int)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[ev.name[:90]] += ev.device_time_total / steps
+            counts[ev.name[:90]] += 1
+    total = sum(kernels.values())
+    table = sorted(((k, v, counts[k] // steps) for k, v in kernels.items()), key=lambda r: -r[1])
+    return total, [{"name": k, "us_per_step": round(v, 1), "per_step": c, "share": round(v / total, 3)}
+                   for k, v, c in table[:30]]
+
+
+def profile_mixed(llm: LLM, out: Path, num_decodes: int = 48, budget: int = 256, steps: int = 20) -> dict:
+    """Mixed steps as the offline workload's small-budget runs make them: `num_decodes` sequences
+    decoding at ~650 tokens of context plus a prompt chunk filling the rest of `budget`, each
+    step one mixed-step CUDA graph. Kernels grouped by name, and the steps' wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = llm.engine
+    sched = engine.scheduler
+    vocab = engine.hf_config.vocab_size
+    rng = random.Random(4)
+    old_budget = sched.max_num_batched_tokens
+    for i in range(num_decodes):
+        engine.add_request(f"md{i}", {"prompt_token_ids": [rng.randrange(10, vocab - 10) for _ in range(640)]},
+                           SamplingParams(max_tokens=400, ignore_eos=True, temperature=0, detokenize=False))
+    while sched.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in sched.running):
+        engine.step()
+    sched.max_num_batched_tokens = budget
+    for i in range(16):  # prompts enough for every profiled step's chunk
+        engine.add_request(f"mp{i}", {"prompt_token_ids": [rng.randrange(10, vocab - 10) for _ in range(1000)]},
+                           SamplingParams(max_tokens=1, temperature=0, detokenize=False))
+    for _ in range(5):
+        engine.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t) * 1e3 / steps
+    (out / "mixed_profiler.txt").write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+    # The same steps without the profiler: wall time per step.
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    plain_ms = (time.perf_counter() - t) * 1e3 / steps
+    for rid in list(engine.requests):
+        engine.abort_request(rid)
+    sched.max_num_batched_tokens = old_budget
+    total, rows = kernel_table(prof, steps)
+    res = {"num_decodes": num_decodes, "budget": budget, "gpu_us_per_step": total, "wall_ms_per_step": plain_ms,
+           "wall_ms_per_step_profiled": wall_ms, "kernels_per_step": sum(r["per_step"] for r in rows), "by_kernel": rows}
+    print(json.dumps(res, indent=1)[:5000], flush=True)
+    return res
+
+
 def host_phases(llm: LLM, batch: int = 1, steps: int = 100) -> dict:
     """Decode steps of `batch` sequences with host phases timed by perf_counter (no profiler):
     where the gap between the captured graph's GPU time and the step's wall time goes."""
@@ -224,11 +285,16 @@ def main() -> int:
     ap.add_argument("--throughput-only", action="store_true")
     ap.add_argument("--b1-phases", action="store_true")
     ap.add_argument("--sync", action="store_true", help="no overlap scheduling (async_scheduling=False)")
+    ap.add_argument("--mixed-only", action="store_true", help="only the mixed-step profile (profile_mixed)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     llm = build_llm(async_scheduling=not args.sync)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "async_scheduling": not args.sync}
+    if args.mixed_only:
+        res["mixed"] = profile_mixed(llm, out)
+        (out / "step_profile.json").write_text(json.dumps(res, indent=1))
+        return 0
     if args.b1_phases:
         res["host_phases"] = {bs: host_phases(llm, bs) for bs in (1, 64, 256)}
     if not args.throughput_only:

@@ -102,7 +102,7 @@ class LLMEngine:
         self.runner = (runner_factory or ModelRunner)(config, self.hf_config, weights)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.scheduling_policy)
+                                   config.scheduling_policy, config.long_prefill_token_threshold)
         self.eos_token_ids = self._eos_ids()
         self.sampler = Sampler(self.runner.device, self.eos_token_ids)
         self.max_model_len = min(config.max_model_len or self.hf_config.max_position_embeddings,

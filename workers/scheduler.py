@@ -53,9 +53,13 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: str = "fcfs") -> None:
+                 policy: str = "fcfs", long_prefill_token_threshold: int = 0) -> None:
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}")
+        if long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be >= 0")
+        # > 0: no sequence computes more than this many tokens in one step (EngineConfig).
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.block_manager = block_manager
         self.policy = policy
         self.max_num_seqs = max_num_seqs
@@ -106,7 +110,7 @@ class Scheduler:
                 # one: it finishes when that token is read, so computing more would be waste.
                 kept.append(seq)
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, self._chunk_cap(budget))
             while not bm.can_append(seq, num_new):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
@@ -128,17 +132,22 @@ class Scheduler:
                 seq = self.waiting[0]
                 if self.remote_prefill is not None and self._admit_remote(seq):
                     continue
-                if not bm.can_admit(seq, budget):
+                if not bm.can_admit(seq, self._chunk_cap(budget)):
                     break
                 self.waiting.popleft()
                 bm.admit(seq)
-                num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                num_new = min(seq.num_tokens - seq.num_computed_tokens, self._chunk_cap(budget))
                 bm.append_slots(seq, num_new)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
                 out.scheduled.append(ScheduledSeq(seq, num_new))
                 budget -= num_new
         return out
+
+    def _chunk_cap(self, budget: int) -> int:
+        """The most tokens one sequence may compute this step, with `budget` left."""
+        cap = self.long_prefill_token_threshold
+        return min(budget, cap) if cap > 0 else budget
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

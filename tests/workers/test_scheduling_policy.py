@@ -81,3 +81,33 @@ def test_lof_changes_order_not_tokens(llama_dir):
         results[policy] = [tokens[f"r{i}"] for i in range(len(prompts))]
     assert [len(t) for t in results["lof"]] == lengths
     assert results["lof"] == results["fcfs"]
+
+
+def test_long_prefill_cap_leaves_budget_to_a_short_prompt():
+    """long_prefill_token_threshold: a long prompt mid-prefill no longer takes the whole step
+    budget, so a short prompt that arrives behind it starts at once (without the cap it waits
+    until the long prompt's last chunk)."""
+    for cap, expected in ((0, [("long", 64)]), (48, [("long", 48), ("short", 10)])):
+        sched = Scheduler(BlockManager(128, 4), max_num_seqs=4, max_num_batched_tokens=64,
+                          long_prefill_token_threshold=cap)
+        sched.add(_seq("long", 300, 4))
+        sched.schedule()  # the long prompt's first chunk: it is now running, mid-prefill
+        sched.running[0].num_computed_tokens += min(64, cap or 64)
+        sched.add(_seq("short", 10, 4))
+        out = sched.schedule()
+        assert [(i.seq.request_id, i.num_new_tokens) for i in out.scheduled] == expected, cap
+
+
+def test_long_prefill_cap_is_validated():
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        EngineConfig(model="x", long_prefill_token_threshold=-1)
+
+
+def test_long_prefill_cap_changes_chunks_not_tokens(llama_dir):
+    prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (40, 7, 23)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = {}
+    for cap in (0, 5):
+        llm = LLM(llama_dir, max_num_batched_tokens=16, long_prefill_token_threshold=cap)
+        outs[cap] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert outs[5] == outs[0] and all(len(t) == 6 for t in outs[0])
