@@ -109,6 +109,15 @@ def test_prefill_matches_ref(q_lens, context_lens, num_q_heads, num_kv_heads, he
     run_prefill(q_lens, context_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype)
 
 
+def test_prefill_step_with_many_decodes():
+    # A mixed step: one-token sequences (decodes; the split decode kernel computes them, over
+    # 1 to 4 splits) around two prompt chunks (the prefill kernel). Every row is written once:
+    # the output is allocated poisoned.
+    contexts = [1, 70, 16, 17, 33, 64, 5, 48, 9, 2]
+    run_prefill([1] * 5 + [9] + [1] * 4 + [4, 1], contexts[:5] + [9] + contexts[5:9] + [40, contexts[9]],
+                4, 2, 16, 4, torch.float32)
+
+
 def test_prefill_every_alignment():
     # One batch whose sequences start their queries at every offset around a 16-position tile
     # (the causal diagonal lands on each column of the KV tile at least once).
