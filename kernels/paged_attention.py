@@ -100,7 +100,7 @@ def _split_len(context_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN
 
 @triton.jit(do_not_specialize=["stride_bt_b"])
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
     qk_scale,
     stride_q_b, stride_q_h,
@@ -110,22 +110,14 @@ def _paged_decode_kernel(
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CACHE_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PACKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Program (sequence, kv head, split): the GROUP query heads of one KV head against context
     # positions [split * split_len, (split + 1) * split_len). With one split it writes the final
     # output; otherwise a normalised partial output and its log2-sum-exp for the reduce kernel.
-    # PACKED: q and out are a prefill step's packed tokens; only sequences with exactly one new
-    # token are computed here (row cu_seqlens_q[seq]), the prefill kernel skips them.
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    q_row = seq.to(tl.int64)
-    if PACKED:
-        q_start = tl.load(cu_seqlens_q_ptr + seq)
-        if tl.load(cu_seqlens_q_ptr + seq + 1) - q_start != 1:
-            return
-        q_row = q_start.to(tl.int64)
     context_len = tl.load(context_lens_ptr + seq)
     split_len = _split_len(context_len, NUM_SPLITS, BLOCK_N, MIN_SPLIT)
     start = split * split_len
@@ -140,7 +132,7 @@ def _paged_decode_kernel(
     mask_g = offs_g < GROUP
     mask_d = offs_d < HEAD_DIM
     q_heads = kv_head * GROUP + offs_g
-    q = tl.load(q_ptr + q_row * stride_q_b + q_heads[:, None] * stride_q_h + offs_d[None, :],
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_q_b + q_heads[:, None] * stride_q_h + offs_d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)
     block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_b
 
@@ -167,7 +159,7 @@ def _paged_decode_kernel(
     if NUM_SPLITS == 1:
         # An empty context (a padded batch slot) leaves l_i = 0 and acc = 0: write zeros.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + q_row * stride_o_b + q_heads[:, None] * stride_o_h + offs_d[None, :],
+        tl.store(out_ptr + seq.to(tl.int64) * stride_o_b + q_heads[:, None] * stride_o_h + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         row = (seq.to(tl.int64) * NUM_Q_HEADS + q_heads) * NUM_SPLITS + split
@@ -177,21 +169,14 @@ def _paged_decode_kernel(
 
 @triton.jit
 def _reduce_splits_kernel(
-    part_out_ptr, part_lse_ptr, context_lens_ptr, cu_seqlens_q_ptr, out_ptr, stride_o_b, stride_o_h,
+    part_out_ptr, part_lse_ptr, context_lens_ptr, out_ptr, stride_o_b, stride_o_h,
     NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    PACKED: tl.constexpr,
 ):
     # Program (sequence, query head): weigh each non-empty split's output by its share of the
     # softmax mass. Splits past the context were never written and are masked out here.
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    q_row = seq.to(tl.int64)
-    if PACKED:  # as in the decode kernel: one-token sequences only, at their packed row
-        q_start = tl.load(cu_seqlens_q_ptr + seq)
-        if tl.load(cu_seqlens_q_ptr + seq + 1) - q_start != 1:
-            return
-        q_row = q_start.to(tl.int64)
     context_len = tl.load(context_lens_ptr + seq)
     split_len = _split_len(context_len, NUM_SPLITS, BLOCK_N, MIN_SPLIT)
     num_valid = tl.minimum((context_len + split_len - 1) // split_len, NUM_SPLITS)
@@ -207,7 +192,7 @@ def _reduce_splits_kernel(
                     mask=mask_s[:, None] & mask_d[None, :], other=0.0)
     total = tl.sum(weight, 0)
     out = tl.sum(weight[:, None] * parts, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + q_row * stride_o_b + head * stride_o_h + offs_d,
+    tl.store(out_ptr + seq.to(tl.int64) * stride_o_b + head * stride_o_h + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
@@ -225,7 +210,7 @@ def _paged_prefill_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CACHE_BLOCK: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, SEQS_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SKIP_SINGLE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Program (tile, kv head): BLOCK_Q query tokens of one sequence x the GROUP query heads of
     # one KV head, stacked as BLOCK_Q * GROUP_PAD rows (token-major).
@@ -242,9 +227,6 @@ def _paged_prefill_kernel(
     q_tile = tile_id - (q_start // BLOCK_Q + seq)
     if q_tile * BLOCK_Q >= q_len:
         return
-    if SKIP_SINGLE:  # one-token sequences are the decode kernel's (paged_prefill_attention)
-        if q_len == 1:
-            return
     context_len = tl.load(context_lens_ptr + seq)
     first_query_pos = context_len - q_len + q_tile * BLOCK_Q
 
@@ -356,22 +338,15 @@ def paged_decode_attention_split(
     block_n: int,
     num_warps: int = 4,
     num_stages: int = 2,
-    cu_seqlens_q: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`paged_decode_attention` with the split plan and tile given (tests force several splits,
     the benchmark sweeps tiles). Each sequence's context is divided over `num_splits` splits
-    of at least `min_split_len` positions (a multiple of `block_n`).
-
-    With `cu_seqlens_q`, q is a prefill step's packed tokens [T, Hq, D]: only the sequences with
-    exactly one new token are computed, each from and into its packed row of q and `out` (the
-    other rows of `out` are left as they are)."""
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
-    batch = q.shape[0] if cu_seqlens_q is None else context_lens.shape[0]
+    of at least `min_split_len` positions (a multiple of `block_n`)."""
+    batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    out = torch.empty_like(q) if out is None else out
-    if batch == 0 or q.shape[0] == 0:
+    out = torch.empty_like(q)
+    if batch == 0:
         return out
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert min_split_len % block_n == 0
@@ -381,10 +356,8 @@ def paged_decode_attention_split(
         part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
-    packed = cu_seqlens_q is not None
-    cu = cu_seqlens_q if packed else context_lens  # unused when not packed
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, cu, out, part_out, part_lse,
+        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
         scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -393,27 +366,18 @@ def paged_decode_attention_split(
         NUM_Q_HEADS=num_q_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CACHE_BLOCK=k_cache.shape[1],
         BLOCK_N=block_n, MIN_SPLIT=min_split_len, NUM_SPLITS=num_splits,
-        DOT_PRECISION=_dot_precision(q.dtype), PACKED=packed,
+        DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _reduce_splits_kernel[(batch, num_q_heads)](
-            part_out, part_lse, context_lens, cu, out, out.stride(0), out.stride(1),
+            part_out, part_lse, context_lens, out, out.stride(0), out.stride(1),
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
             BLOCK_N=block_n, MIN_SPLIT=min_split_len, NUM_SPLITS=num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), PACKED=packed,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
             num_warps=4,
         )
     return out
-
-
-def _decode_tile(q: torch.Tensor) -> tuple[int, int, int]:
-    """(block_n, num_warps, num_stages) of the decode kernel for q's device and dtype."""
-    if not q.is_cuda:
-        return 16, 4, 1  # the interpreter
-    if q.dtype == torch.float32:
-        return 32, 4, 2
-    return 64, 2, 3  # the best of a sweep on H100 at Llama-3-8B shapes (bench/results/kernels_h100.json)
 
 
 def paged_decode_attention(
@@ -426,7 +390,12 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """Triton version of `paged_decode_attention_ref` (flash-decoding; a sequence with
     context length 0, e.g. a padded slot of a CUDA-graph batch, gets zeros, as in the ref)."""
-    block_n, num_warps, num_stages = _decode_tile(q)
+    if not q.is_cuda:
+        block_n, num_warps, num_stages = 16, 4, 1  # the interpreter
+    elif q.dtype == torch.float32:
+        block_n, num_warps, num_stages = 32, 4, 2
+    else:  # the best of a sweep on H100 at Llama-3-8B shapes (bench/results/kernels_h100.json)
+        block_n, num_warps, num_stages = 64, 2, 3
     max_context = block_tables.shape[1] * k_cache.shape[1]
     num_splits, _ = plan_decode_splits(q.shape[0], k_cache.shape[2], max_context, block_n, _num_sms(q.device))
     return paged_decode_attention_split(q, k_cache, v_cache, block_tables, context_lens, scale,
@@ -442,31 +411,14 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Triton version of `paged_prefill_attention_ref` (no host sync: the grid comes from shapes).
-
-    Sequences with one new token (the decodes of a mixed step) go to the split decode kernel, the
-    others to the prefill kernel, both writing into one output. In the prefill kernel such a
-    sequence would stream its whole context through one program per KV head with a 16-token tile
-    (measured on H100: the attention of a 256-token mixed step with 48 decodes took 69 us per
-    layer, bench/results/step_profile_h100_session6_mixed.json)."""
+    """Triton version of `paged_prefill_attention_ref` (no host sync: the grid comes from shapes)."""
     if not q.is_cuda:
         tile = (16, 16, 4, 1)  # the interpreter: small tiles keep the tests fast
     elif q.dtype == torch.float32 or q.shape[-1] > 128:
         tile = (64, 32, 4, 2)  # keeps the K/V stages within shared memory
     else:  # near the best of a sweep on H100 (bench/results/kernels_h100.json), modest shared memory
         tile = (64, 64, 4, 3)
-    out = paged_prefill_attention_tiled(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale, *tile,
-                                        skip_single=True)
-    block_n, num_warps, num_stages = _decode_tile(q)
-    # The number of one-token sequences is not known without a sync: a fixed split count keeps
-    # the grid a function of shapes (CUDA graphs); programs of other sequences return at once.
-    return paged_decode_attention_split(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                        _PACKED_DECODE_SPLITS, block_n, block_n, num_warps, num_stages,
-                                        cu_seqlens_q=cu_seqlens_q, out=out)
-
-
-# Splits per one-token sequence in a prefill step (see paged_prefill_attention).
-_PACKED_DECODE_SPLITS = 4
+    return paged_prefill_attention_tiled(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale, *tile)
 
 
 def _seqs_pad(num_seqs: int) -> int:
@@ -487,11 +439,9 @@ def paged_prefill_attention_tiled(
     block_n: int,
     num_warps: int,
     num_stages: int,
-    skip_single: bool = False,
 ) -> torch.Tensor:
     """`paged_prefill_attention` with the tile given: `rows` query rows (tokens x grouped heads)
-    against `block_n` context positions per step. `skip_single`: sequences with one new token
-    are left out (their output rows are not written)."""
+    against `block_n` context positions per step."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = context_lens.shape[0]
     num_kv_heads = k_cache.shape[2]
@@ -515,7 +465,7 @@ def paged_prefill_attention_tiled(
         GROUP=group, GROUP_PAD=group_pad,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), CACHE_BLOCK=k_cache.shape[1],
         BLOCK_Q=block_q, BLOCK_N=block_n, SEQS_PAD=_seqs_pad(num_seqs),
-        DOT_PRECISION=_dot_precision(q.dtype), SKIP_SINGLE=skip_single,
+        DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -110,9 +110,9 @@ def test_prefill_matches_ref(q_lens, context_lens, num_q_heads, num_kv_heads, he
 
 
 def test_prefill_step_with_many_decodes():
-    # A mixed step: one-token sequences (decodes; the split decode kernel computes them, over
-    # 1 to 4 splits) around two prompt chunks (the prefill kernel). Every row is written once:
-    # the output is allocated poisoned.
+    # A mixed step: one-token sequences (decodes) around two prompt chunks, all in the prefill
+    # kernel. Every row is written: the output is allocated poisoned. (Sending the decodes to the
+    # split decode kernel instead was measured slower on H100: bench/results/engine_*.md.)
     contexts = [1, 70, 16, 17, 33, 64, 5, 48, 9, 2]
     run_prefill([1] * 5 + [9] + [1] * 4 + [4, 1], contexts[:5] + [9] + contexts[5:9] + [40, contexts[9]],
                 4, 2, 16, 4, torch.float32)
