@@ -81,22 +81,14 @@ def profile_b1(llm: LLM, out: Path) -> dict:
         torch.cuda.synchronize()
     while engine.has_unfinished_requests():
         engine.step()
-    kernels: dict[str, float] = collections.defaultdict(float)
-    counts: dict[str, int] = collections.defaultdict(int)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[ev.name[:90]] += ev.device_time_total / steps
-            counts[ev.name[:90]] += 1
-    total = sum(kernels.values())
-    table = sorted(((k, v, counts[k] // steps) for k, v in kernels.items()), key=lambda r: -r[1])
     (out / "b1_profiler.txt").write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
-    return {"gpu_us_per_step": total, "kernels_per_step": sum(c for _, _, c in table),
-            "by_kernel": [{"name": k, "us_per_step": round(v, 1), "per_step": c, "share": round(v / total, 3)}
-                          for k, v, c in table[:25]]}
+    total, count, rows = kernel_table(prof, steps, limit=25)
+    return {"gpu_us_per_step": total, "kernels_per_step": count, "by_kernel": rows}
 
 
-def kernel_table(prof, steps: int) -> tuple[float, list[dict]]:
-    """The profiled steps' GPU kernels grouped by name: (GPU us per step, rows by time)."""
+def kernel_table(prof, steps: int, limit: int = 30) -> tuple[float, int, list[dict]]:
+    """The profiled steps' GPU kernels grouped by name: (GPU us per step, kernels per step, the
+    `limit` costliest rows)."""
     kernels: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.defaultdict(int)
     for ev in prof.events():
@@ -105,8 +97,8 @@ def kernel_table(prof, steps: int) -> tuple[float, list[dict]]:
             counts[ev.name[:90]] += 1
     total = sum(kernels.values())
     table = sorted(((k, v, counts[k] // steps) for k, v in kernels.items()), key=lambda r: -r[1])
-    return total, [{"name": k, "us_per_step": round(v, 1), "per_step": c, "share": round(v / total, 3)}
-                   for k, v, c in table[:30]]
+    return total, sum(c for _, _, c in table), [
+        {"name": k, "us_per_step": round(v, 1), "per_step": c, "share": round(v / total, 3)} for k, v, c in table[:limit]]
 
 
 def profile_mixed(llm: LLM, out: Path, num_decodes: int = 48, budget: int = 256, steps: int = 20) -> dict:
@@ -149,9 +141,9 @@ def profile_mixed(llm: LLM, out: Path, num_decodes: int = 48, budget: int = 256,
     for rid in list(engine.requests):
         engine.abort_request(rid)
     sched.max_num_batched_tokens = old_budget
-    total, rows = kernel_table(prof, steps)
+    total, count, rows = kernel_table(prof, steps)
     res = {"num_decodes": num_decodes, "budget": budget, "gpu_us_per_step": total, "wall_ms_per_step": plain_ms,
-           "wall_ms_per_step_profiled": wall_ms, "kernels_per_step": sum(r["per_step"] for r in rows), "by_kernel": rows}
+           "wall_ms_per_step_profiled": wall_ms, "kernels_per_step": count, "by_kernel": rows}
     print(json.dumps(res, indent=1)[:5000], flush=True)
     return res
 

@@ -20,6 +20,23 @@ import torch
 
 from workers.attention import ForwardContext
 
+def capture_graphs(sizes, forward, graphs: dict, outputs: dict, pool):
+    """One graph per size of `forward(size)`, largest first so the smaller ones reuse the big
+    one's memory pool; fills `graphs` and `outputs` (the graphs' static outputs) and returns the
+    pool (`pool` if given)."""
+    for size in sorted(sizes, reverse=True):
+        forward(size)  # warm up: compiles the Triton kernels for this shape
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs[size] = forward(size)
+        if pool is None:
+            pool = graph.pool()
+        graphs[size] = graph
+    torch.cuda.synchronize()
+    return pool
+
+
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
@@ -53,17 +70,7 @@ class CudaGraphDecoder:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        # Largest first, so smaller graphs reuse the big one's memory pool.
-        for bs in reversed(self.batch_sizes):
-            self._forward(bs)  # warm up: compiles the Triton kernels for this shape
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.logits[bs] = self._forward(bs)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[bs] = graph
-        torch.cuda.synchronize()
+        self.pool = capture_graphs(self.batch_sizes, self._forward, self.graphs, self.logits, self.pool)
 
     def padded_size(self, n: int) -> int | None:
         return next((b for b in self.batch_sizes if b >= n), None)
@@ -117,16 +124,7 @@ class CudaGraphMixed:
     def capture(self) -> None:
         # Captured with no sequence holding a token (cu all 0): the kernels' grids depend only on
         # the shapes, so the same graph serves any batch that fits.
-        for t in reversed(self.token_sizes):
-            self._forward(t)  # warm up: compiles the kernels for this shape
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.hidden[t] = self._forward(t)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[t] = graph
-        torch.cuda.synchronize()
+        self.pool = capture_graphs(self.token_sizes, self._forward, self.graphs, self.hidden, self.pool)
 
     def padded_size(self, num_tokens: int, num_seqs: int) -> int | None:
         if num_seqs > self.max_num_seqs:
