@@ -1,0 +1,93 @@
+"""Tile sweep of the paged prefill attention kernel on mixed steps (decodes + a prompt chunk),
+padded as the mixed-step CUDA graph pads them (256 sequences, 256 tokens), and on a 4k prompt.
+A probe, not a benchmark; on a GPU:
+
+    python bench/mixed_attention_probe.py --out /tmp/probe
+
+Each row: one batch, one tile (query rows, KV positions per step, warps, stages), the kernel's
+cold-L2 time per call in a CUDA graph (`bench/kernels_bench.graph_ms`), and its largest
+difference from the current tile's output. Llama-3-8B attention shapes (32 q heads, 8 KV heads,
+head_dim 128, bf16).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.kernels_bench import graph_ms  # noqa: E402
+from kernels import paged_attention as pa  # noqa: E402
+
+# (decodes, their context, chunk tokens, the chunk's context after the step)
+MIXED = ((48, 650, 208, 1000), (120, 600, 136, 800), (200, 700, 56, 600), (8, 400, 248, 900))
+
+
+def make_batch(q_lens: list[int], ctx: list[int], pad_seqs: int, pad_tokens: int):
+    dev, dt, bs, kvh, hd = "cuda", torch.bfloat16, 16, 8, 128
+    blocks = [-(-c // bs) for c in ctx]
+    num_blocks = sum(blocks) + 8
+    k = torch.randn(num_blocks, bs, kvh, hd, dtype=dt, device=dev)
+    v = torch.randn_like(k)
+    perm = torch.randperm(num_blocks, device=dev)
+    tables = torch.zeros(pad_seqs, 8192 // bs, dtype=torch.int32, device=dev)
+    used = 0
+    for b, n in enumerate(blocks):
+        tables[b, :n] = perm[used:used + n]
+        used += n
+    real_t = sum(q_lens)
+    cu = torch.full((pad_seqs + 1,), real_t, dtype=torch.int32, device=dev)
+    cu[: len(q_lens) + 1] = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    lens = torch.zeros(pad_seqs, dtype=torch.int32, device=dev)
+    lens[: len(ctx)] = torch.tensor(ctx, dtype=torch.int32)
+    q = torch.randn(pad_tokens, 32, hd, dtype=dt, device=dev)
+    return q, k, v, cu, tables, lens, real_t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="/tmp/probe")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    batches = {f"{d} decodes@{dc} + {c}@{cc}": make_batch([1] * d + [c], [dc] * d + [cc], 256, 256)
+               for d, dc, c, cc in MIXED}
+    batches["4k prompt"] = make_batch([4096], [4096], 1, 4096)
+    tiles = [(r, n, w, s) for r in (16, 32) for n in (32, 64, 128) for w in (2, 4) for s in (2, 3)]
+    tiles += [(r, n, w, s) for r in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+    current = (64, 64, 4, 3)
+    rows = []
+    for name, (q, k, v, cu, tables, lens, real_t) in batches.items():
+        scale = 128 ** -0.5
+        ref = pa.paged_prefill_attention_tiled(q, k, v, cu, tables, lens, scale, *current)[:real_t].float()
+        for tile in tiles:
+            def fn(tile=tile):
+                return pa.paged_prefill_attention_tiled(q, k, v, cu, tables, lens, scale, *tile)
+            try:
+                diff = (fn()[:real_t].float() - ref).abs().max().item()
+                ms = graph_ms(fn)
+            except Exception as exc:  # noqa: BLE001 - a tile out of resources
+                print(f"{name}: {tile}: {type(exc).__name__}", flush=True)
+                continue
+            rows.append(dict(batch=name, rows=tile[0], block_n=tile[1], num_warps=tile[2], num_stages=tile[3],
+                             us=None if ms is None else ms * 1e3, max_abs_diff=diff, current=tile == current))
+            print(f"{name:28s} {str(tile):18s} {rows[-1]['us']:8.1f} us  diff {diff:.3g}", flush=True)
+    print("\nbest per batch (current tile in brackets):")
+    for name in batches:
+        mine = [r for r in rows if r["batch"] == name and r["us"] is not None]
+        best = min(mine, key=lambda r: r["us"])
+        cur = next(r for r in mine if r["current"])
+        print(f"{name:28s} best {best['rows']}/{best['block_n']}/{best['num_warps']}/{best['num_stages']} "
+              f"{best['us']:.1f} us  [{cur['us']:.1f} us]")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mixed_attention_tiles.json").write_text(json.dumps(
+        {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
