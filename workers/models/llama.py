@@ -75,7 +75,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ops.rope(q, k, positions, cos_sin)
-        out = paged_attention(self.layer_idx, q, k, v.contiguous(), self.scale, ctx)
+        # v stays a strided view of qkv: the KV write takes strided rows (one copy kernel less per layer).
+        out = paged_attention(self.layer_idx, q, k, v, self.scale, ctx)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
