@@ -2,8 +2,10 @@
 
 Speaks `/v1/completions` and `/v1/chat/completions` with `stream: true` and
 `stream_options.include_usage`, reads the SSE stream as bytes arrive, and records the first
-content token (TTFT), every gap between content chunks (ITL), the end (E2E) and the server's
-`usage`. Failures become an `error_kind`, never an exception: "http_<status>", "timeout",
+token's chunk (TTFT), every gap between token chunks (ITL), the end (E2E) and the server's
+`usage`. A token chunk is one whose choice carries text, even empty text (a special token, or
+the first byte of a multi-byte character: vLLM's benchmark counts these too); a chat stream's
+opening role chunk is not one, nor is a closing chunk with only a finish_reason. Failures become an `error_kind`, never an exception: "http_<status>", "timeout",
 "connection" (refused, reset, or dropped mid-stream), "malformed_stream" (undecodable data, or
 a stream that ends with neither [DONE] nor a finish_reason), "stream_error" (an error object sent
 inside the stream, as vLLM does).
@@ -203,7 +205,7 @@ class OpenAIClient:
 
     @staticmethod
     def _take_event(data: str, result: RequestResult, text_parts: list[str]) -> tuple[bool, bool]:
-        """Apply one SSE data payload; returns (carried output text, carried a finish_reason)."""
+        """Apply one SSE data payload; returns (carried a token, carried a finish_reason)."""
         try:
             event = json.loads(data)
         except json.JSONDecodeError as exc:
@@ -222,7 +224,8 @@ class OpenAIClient:
         for choice in event.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
-            if choice.get("finish_reason"):
+            finish = choice.get("finish_reason")
+            if finish:
                 finished = True
             delta = choice.get("delta")
             if isinstance(delta, dict):  # chat: content, or reasoning tokens of reasoning models
@@ -230,10 +233,12 @@ class OpenAIClient:
                 reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                 if content:
                     text_parts.append(content)
-                has_token = has_token or bool(content) or bool(reasoning)
-            elif isinstance(choice.get("text"), str) and choice["text"]:
+                opening = bool(delta.get("role")) and not content  # the role chunk
+                has_token = has_token or bool(content) or bool(reasoning) or (
+                    isinstance(content, str) and not opening and not finish)
+            elif isinstance(choice.get("text"), str):
                 text_parts.append(choice["text"])
-                has_token = True
+                has_token = has_token or bool(choice["text"]) or not finish
         return has_token, finished
 
 

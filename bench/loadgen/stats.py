@@ -1,8 +1,9 @@
 """Statistics of a stage: distributions (mean, p50/p90/p99) of TTFT, ITL, TPOT and E2E,
 throughput over the measured window, goodput against SLOs, errors by kind.
 
-Definitions (the same as vLLM's benchmark_serving): TTFT is request start to the first content
-chunk; ITL is each gap between consecutive content chunks; TPOT is (E2E - TTFT) / (output
+Definitions (the same as vLLM's benchmark_serving): TTFT is request start to the first token's
+chunk (even if its text is empty; not a chat stream's opening role chunk); ITL is each gap
+between consecutive token chunks; TPOT is (E2E - TTFT) / (output
 tokens - 1) per request, with output tokens from the server's `usage`; E2E is start to the end
 of the stream. The measured window runs from the first measured request's start to the last
 one's end. Requests without `usage` are counted (`usage_missing`) and left out of token counts

@@ -158,3 +158,20 @@ def test_a_server_that_does_not_stream_is_a_malformed_stream(fake_server):
         server.stop()
     assert [r.error_kind for r in stage.results] == ["malformed_stream"] * 2
     assert "did not stream" in stage.results[0].error_detail
+
+
+def test_ttft_counts_a_first_token_with_empty_text(fake_server):
+    """The first two tokens of each answer stream with empty text (special tokens, or half of a
+    multi-byte character): TTFT is still the first token's chunk, as vLLM's benchmark takes it,
+    and every token chunk gets its ITL gap. Chat's role chunk, sent before the wait, is not a
+    token."""
+    ttft, gap, tokens = 0.080, 0.060, 5
+    for endpoint in ("chat", "completions"):
+        server = fake_server(ttft_s=ttft, token_delay_s=gap, empty_tokens=2)
+        stage = run_against(server.url, random_workload(tokens), StageConfig(ClosedLoop(2), num_requests=4),
+                            endpoint=endpoint)
+        for result in stage.results:
+            assert result.ok and result.output_tokens == tokens
+            assert ttft <= result.ttft_s < ttft + gap, (endpoint, result.ttft_s)  # not the third token's
+            assert len(result.itl_s) == tokens - 1
+            assert result.text.startswith(" w")  # the empty pieces add no text
