@@ -20,6 +20,7 @@ import torch
 
 from workers.attention import ForwardContext
 
+
 def capture_graphs(sizes, forward, graphs: dict, outputs: dict, pool):
     """One graph per size of `forward(size)`, largest first so the smaller ones reuse the big
     one's memory pool; fills `graphs` and `outputs` (the graphs' static outputs) and returns the
