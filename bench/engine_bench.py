@@ -223,7 +223,7 @@ def main() -> int:
                     help="run only the HF baselines and write hf_baselines_<device>.json (for --hf-static-from)")
     ap.add_argument("--hf-static-from", default=None,
                     help="take the HF static figure from an --hf-only run's JSON (same device and workload) "
-                         "instead of measuring it here: the whole workload's static batching takes ~7 min on an H100")
+                         "instead of measuring it here: the whole workload's static batching took ~4.5 min on an H100")
     ap.add_argument("--max-batched-tokens", type=int, default=None,
                     help="Tandem's per-step token budget in the throughput run (default 256 on GPU: the best "
                          "of the committed H100 sweep; 2048 on CPU)")

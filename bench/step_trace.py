@@ -1,9 +1,11 @@
 """Per-step trace of an engine run: what each step computed and how long it took, on the host and
 on the device. Benchmark instrumentation, not engine code: it wraps `ModelRunner.execute`.
 
-For each step it records the step's shape (decode sequences, prompt tokens, their cached context)
-and two times:
-- host: how long `execute` took to prepare and enqueue the step (no device wait inside);
+For each step it records the step's shape (decode sequences, prompt tokens, the decode sequences'
+context) and two times:
+- host: how long `execute` took to prepare and enqueue the step. It is meant not to wait for the
+  device, but it can: before reusing a pinned staging buffer it waits for that buffer's copy of
+  two steps ago (the 8192-token steps of the H100 runs show 100-200 ms here);
 - device: CUDA-event time from just before the step's first kernel to just after its last
   forward kernel. Events do not synchronise, so the run is not slowed. When the host is slower
   than the device, the device time includes the gaps where kernels waited to be launched.
