@@ -4,8 +4,8 @@ on the device. Benchmark instrumentation, not engine code: it wraps `ModelRunner
 For each step it records the step's shape (decode sequences, prompt tokens, the decode sequences'
 context) and two times:
 - host: how long `execute` took to prepare and enqueue the step. It is meant not to wait for the
-  device, but it can: before reusing a pinned staging buffer it waits for that buffer's copy of
-  two steps ago (the 8192-token steps of the H100 runs show 100-200 ms here);
+  device, but it can: the eager 8192-token steps of the H100 runs show 100-200 ms here, about their
+  device time. The cause was not examined; a full launch queue or an allocator sync would do it;
 - device: CUDA-event time from just before the step's first kernel to just after its last
   forward kernel. Events do not synchronise, so the run is not slowed. When the host is slower
   than the device, the device time includes the gaps where kernels waited to be launched.
