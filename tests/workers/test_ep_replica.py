@@ -234,13 +234,16 @@ def test_decode_pool_of_two_ranks_over_http_equals_the_offline_engine(served, re
     assert group.disagg.remote_prefills_failed == 0, group.disagg.last_failure
     prefill = handle_of("ep", "PrefillWorker").stats.remote().result(timeout_s=30)
     assert prefill.exports_ok == group.disagg.remote_prefills_ok
-    # The replica's engine metrics are the group's (the expert load too).
+    # The replica's engine metrics are the group's (the expert load too). The expert load is read
+    # once per `expert_load_interval_s` (1 s), the engine counters every publish: wait for both.
+    def expert_tokens(samples: dict) -> bool:
+        return any(key.startswith("tandem_moe_expert_tokens_total") and value > 0 for key, value in samples.items())
+
     deadline = time.monotonic() + 10
     while (samples := decode.metric_samples.remote().result(timeout_s=30)).get("vllm_prompt_tokens_total") != \
-            group.engine.prompt_tokens_total:
+            group.engine.prompt_tokens_total or not expert_tokens(samples):
         assert time.monotonic() < deadline, samples
         time.sleep(0.1)
-    assert any(key.startswith("tandem_moe_expert_tokens_total") and value > 0 for key, value in samples.items())
 
 
 @pytest.mark.timeout(300)
