@@ -1,14 +1,15 @@
 """Steps with prompt chunks replayed as padded CUDA graphs (workers/cuda_graphs.CudaGraphMixed)
 must give what the eager forward gives: same greedy tokens, logprobs within float32 noise, on
-batches that mix chunked prompts, prefix hits and decodes. GPU only (CUDA graphs)."""
+batches that mix chunked prompts, prefix hits and decodes (GPU: CUDA graphs); and a step goes to
+the smallest graph that holds it (CPU)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from workers import LLM, SamplingParams
+from workers.cuda_graphs import CudaGraphMixed
 
-pytestmark = pytest.mark.gpu
 
 
 def _prompts(n: int) -> list[dict]:
@@ -32,6 +33,18 @@ def _run(llama_dir, eager: bool):
     return outs, replays
 
 
+def test_padded_sizes():
+    """Which graph a step replays: the smallest captured token count that holds it, none past the
+    largest or past the sequence limit (those steps run eagerly). Plain Python: no GPU needed."""
+    kv = torch.zeros(1, 2, 4, 16, 1, 8)  # [layers, k/v, blocks, block size, kv heads, head dim]
+    mixed = CudaGraphMixed(torch.nn.Identity(), kv, max_blocks_per_seq=4, max_num_seqs=8, max_tokens=600)
+    assert mixed.token_sizes == [64, 128, 256, 384, 512]  # the sizes up to the step budget
+    assert [mixed.padded_size(t, 3) for t in (1, 64, 65, 300, 512)] == [64, 64, 128, 384, 512]
+    assert mixed.padded_size(513, 3) is None and mixed.padded_size(10, 9) is None
+    assert CudaGraphMixed(torch.nn.Identity(), kv, 4, 8, max_tokens=32).token_sizes == []
+
+
+@pytest.mark.gpu
 def test_mixed_step_graphs_match_eager(llama_dir):
     eager, _ = _run(llama_dir, eager=True)
     graphed, replays = _run(llama_dir, eager=False)
