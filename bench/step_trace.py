@@ -84,14 +84,14 @@ class StepTracer:
         if self.runner.device.type == "cuda":
             torch.cuda.synchronize()
 
+        def upto(value: int, edges: tuple[int, ...]) -> str:
+            # The last bucket is open: an engine may run more sequences or tokens than the edges.
+            return next((f"<={e}" for e in edges if value <= e), f">{edges[-1]}")
+
         def bucket(r: StepRecord) -> str:
             if r.kind == "decode":
-                edges = (1, 8, 32, 64, 128, 192, 256, 512)
-                top = next(e for e in edges if r.num_decode <= e)
-                return f"decode<={top}"
-            edges = (256, 512, 1024, 2048, 4096, 8192, 1 << 30)
-            top = next(e for e in edges if r.prefill_tokens <= e)
-            return f"{r.kind} prompt<={top if top < 1 << 30 else 'max'}"
+                return "decode" + upto(r.num_decode, (1, 8, 32, 64, 128, 192, 256, 512))
+            return f"{r.kind} prompt" + upto(r.prefill_tokens, (256, 512, 1024, 2048, 4096, 8192))
 
         groups: dict[str, dict] = {}
         for r in self.records:
