@@ -51,11 +51,62 @@ def time_graph(fn, copies: int, reps: int = 48) -> float:
     return start.elapsed_time(end) * 1e3 / (5 * reps)
 
 
+def triton_sweep(json_path: str | None, ms: list[int]) -> int:
+    """cuBLAS (row- and column-major weight) against kernels/gemv.py over its tile configs, for
+    each M; the down projection with SiLU-and-mul fused into the GEMV's input (cuBLAS: the
+    activation kernel + the GEMM)."""
+    from kernels.activation import silu_and_mul
+    from kernels.gemv import gemv
+
+    if ms != [1]:
+        raise SystemExit("--triton-sweep times kernels/gemv.py, which takes one row: pass --m 1")
+    out = []
+    for m in ms:
+        cfgs = [(bn, bk, nw) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for nw in (4, 8)]
+        for name, (n, k) in SHAPES.items():
+            copies = max(2, -(-256 * 2**20 // (n * k * 2)))
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+            wcs = [w.t().contiguous().t() for w in ws]  # column-major storage, same values
+            silu = name == "down"
+            x = torch.randn(m, 2 * k if silu else k, device="cuda", dtype=torch.bfloat16)
+            act = (lambda: silu_and_mul(x)) if silu else (lambda: x)
+            res = {"m": m, "proj": name, "n": n, "k": k, "weight_copies": copies, "silu_mul_fused": silu}
+            res["cublas_row_us"] = time_graph(lambda i: F.linear(act(), ws[i]), copies)
+            res["cublas_col_us"] = time_graph(lambda i: F.linear(act(), wcs[i]), copies)
+            ref = F.linear(act().float(), ws[0].float())
+            sweep = []
+            for cfg in cfgs:
+                err = (gemv(x, ws[0], silu, tiles=cfg).float() - ref).abs().max().item()
+                us = time_graph(lambda i: gemv(x, ws[i], silu, tiles=cfg), copies)
+                sweep.append({"block_n": cfg[0], "block_k": cfg[1], "num_warps": cfg[2], "us": us, "max_err": err})
+            res["triton_default_us"] = time_graph(lambda i: gemv(x, ws[i], silu), copies)
+            res["triton_best"] = min(sweep, key=lambda c: c["us"])
+            res["sweep"] = sweep
+            out.append(res)
+            del ws, wcs
+    print("| M | proj | cuBLAS row us | cuBLAS col us | Triton default us | Triton best us (BLOCK_N, BLOCK_K, warps) | max err |")
+    print("| ---: | --- | ---: | ---: | ---: | --- | ---: |")
+    for r in out:
+        b = r["triton_best"]
+        print(f"| {r['m']} | {r['proj']}{' +silu' if r['silu_mul_fused'] else ''} | {r['cublas_row_us']:.1f} | "
+              f"{r['cublas_col_us']:.1f} | {r['triton_default_us']:.1f} | {b['us']:.1f} ({b['block_n']},{b['block_k']},{b['num_warps']}) | "
+              f"{b['max_err']:.3g} |")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": __import__("triton").__version__, "rows": out}, f, indent=1)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, nargs="*", default=[1, 8, 64, 8192])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--triton-sweep", action="store_true",
+                    help="instead (with --m 1): time kernels/gemv.py over a grid of tile configs")
     args = ap.parse_args()
+    if args.triton_sweep:
+        return triton_sweep(args.json, args.m)
     rows = []
     for m in args.m:
         for name, (n, k) in SHAPES.items():

@@ -4,6 +4,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_kwargs, pdl_prologue
+
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -11,7 +13,8 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, half, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, half, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < half
@@ -34,6 +37,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(half))
     _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(half, block))](
-        x2, out2, x2.stride(0), out2.stride(0), half, BLOCK=block, num_warps=4,
+        x2, out2, x2.stride(0), out2.stride(0), half, BLOCK=block, num_warps=4, **launch_kwargs(x.device),
     )
     return out

@@ -7,7 +7,10 @@ import functools
 import os
 from typing import Callable, TypeVar
 
-from kernels import activation, block_copy, fused_moe as fused_moe_mod, paged_attention, rmsnorm, rope as rope_mod, write_kv as write_kv_mod
+import torch
+import torch.nn.functional as torch_F
+
+from kernels import activation, block_copy, fused_moe as fused_moe_mod, gemv as gemv_mod, paged_attention, rmsnorm, rope as rope_mod, write_kv as write_kv_mod
 
 F = TypeVar("F", bound=Callable)
 
@@ -34,3 +37,22 @@ fused_add_rms_norm = _dispatch(rmsnorm.fused_add_rms_norm, rmsnorm.fused_add_rms
 rope = _dispatch(rope_mod.rope, rope_mod.rope_ref)
 silu_and_mul = _dispatch(activation.silu_and_mul, activation.silu_and_mul_ref)
 fused_moe = _dispatch(fused_moe_mod.fused_moe, fused_moe_mod.fused_moe_ref)
+
+
+def skinny_gemv_enabled() -> bool:
+    """Decode steps of at most `gemv.MAX_ROWS` rows use `kernels/gemv.py` instead of cuBLAS
+    (weights then stay row-major). `TANDEM_SKINNY_GEMV=0` turns it off, for A/B runs."""
+    return os.environ.get("TANDEM_SKINNY_GEMV", "1") != "0"
+
+
+def linear(x: torch.Tensor, layer: torch.nn.Linear, silu_mul_input: bool = False) -> torch.Tensor:
+    """`layer(x)`, or `layer(silu_and_mul(x))` with `silu_mul_input`. A few rows with a row-major,
+    bias-free weight go through the skinny GEMV (Triton, SiLU fused); everything else is cuBLAS."""
+    weight = layer.weight
+    if ((x.is_cuda or os.environ.get("TANDEM_TRITON_ON_CPU") == "1") and x.dim() == 2
+            and 1 <= x.shape[0] <= gemv_mod.MAX_ROWS and layer.bias is None and weight.stride(1) == 1
+            and skinny_gemv_enabled()):
+        return gemv_mod.gemv(x, weight, silu_mul_input)
+    if silu_mul_input:
+        x = silu_and_mul(x)
+    return torch_F.linear(x, weight, layer.bias)

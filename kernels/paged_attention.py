@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_kwargs, pdl_prologue
+
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     block_size = cache.shape[1]
@@ -110,11 +112,12 @@ def _paged_decode_kernel(
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CACHE_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # Program (sequence, kv head, split): the GROUP query heads of one KV head against context
     # positions [split * split_len, (split + 1) * split_len). With one split it writes the final
     # output; otherwise a normalised partial output and its log2-sum-exp for the reduce kernel.
+    pdl_prologue(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -172,9 +175,11 @@ def _reduce_splits_kernel(
     part_out_ptr, part_lse_ptr, context_lens_ptr, out_ptr, stride_o_b, stride_o_h,
     NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # Program (sequence, query head): weigh each non-empty split's output by its share of the
     # softmax mass. Splits past the context were never written and are masked out here.
+    pdl_prologue(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
@@ -210,13 +215,14 @@ def _paged_prefill_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CACHE_BLOCK: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, SEQS_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # Program (tile, kv head): BLOCK_Q query tokens of one sequence x the GROUP query heads of
     # one KV head, stacked as BLOCK_Q * GROUP_PAD rows (token-major).
     #
     # Sequence b owns tiles [cu[b] // BLOCK_Q + b, ... + cdiv(q_len_b, BLOCK_Q)); these ranges
     # never overlap and all fit in T // BLOCK_Q + B programs, so the grid needs no host sync.
+    pdl_prologue(USE_PDL)
     tile_id = tl.program_id(0)
     kv_head = tl.program_id(1)
     offs_b = tl.arange(0, SEQS_PAD)
@@ -367,7 +373,7 @@ def paged_decode_attention_split(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CACHE_BLOCK=k_cache.shape[1],
         BLOCK_N=block_n, MIN_SPLIT=min_split_len, NUM_SPLITS=num_splits,
         DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **launch_kwargs(q.device),
     )
     if num_splits > 1:
         _reduce_splits_kernel[(batch, num_q_heads)](
@@ -375,7 +381,7 @@ def paged_decode_attention_split(
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
             BLOCK_N=block_n, MIN_SPLIT=min_split_len, NUM_SPLITS=num_splits,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
-            num_warps=4,
+            num_warps=4, **launch_kwargs(q.device),
         )
     return out
 
@@ -466,6 +472,6 @@ def paged_prefill_attention_tiled(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), CACHE_BLOCK=k_cache.shape[1],
         BLOCK_Q=block_q, BLOCK_N=block_n, SEQS_PAD=_seqs_pad(num_seqs),
         DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **launch_kwargs(q.device),
     )
     return out

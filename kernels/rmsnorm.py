@@ -3,6 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_kwargs, pdl_prologue
+
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
@@ -23,10 +25,11 @@ def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr,
     stride_x, stride_residual, stride_out, stride_summed,
     hidden, eps,
-    ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # One program per row. Each rounding step mirrors the reference (and HF): the sum is rounded
     # to the activation dtype, normalised in fp32, rounded, then multiplied by the weight.
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -65,7 +68,7 @@ def _launch(x, residual, weight, eps):
             x2.stride(0), residual2.stride(0), out2.stride(0), summed2.stride(0),
             hidden, eps,
             ADD_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=min(max(block // 512, 1), 16),
+            num_warps=min(max(block // 512, 1), 16), **launch_kwargs(x.device),
         )
     return out, summed
 

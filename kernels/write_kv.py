@@ -3,6 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_kwargs, pdl_prologue
+
 
 def write_kv_ref(
     k: torch.Tensor,  # [T, Hkv, D]
@@ -25,9 +27,10 @@ def _write_kv_kernel(
     stride_vc_blk, stride_vc_tok, stride_vc_h,
     NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    CACHE_BLOCK: tl.constexpr,
+    CACHE_BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # One program per token: all its heads, K and V.
+    pdl_prologue(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
@@ -64,5 +67,5 @@ def write_kv(
         NUM_HEADS=num_heads, HEADS_PAD=triton.next_power_of_2(num_heads),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         CACHE_BLOCK=k_cache.shape[1],
-        num_warps=4,
+        num_warps=4, **launch_kwargs(k.device),
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kernels import ops
 from workers.attention import ForwardContext
 from workers.config import EngineConfig
 from workers.models import model_class_for
@@ -88,7 +89,9 @@ class ModelRunner:
                         yield name, f.get_tensor(name)
 
         model.load_weights(from_files() if weights is None else weights)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not ops.skinny_gemv_enabled():
+            # Column-major only helps cuBLAS's small-batch kernels; the skinny GEMV that serves
+            # those batches otherwise reads row-major weights.
             model.use_column_major_weights()
         return model.eval()
 

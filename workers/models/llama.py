@@ -67,7 +67,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, ctx: ForwardContext):
-        qkv = self.qkv_proj(x)
+        qkv = ops.linear(x, self.qkv_proj)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -77,7 +77,7 @@ class Attention(nn.Module):
         q, k = ops.rope(q, k, positions, cos_sin)
         # v stays a strided view of qkv: the KV write takes strided rows (one copy kernel less per layer).
         out = paged_attention(self.layer_idx, q, k, v, self.scale, ctx)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return ops.linear(out.reshape(-1, self.q_size), self.o_proj)
 
 
 class MLP(nn.Module):
@@ -87,7 +87,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return ops.linear(ops.linear(x, self.gate_up_proj), self.down_proj, silu_mul_input=True)
 
 
 class DecoderLayer(nn.Module):
@@ -148,13 +148,14 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return ops.linear(hidden, self.lm_head)
 
     # Projections whose weight reads faster on an H100 stored column-major (the [out, in]
     # parameter as a transposed view of a contiguous [in, out] tensor): F.linear then hands
     # cuBLAS an NN problem, whose small-batch kernels read the weight at 2.4-3.0 TB/s instead
     # of 2.0-2.9 (bench/gemv_probe.py, bench/results/gemv_probe_h100.json); large-batch
     # (prefill) rates are within +-3%. qkv is left as it is: slower that way at batch 1.
+    # Used only with TANDEM_SKINNY_GEMV=0: the batch-1 GEMV (kernels/gemv.py) reads row-major.
     column_major_suffixes = ("o_proj", "gate_up_proj", "down_proj", "lm_head")
 
     def use_column_major_weights(self) -> None:

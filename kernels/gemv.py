@@ -1,0 +1,99 @@
+"""Batch-1 GEMV: y = x @ W^T for one row x [1, K], the batch-1 decode step's projections.
+
+Why not cuBLAS there: at small M a projection is a pure weight read, and two things cost time
+besides the bytes (`bench/gemv_probe.py --triton-sweep`, H100, weights cycled so every call
+reads HBM): cuBLAS's kernels for the smaller Llama-3-8B projections launch too few CTAs to
+keep HBM busy (qkv 2.49 TB/s, o_proj 2.04-2.42 TB/s, against ~3.0 for gate_up and lm_head),
+and every kernel ramps up from idle. Here each program owns a few whole rows of W (long
+contiguous runs, hundreds of programs), and with programmatic dependent launch
+(`kernels/pdl.py`) it loads its first weight tile *before* waiting for the previous kernel,
+since weights never depend on it: the ramp overlaps the small kernels before the projection.
+
+The product is an FMA reduction with fp32 accumulation. A `tl.dot` version for 2-16 rows (x
+padded to 16) was measured and dropped: slower than cuBLAS at every shape but qkv (e.g. down at
+M = 4-16: 97-106 us against 44-45; the M > 1 rows of `gemv_skinny_sweep_h100.json`), so steps of
+two or more rows use cuBLAS.
+
+`silu_mul_input=True` takes x = [gate | up] (2K wide) and uses silu(gate) * up, rounded as
+`kernels.activation.silu_and_mul` rounds it, so the MLP's down projection needs no separate
+activation kernel. W must be row-major [N, K] (nn.Linear's own layout).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.pdl import launch_kwargs, pdl_prologue
+
+MAX_ROWS = 1
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool = False) -> torch.Tensor:
+    if silu_mul_input:
+        half = x.shape[-1] // 2
+        x = F.silu(x[..., :half]) * x[..., half:]
+    return F.linear(x, weight)
+
+
+@triton.jit
+def _input_chunk(x_ptr, offs_k, mask_k, K, SILU_MUL: tl.constexpr):
+    """x[offs_k] as fp32; with SILU_MUL, silu(gate) * up."""
+    if SILU_MUL:
+        gate = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32)
+        return (silu * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        return tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    offs_k = tl.arange(0, BLOCK_K)
+    # The first weight tile is read before waiting for the previous kernel (see the module doc),
+    # and each next tile is loaded before the current one is used.
+    w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
+    pdl_prologue(USE_PDL)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + offs_k
+        x = _input_chunk(x_ptr, offs, offs < K, K, SILU_MUL)
+        nxt = offs + BLOCK_K
+        w_next = tl.load(w_rows + nxt[None, :], mask=mask_n[:, None] & (nxt < K)[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+        w = w_next
+    tl.store(y_ptr + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+# (BLOCK_N, BLOCK_K, num_warps): among the best at every Llama-3-8B projection in the H100 sweep
+# (`bench/results/gemv_skinny_sweep_h100.json`, M = 1; within 1.3 us of each shape's best).
+TILES = (8, 1024, 4)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool = False, *,
+         tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Triton version of `gemv_ref` for one row: x [1, K] (or [1, 2K] with `silu_mul_input`) and a
+    row-major weight [N, K]. Returns [1, N] in x's dtype."""
+    if x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"gemv takes one row, got x of shape {tuple(x.shape)}")
+    n, k = weight.shape
+    if x.shape[1] != (2 * k if silu_mul_input else k):
+        raise ValueError(f"x has {x.shape[1]} columns for a weight of shape {tuple(weight.shape)}")
+    if weight.stride(1) != 1:
+        raise ValueError(f"gemv needs a row-major weight, got strides {weight.stride()}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, num_warps = tiles or TILES
+    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, y, n, k, weight.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=silu_mul_input, num_warps=num_warps,
+        **launch_kwargs(x.device))
+    return y
