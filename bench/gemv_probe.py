@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +30,14 @@ SHAPES = {  # name: (N, K) for Llama-3-8B; M = tokens in the step
     "down": (4096, 14336),
     "lm_head": (128256, 4096),
 }
+
+
+def write_json(path: str | None, rows: list, **extra) -> None:
+    """The probe's rows with the device and versions, if a path was given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, **extra, "rows": rows},
+                      f, indent=1)
 
 
 def time_graph(fn, copies: int, reps: int = 48) -> float:
@@ -91,10 +103,7 @@ def triton_sweep(json_path: str | None, ms: list[int]) -> int:
         print(f"| {r['m']} | {r['proj']}{' +silu' if r['silu_mul_fused'] else ''} | {r['cublas_row_us']:.1f} | "
               f"{r['cublas_col_us']:.1f} | {r['triton_default_us']:.1f} | {b['us']:.1f} ({b['block_n']},{b['block_k']},{b['num_warps']}) | "
               f"{b['max_err']:.3g} |")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": __import__("triton").__version__, "rows": out}, f, indent=1)
+    write_json(json_path, out, triton=__import__("triton").__version__)
     return 0
 
 
@@ -137,9 +146,7 @@ def main() -> int:
         unit = "tflops" if r["m"] >= 1024 else "tb_s"
         rates = " / ".join(f"{r[f'{key}_{unit}']:.2f}" for key in ("linear", "t_major", "lt"))
         print(f"| {r['m']} | {r['proj']} | {r['linear_us']:.1f} | {r['t_major_us']:.1f} | {r['lt_us']:.1f} | {rates} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    write_json(args.json, rows)
     return 0
 
 

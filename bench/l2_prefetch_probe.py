@@ -27,7 +27,10 @@ layer without prefetch, 169.3 us at best with it (noise), and slower as the pref
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from bench.gemv_probe import write_json
 from kernels import ops
 
 H, I, QKV, LAYERS = 4096, 14336, 6144, 32
@@ -182,9 +186,7 @@ def main() -> int:
     print("| --- | ---: |")
     for r in rows:
         print(f"| {r['variant']} | {r['us_per_layer']:.1f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    write_json(args.json, rows)
     return 0
 
 
