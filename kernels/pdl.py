@@ -10,7 +10,7 @@ kernel be scheduled (`griddepcontrol.launch_dependents`). A kernel not launched 
 (cuBLAS's GEMMs) is ordered as usual.
 
 `TANDEM_PDL=0` turns it off (for A/B measurements); it is off on the CPU, under the Triton
-interpreter and on GPUs older than sm_90.
+interpreter, on GPUs older than sm_90 and with a Triton that lacks it.
 """
 from __future__ import annotations
 
@@ -22,9 +22,14 @@ import triton
 import triton.language as tl
 
 
+# Triton exposes grid dependency control (and the `launch_pdl` launch option) since 3.3; with an
+# older Triton the kernels simply run without it.
+_TRITON_HAS_GDC = hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
+
+
 @functools.cache
 def _device_supports_pdl(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    return _TRITON_HAS_GDC and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def pdl_enabled(device: torch.device) -> bool:
