@@ -40,14 +40,14 @@ fused_moe = _dispatch(fused_moe_mod.fused_moe, fused_moe_mod.fused_moe_ref)
 
 
 def skinny_gemv_enabled() -> bool:
-    """Decode steps of at most `gemv.MAX_ROWS` rows use `kernels/gemv.py` instead of cuBLAS
-    (weights then stay row-major). `TANDEM_SKINNY_GEMV=0` turns it off, for A/B runs."""
+    """One-row steps (batch-1 decode) use `kernels/gemv.py` instead of cuBLAS, and the weights then
+    stay row-major. `TANDEM_SKINNY_GEMV=0` turns it off, for A/B runs."""
     return os.environ.get("TANDEM_SKINNY_GEMV", "1") != "0"
 
 
 def linear(x: torch.Tensor, layer: torch.nn.Linear, silu_mul_input: bool = False) -> torch.Tensor:
-    """`layer(x)`, or `layer(silu_and_mul(x))` with `silu_mul_input`. A few rows with a row-major,
-    bias-free weight go through the skinny GEMV (Triton, SiLU fused); everything else is cuBLAS."""
+    """`layer(x)`, or `layer(silu_and_mul(x))` with `silu_mul_input`. One row with a row-major,
+    bias-free weight goes through the batch-1 GEMV (Triton, SiLU fused); everything else is cuBLAS."""
     weight = layer.weight
     if ((x.is_cuda or os.environ.get("TANDEM_TRITON_ON_CPU") == "1") and x.dim() == 2
             and 1 <= x.shape[0] <= gemv_mod.MAX_ROWS and layer.bias is None and weight.stride(1) == 1
