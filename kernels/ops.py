@@ -15,12 +15,18 @@ from kernels import activation, block_copy, fused_moe as fused_moe_mod, gemv as 
 F = TypeVar("F", bound=Callable)
 
 
+def _takes_triton(t: torch.Tensor) -> bool:
+    """CUDA tensors go to Triton; CPU ones too with TANDEM_TRITON_ON_CPU=1 (read per call so tests
+    can flip it)."""
+    return t.is_cuda or os.environ.get("TANDEM_TRITON_ON_CPU") == "1"
+
+
 def _dispatch(triton_op: F, ref_op: F) -> F:
-    """The op picks by its first tensor argument; the env var is read per call so tests can flip it."""
+    """The op picks by its first tensor argument (`_takes_triton`)."""
 
     @functools.wraps(triton_op)
     def op(first, *args, **kwargs):
-        if first.is_cuda or os.environ.get("TANDEM_TRITON_ON_CPU") == "1":
+        if _takes_triton(first):
             return triton_op(first, *args, **kwargs)
         return ref_op(first, *args, **kwargs)
 
@@ -49,9 +55,8 @@ def linear(x: torch.Tensor, layer: torch.nn.Linear, silu_mul_input: bool = False
     """`layer(x)`, or `layer(silu_and_mul(x))` with `silu_mul_input`. One row with a row-major,
     bias-free weight goes through the batch-1 GEMV (Triton, SiLU fused); everything else is cuBLAS."""
     weight = layer.weight
-    if ((x.is_cuda or os.environ.get("TANDEM_TRITON_ON_CPU") == "1") and x.dim() == 2
-            and 1 <= x.shape[0] <= gemv_mod.MAX_ROWS and layer.bias is None and weight.stride(1) == 1
-            and skinny_gemv_enabled()):
+    if (_takes_triton(x) and x.dim() == 2 and x.shape[0] == 1 and layer.bias is None
+            and weight.stride(1) == 1 and skinny_gemv_enabled()):
         return gemv_mod.gemv(x, weight, silu_mul_input)
     if silu_mul_input:
         x = silu_and_mul(x)
