@@ -27,6 +27,7 @@ import triton.language as tl
 
 from kernels.pdl import launch_kwargs, pdl_prologue
 
+
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool = False) -> torch.Tensor:
     if silu_mul_input:
         half = x.shape[-1] // 2
