@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.step_trace import StepTracer  # noqa: E402
+from bench.throughput_bound import ModelShape, WorkloadCounts, run_figures, throughput_bound  # noqa: E402
 from workers import LLM, SamplingParams  # noqa: E402
 
 CONFIG_8B = Path(__file__).parent / "configs" / "llama3_8b.json"
@@ -480,6 +481,11 @@ def main() -> int:
     for key, name in (("hf_static", "throughput_vs_hf_static"), ("hf_continuous", "throughput_vs_hf_cb")):
         base = results["throughput_tok_s"][key]
         results[name] = (got / elapsed) / base if base else None
+    # What no engine could beat on this device and workload, from this run's measured rates.
+    bound = throughput_bound(ModelShape.from_config(cfg.to_dict(), 2 if gpu else 4),
+                             WorkloadCounts.of([len(p) for p in prompts], outs),
+                             results["copy_bandwidth_gb_s"], results["matmul_tflops"])
+    results["throughput_bound"] = run_figures(bound, got / elapsed, results["throughput_tok_s"]["hf_static"])
     write_reports(results, Path(args.out), gpu)
     partial.unlink(missing_ok=True)
     return 0
@@ -551,6 +557,14 @@ def write_reports(results: dict, out: Path, gpu: bool) -> None:
         f"| vs HF static | {f(results['throughput_vs_hf_static'], '{:.1f}x')} | target >= 50x |",
         f"| vs HF continuous | {f(results['throughput_vs_hf_cb'], '{:.1f}x')} | target >= 10x |",
     ]
+    b = results.get("throughput_bound")
+    if b:
+        lines += [
+            f"| throughput bound | {f(b['output_tok_s'], '{:.0f}')} output tok/s ({f(b['bound_s'])} s, {b['bound_by']}) | no engine computing these tokens in this dtype beats it here: the longest request's {b['counts']['min_steps']} steps each read all weights, and every decode token its context's KV ({f(b['bytes_s'])} s at the copy bandwidth); or all FLOPs at the matmul rate ({f(b['flops_s'])} s) (`bench/throughput_bound.py`) |",
+            f"| Tandem vs bound | {f(b['fraction'], '{:.1%}')} | Tandem throughput / bound |",
+        ]
+        if "vs_hf_static_at_bound" in b:
+            lines.append(f"| HF static ratio at the bound | {f(b['vs_hf_static_at_bound'], '{:.1f}x')} | the ratio an engine at the bound would reach; 50x needs {f(b['fraction_needed_for_50x_hf_static'], '{:.1%}')} of the bound |")
     for row in results.get("tandem_sweep", []):
         lines.append(f"| Tandem, {row['scheduling_policy']}, budget {row['max_num_batched_tokens']} | "
                      f"{f(row['tok_s'], '{:.0f}')} output tok/s | same engine and workload, other scheduler "

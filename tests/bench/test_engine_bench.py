@@ -52,3 +52,9 @@ def test_engine_bench_writes_the_contract_on_cpu(tmp_path):
         assert sum(g["decode_tokens"] for g in groups) == w["output_tokens"] - w["num_requests"]
         assert sum(g["steps"] for g in groups) == trace["steps"]
         assert 0 < trace["host_s"] <= trace["wall_s"]
+    # The throughput bound counts the tokens the run computed (bench/throughput_bound.py).
+    bound, groups = res["throughput_bound"], res["tandem"]["step_trace"]["groups"].values()
+    assert bound["counts"]["decode_context"] == sum(g["decode_context"] for g in groups)
+    assert bound["counts"]["computed_tokens"] == w["prompt_tokens"] + w["output_tokens"] - w["num_requests"]
+    assert 0 < bound["fraction"] and bound["vs_hf_static_at_bound"] > 0
+    assert "throughput bound" in (tmp_path / "engine_cpu.md").read_text()
