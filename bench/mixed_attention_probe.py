@@ -5,8 +5,8 @@ A probe, not a benchmark; on a GPU:
     python bench/mixed_attention_probe.py --out /tmp/probe
     python bench/mixed_attention_probe.py --out /tmp/probe --padding   # the current tile only,
         # each mixed batch padded to 256 sequences (as the graph pads), to 64, and not at all
-    python bench/mixed_attention_probe.py --out /tmp/probe --splits   # each tile's positions split
-        # into 1-4 parts (partial outputs merged by a second kernel), for a few tiles
+    # (`--splits`, splitting each tile's positions into parts merged by a second kernel, is at
+    # commit 40952ec with the kernel change it measured; slower, reverted: bench/results)
 
 Each row: one batch, one tile (query rows, KV positions per step, warps, stages), the kernel's
 cold-L2 time per call in a CUDA graph (`bench/kernels_bench.graph_ms`), and its largest
@@ -57,14 +57,10 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/probe")
     ap.add_argument("--padding", action="store_true",
                     help="time the current tile on each mixed batch at several sequence paddings instead")
-    ap.add_argument("--splits", action="store_true",
-                    help="time a few tiles on each mixed batch with the positions split into 1-4 parts instead")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.padding:
         return padding_probe(Path(args.out))
-    if args.splits:
-        return splits_probe(Path(args.out))
     batches = {f"{d} decodes@{dc} + {c}@{cc}": make_batch([1] * d + [c], [dc] * d + [cc], 256, 256)
                for d, dc, c, cc in MIXED}
     batches["4k prompt"] = make_batch([4096], [4096], 1, 4096)
@@ -98,32 +94,6 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "mixed_attention_tiles.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
-    return 0
-
-
-def splits_probe(out: Path) -> int:
-    """Mixed steps padded as the graph pads them: 48 one-token decodes leave 1.8 waves of long
-    programs on an H100. Does splitting each tile's positions (and merging) pay?"""
-    rows = []
-    scale = 128 ** -0.5
-    for d, dc, c, cc in MIXED:
-        q_lens, ctx = [1] * d + [c], [dc] * d + [cc]
-        kv_bytes = 2 * 8 * 128 * 2 * sum(ctx)
-        q, k, v, cu, tables, lens, real_t = make_batch(q_lens, ctx, 256, 256)
-        ref = pa.paged_prefill_attention_tiled(q, k, v, cu, tables, lens, scale, 64, 64, 4, 3)[:real_t].float()
-        for tile in ((64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3)):
-            for splits in (1, 2, 3, 4):
-                fn = lambda: pa.paged_prefill_attention_tiled(q, k, v, cu, tables, lens, scale, *tile, splits)  # noqa: E731
-                diff = (fn()[:real_t].float() - ref).abs().max().item()
-                ms = graph_ms(fn)
-                rows.append(dict(batch=f"{d} decodes@{dc} + {c}@{cc}", tile=list(tile), splits=splits, us=ms * 1e3,
-                                 kv_gb_s=kv_bytes / (ms * 1e-3) / 1e9, max_abs_diff=diff))
-                print(f"{rows[-1]['batch']:28s} {str(tile):16s} splits {splits}: {ms * 1e3:7.1f} us, "
-                      f"KV at {rows[-1]['kv_gb_s']:.0f} GB/s, diff {diff:.3g}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mixed_attention_splits.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-         "command": "python bench/mixed_attention_probe.py --splits", "rows": rows}, indent=1))
     return 0
 
 

@@ -6,7 +6,6 @@ already be written to the cache. Query i of a sequence with q_len queries and co
 sits at position L - q_len + i and attends to positions 0..L - q_len + i (causal).
 """
 import functools
-import os
 
 import torch
 import triton
@@ -208,23 +207,18 @@ def _reduce_splits_kernel(
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt_b"])
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_q_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
-    part_out_ptr, part_lse_ptr,
     qk_scale, num_seqs,
     stride_q_t, stride_q_h,
     stride_k_blk, stride_k_tok, stride_k_h,
     stride_v_blk, stride_v_tok, stride_v_h,
     stride_bt_b, stride_o_t, stride_o_h,
-    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CACHE_BLOCK: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, SEQS_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, SEQS_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    # Program (tile, kv head, split): BLOCK_Q query tokens of one sequence x the GROUP query
-    # heads of one KV head, stacked as BLOCK_Q * GROUP_PAD rows (token-major), against one of
-    # NUM_SPLITS equal parts of the positions the tile sees. With one split it writes the output;
-    # otherwise each row's normalised partial output and log2-sum-exp, merged by
-    # `_merge_prefill_splits_kernel`. Splits exist for mixed steps: one-token decode rows give
-    # few, long programs, and a second partial wave of them set the kernel's time.
+    # Program (tile, kv head): BLOCK_Q query tokens of one sequence x the GROUP query heads of
+    # one KV head, stacked as BLOCK_Q * GROUP_PAD rows (token-major).
     #
     # Sequence b owns tiles [cu[b] // BLOCK_Q + b, ... + cdiv(q_len_b, BLOCK_Q)); these ranges
     # never overlap and all fit in T // BLOCK_Q + B programs, so the grid needs no host sync.
@@ -261,15 +255,7 @@ def _paged_prefill_kernel(
     acc = tl.zeros([ROWS, HEAD_DIM_PAD], tl.float32)
     # Positions every row of the tile may see: no causal mask needed.
     kv_full_end = (first_query_pos + 1) // BLOCK_N * BLOCK_N
-    kv_end = tl.minimum(context_len - q_len + q_tile * BLOCK_Q + BLOCK_Q, context_len)
-    if NUM_SPLITS == 1:
-        lo = 0
-        hi = kv_end
-    else:  # this split's part, whole KV tiles; a part past kv_end is empty and writes empty rows
-        split_len = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        lo = tl.program_id(2) * split_len
-        hi = tl.minimum(lo + split_len, kv_end)
-    for n0 in range(lo, tl.minimum(hi, kv_full_end), BLOCK_N):
+    for n0 in range(0, kv_full_end, BLOCK_N):
         positions = n0 + offs_n
         all_n = positions >= 0
         k = _load_kv_tile(k_cache_ptr, block_table_row, positions, all_n, kv_head, offs_d, mask_d,
@@ -283,73 +269,29 @@ def _paged_prefill_kernel(
                           stride_v_blk, stride_v_tok, stride_v_h, CACHE_BLOCK)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-    # The diagonal: causal mask per row. Unsplit, position 0 is visible to every row, so the
-    # first tile processed always gives each row a finite maximum. A later split can hold no
-    # position a row may see: its maximum stays -inf and is taken as 0 so nothing becomes NaN.
-    for n0 in range(tl.maximum(lo, kv_full_end), hi, BLOCK_N):
+    # The diagonal: causal mask per row. Position 0 is visible to every row, so the first tile
+    # processed always gives each row a finite maximum.
+    kv_end = tl.minimum(context_len - q_len + q_tile * BLOCK_Q + BLOCK_Q, context_len)
+    for n0 in range(kv_full_end, kv_end, BLOCK_N):
         positions = n0 + offs_n
-        mask_n = positions < hi
+        mask_n = positions < kv_end
         k = _load_kv_tile(k_cache_ptr, block_table_row, positions, mask_n, kv_head, offs_d, mask_d,
                           stride_k_blk, stride_k_tok, stride_k_h, CACHE_BLOCK)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         visible = (positions[None, :] <= query_pos[:, None]) & mask_n[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = m_new
-        if NUM_SPLITS > 1:
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv_tile(v_cache_ptr, block_table_row, positions, mask_n, kv_head, offs_d, mask_d,
                           stride_v_blk, stride_v_tok, stride_v_h, CACHE_BLOCK)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    if NUM_SPLITS == 1:
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + q_rows[:, None] * stride_o_t + q_heads[:, None] * stride_o_h + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    else:  # an empty part (l = 0) writes output 0 and log2-sum-exp -inf: the merge gives it no weight
-        part = (q_rows * NUM_Q_HEADS + q_heads) * NUM_SPLITS + tl.program_id(2)
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], out,
-                 mask=mask_m[:, None] & mask_d[None, :])
-        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=mask_m)
-
-
-@triton.jit
-def _merge_prefill_splits_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, stride_o_t, stride_o_h,
-    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    # Program (token, kv head): weigh the GROUP query heads' split outputs by their shares of
-    # the softmax mass. Padded tokens (in no sequence) were never written: their rows come out
-    # as garbage, as the unsplit kernel leaves them, and nothing reads them.
-    pdl_prologue(USE_PDL)
-    tok = tl.program_id(0).to(tl.int64)
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask_g = offs_g < GROUP
-    mask_d = offs_d < HEAD_DIM
-    heads = tl.program_id(1) * GROUP + offs_g
-    base = (tok * NUM_Q_HEADS + heads) * NUM_SPLITS
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    for split in tl.static_range(NUM_SPLITS):
-        m = tl.maximum(m, tl.load(part_lse_ptr + base + split, mask=mask_g, other=float("-inf")))
-    m = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-    total = tl.zeros([GROUP_PAD], tl.float32)
-    for split in tl.static_range(NUM_SPLITS):
-        w = tl.exp2(tl.load(part_lse_ptr + base + split, mask=mask_g, other=float("-inf")) - m)
-        part = tl.load(part_out_ptr + (base + split)[:, None] * HEAD_DIM_PAD + offs_d[None, :],
-                       mask=mask_g[:, None] & mask_d[None, :], other=0.0)
-        acc += w[:, None] * part
-        total += w
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + tok * stride_o_t + heads[:, None] * stride_o_h + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_o_t + q_heads[:, None] * stride_o_h + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,24 +424,7 @@ def paged_prefill_attention(
         tile = (64, 32, 4, 2)  # keeps the K/V stages within shared memory
     else:  # near the best of a sweep on H100 (bench/results/kernels_h100.json), modest shared memory
         tile = (64, 64, 4, 3)
-    return paged_prefill_attention_tiled(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale, *tile,
-                                         num_splits=prefill_splits(q.shape[0], q.device))
-
-
-# Steps of at most this many tokens split each tile's positions (mixed steps of decodes and a
-# chunk, as the offline benchmark runs them at a 256-token budget).
-_SPLIT_MAX_TOKENS = 512
-
-
-def prefill_splits(num_tokens: int, device: torch.device) -> int:
-    """How many parts the prefill kernel splits each tile's positions into, from shapes alone
-    (a CUDA graph captures it). `TANDEM_PREFILL_SPLITS=N` sets it for every step (1: off)."""
-    forced = os.environ.get("TANDEM_PREFILL_SPLITS")
-    if forced is not None:
-        return max(1, int(forced))
-    if device.type != "cuda" or num_tokens > _SPLIT_MAX_TOKENS:
-        return 1
-    return 2
+    return paged_prefill_attention_tiled(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale, *tile)
 
 
 def _seqs_pad(num_seqs: int) -> int:
@@ -520,11 +445,9 @@ def paged_prefill_attention_tiled(
     block_n: int,
     num_warps: int,
     num_stages: int,
-    num_splits: int = 1,
 ) -> torch.Tensor:
     """`paged_prefill_attention` with the tile given: `rows` query rows (tokens x grouped heads)
-    against `block_n` context positions per step, each tile's positions in `num_splits` parts
-    (more than one: partial outputs in float32, merged by a second kernel)."""
+    against `block_n` context positions per step."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = context_lens.shape[0]
     num_kv_heads = k_cache.shape[2]
@@ -537,31 +460,18 @@ def paged_prefill_attention_tiled(
     block_q = max(1, rows // group_pad)
     if block_q * group_pad < 16:  # tl.dot needs at least 16 rows
         block_q = triton.cdiv(16, group_pad)
-    head_dim_pad = triton.next_power_of_2(head_dim)
-    if num_splits > 1:
-        part_out = torch.empty((num_tokens, num_q_heads, num_splits, head_dim_pad), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((num_tokens, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
-    else:
-        part_out = part_lse = out  # unused
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _paged_prefill_kernel[grid](
-        q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, out, part_out, part_lse,
+        q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, out,
         scale * _LOG2E, num_seqs,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        NUM_Q_HEADS=num_q_heads, GROUP=group, GROUP_PAD=group_pad,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, CACHE_BLOCK=k_cache.shape[1],
-        BLOCK_Q=block_q, BLOCK_N=block_n, SEQS_PAD=_seqs_pad(num_seqs), NUM_SPLITS=num_splits,
+        GROUP=group, GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), CACHE_BLOCK=k_cache.shape[1],
+        BLOCK_Q=block_q, BLOCK_N=block_n, SEQS_PAD=_seqs_pad(num_seqs),
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages, **launch_kwargs(q.device),
     )
-    if num_splits > 1:
-        _merge_prefill_splits_kernel[(num_tokens, num_kv_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1),
-            NUM_Q_HEADS=num_q_heads, GROUP=group, GROUP_PAD=group_pad,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits,
-            num_warps=4, **launch_kwargs(q.device),
-        )
     return out

@@ -13,7 +13,6 @@ from kernels.paged_attention import (
     paged_decode_attention_split,
     paged_prefill_attention,
     paged_prefill_attention_ref,
-    paged_prefill_attention_tiled,
     plan_decode_splits,
 )
 
@@ -50,19 +49,14 @@ def run_decode(context_lens, num_q_heads, num_kv_heads, head_dim, block_size, dt
     assert_close(out, ref, TOLERANCE[dtype])
 
 
-def run_prefill(q_lens, context_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, splits=None):
-    """`splits`: the number of parts each tile's positions are split into, with a small tile
-    (16 rows, 16 positions per step) so that every part holds a few KV tiles."""
+def run_prefill(q_lens, context_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype):
     k_cache, v_cache, block_tables, lens = make_paged_kv(context_lens, num_kv_heads, head_dim, block_size, dtype)
     dev = k_cache.device
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
     q = torch.randn(sum(q_lens), num_q_heads, head_dim, dtype=dtype, device=dev)
     scale = head_dim**-0.5
     with poisoned_allocations():
-        if splits is None:
-            out = paged_prefill_attention(q, k_cache, v_cache, cu, block_tables, lens, scale)
-        else:
-            out = paged_prefill_attention_tiled(q, k_cache, v_cache, cu, block_tables, lens, scale, 16, 16, 4, 1, splits)
+        out = paged_prefill_attention(q, k_cache, v_cache, cu, block_tables, lens, scale)
     ref = paged_prefill_attention_ref(q, k_cache, v_cache, cu, block_tables, lens, scale)
     assert_close(out, ref, TOLERANCE[dtype])
 
@@ -124,22 +118,6 @@ def test_prefill_step_with_many_decodes():
                 4, 2, 16, 4, torch.float32)
 
 
-@pytest.mark.parametrize("splits", [2, 3, 5])
-def test_prefill_split_over_context_matches_ref(splits):
-    # Mixed-step shapes: decodes with short and long contexts (some shorter than one part, so
-    # later parts are empty), a chunk after a long prefix, and a plain prompt whose later parts
-    # hold positions that the chunk's first rows may not see (their softmax mass there is 0).
-    q_lens = [1, 1, 9, 1, 23, 1]
-    contexts = [3, 70, 57, 16, 23, 100]
-    run_prefill(q_lens, contexts, 4, 2, 16, 4, torch.float32, splits=splits)
-    run_prefill(q_lens, contexts, 8, 2, 16, 8, torch.float16, splits=splits)
-
-
-def test_prefill_split_every_alignment():
-    prefixes = list(range(0, 35))
-    run_prefill([5] * len(prefixes), [p + 5 for p in prefixes], 2, 1, 16, 4, torch.float32, splits=3)
-
-
 def test_prefill_every_alignment():
     # One batch whose sequences start their queries at every offset around a 16-position tile
     # (the causal diagonal lands on each column of the KV tile at least once).
@@ -166,15 +144,12 @@ def test_prefill_padded_as_the_mixed_step_graph_pads():
     lens_pad = torch.cat([lens, torch.zeros(pad_b - len(q_lens), dtype=torch.int32, device=dev)])
     stale = torch.randint(0, k_cache.shape[0], (pad_b - len(q_lens), block_tables.shape[1]), device=dev)
     tables_pad = torch.cat([block_tables, stale.to(torch.int32)])
+    with poisoned_allocations():
+        padded = paged_prefill_attention(q, k_cache, v_cache, cu_pad, tables_pad, lens_pad, 0.25)
+        plain = paged_prefill_attention(q[:real_t], k_cache, v_cache, cu, block_tables, lens, 0.25)
+    assert torch.equal(padded[:real_t], plain)
     ref = paged_prefill_attention_ref(q[:real_t], k_cache, v_cache, cu, block_tables, lens, 0.25)
-    for splits in (1, 2):  # the graphs of mixed steps split the positions (`_prefill_splits`)
-        with poisoned_allocations():
-            padded = paged_prefill_attention_tiled(q, k_cache, v_cache, cu_pad, tables_pad, lens_pad, 0.25,
-                                                   16, 16, 4, 1, splits)
-            plain = paged_prefill_attention_tiled(q[:real_t], k_cache, v_cache, cu, block_tables, lens, 0.25,
-                                                  16, 16, 4, 1, splits)
-        assert torch.equal(padded[:real_t], plain)
-        assert_close(padded[:real_t], ref, TOLERANCE[torch.float32])
+    assert_close(padded[:real_t], ref, TOLERANCE[torch.float32])
 
 
 def test_empty_batches():
