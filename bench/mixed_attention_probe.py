@@ -5,6 +5,12 @@ A probe, not a benchmark; on a GPU:
     python bench/mixed_attention_probe.py --out /tmp/probe
     python bench/mixed_attention_probe.py --out /tmp/probe --padding   # the current tile only,
         # each mixed batch padded to 256 sequences (as the graph pads), to 64, and not at all
+    ncu --clock-control none -k regex:_paged_prefill_kernel --launch-skip 2 --launch-count 1 \
+        python bench/mixed_attention_probe.py --once 0   # one mixed batch (MIXED[0]), the current
+        # tile, three calls: for a profiler
+    python bench/mixed_attention_probe.py --out /tmp/probe --occupancy   # a few tiles with fewer
+        # stages and capped registers (192 registers and 83 KB of shared memory per program allow
+        # only 2 programs per multiprocessor: ncu on the H100)
     # (`--splits`, splitting each tile's positions into parts merged by a second kernel, is at
     # commit 40952ec with the kernel change it measured; slower, reverted: bench/results)
 
@@ -57,8 +63,21 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/probe")
     ap.add_argument("--padding", action="store_true",
                     help="time the current tile on each mixed batch at several sequence paddings instead")
+    ap.add_argument("--once", type=int, default=None, metavar="I",
+                    help="only run the current kernel three times on mixed batch I (under a profiler)")
+    ap.add_argument("--occupancy", action="store_true",
+                    help="time a few tiles with fewer stages and capped registers per thread instead")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.occupancy:
+        return occupancy_probe(Path(args.out))
+    if args.once is not None:
+        d, dc, c, cc = MIXED[args.once]
+        q, k, v, cu, tables, lens, _ = make_batch([1] * d + [c], [dc] * d + [cc], 256, 256)
+        for _ in range(3):
+            pa.paged_prefill_attention(q, k, v, cu, tables, lens, 128 ** -0.5)
+        torch.cuda.synchronize()
+        return 0
     if args.padding:
         return padding_probe(Path(args.out))
     batches = {f"{d} decodes@{dc} + {c}@{cc}": make_batch([1] * d + [c], [dc] * d + [cc], 256, 256)
@@ -94,6 +113,37 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "mixed_attention_tiles.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+    return 0
+
+
+def occupancy_probe(out: Path) -> int:
+    """ncu on the H100 (48 decodes + a chunk): 192 registers per thread and 83 KB of shared memory
+    per program leave 2 programs (8 warps) per multiprocessor, and warps wait on global loads.
+    Do fewer stages and a register cap (3-4 programs per multiprocessor) read faster?"""
+    rows = []
+    scale = 128 ** -0.5
+    configs = [(64, 64, 4, 3, None), (64, 64, 4, 2, None), (64, 64, 4, 2, 168), (64, 64, 4, 3, 168),
+               (64, 64, 4, 2, 128), (64, 32, 4, 2, 128), (64, 32, 4, 3, 128), (64, 32, 4, 2, 168)]
+    shapes = [([1] * d + [c], [dc] * d + [cc], f"{d} decodes@{dc} + {c}@{cc}", 256) for d, dc, c, cc in MIXED]
+    shapes.append(([4096], [4096], "4k prompt", 1))
+    for q_lens, ctx, name, pad in shapes:
+        q, k, v, cu, tables, lens, real_t = make_batch(q_lens, ctx, pad, max(256, sum(q_lens)))
+        ref = pa.paged_prefill_attention_tiled(q, k, v, cu, tables, lens, scale, 64, 64, 4, 3)[:real_t].float()
+        for cfg in configs:
+            fn = lambda: pa.paged_prefill_attention_tiled(q, k, v, cu, tables, lens, scale, *cfg)  # noqa: E731
+            try:
+                diff = (fn()[:real_t].float() - ref).abs().max().item()
+                ms = graph_ms(fn)
+            except Exception as exc:  # noqa: BLE001 - a config out of resources
+                print(f"{name}: {cfg}: {type(exc).__name__}", flush=True)
+                continue
+            rows.append(dict(batch=name, rows=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3],
+                             maxnreg=cfg[4], us=ms * 1e3, max_abs_diff=diff))
+            print(f"{name:28s} {str(cfg):26s} {ms * 1e3:7.1f} us, diff {diff:.3g}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mixed_attention_occupancy.json").write_text(json.dumps(
+        {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+         "command": "python bench/mixed_attention_probe.py --occupancy", "rows": rows}, indent=1))
     return 0
 
 

@@ -445,9 +445,11 @@ def paged_prefill_attention_tiled(
     block_n: int,
     num_warps: int,
     num_stages: int,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """`paged_prefill_attention` with the tile given: `rows` query rows (tokens x grouped heads)
-    against `block_n` context positions per step."""
+    against `block_n` context positions per step; `maxnreg` caps the registers per thread
+    (more programs per multiprocessor, at the risk of spills)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = context_lens.shape[0]
     num_kv_heads = k_cache.shape[2]
@@ -473,5 +475,6 @@ def paged_prefill_attention_tiled(
         BLOCK_Q=block_q, BLOCK_N=block_n, SEQS_PAD=_seqs_pad(num_seqs),
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages, **launch_kwargs(q.device),
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return out
