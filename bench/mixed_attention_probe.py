@@ -58,6 +58,25 @@ def make_batch(q_lens: list[int], ctx: list[int], pad_seqs: int, pad_tokens: int
     return q, k, v, cu, tables, lens, real_t
 
 
+def timed_against(fn, ref: torch.Tensor, real_t: int, label: str) -> tuple[float, float] | None:
+    """(largest difference from ref over the real rows, cold-L2 ms), or None when this tile or
+    config does not fit the GPU's resources."""
+    try:
+        diff = (fn()[:real_t].float() - ref).abs().max().item()
+        return diff, graph_ms(fn)
+    except Exception as exc:  # noqa: BLE001 - a tile out of resources: report and go on
+        print(f"{label}: {type(exc).__name__}", flush=True)
+        return None
+
+
+def write_rows(out: Path, name: str, command: str | None, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if command:
+        head["command"] = command
+    (out / name).write_text(json.dumps(dict(head, rows=rows), indent=1))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/probe")
@@ -93,12 +112,10 @@ def main() -> int:
         for tile in tiles:
             def fn(tile=tile):
                 return pa.paged_prefill_attention_tiled(q, k, v, cu, tables, lens, scale, *tile)
-            try:
-                diff = (fn()[:real_t].float() - ref).abs().max().item()
-                ms = graph_ms(fn)
-            except Exception as exc:  # noqa: BLE001 - a tile out of resources
-                print(f"{name}: {tile}: {type(exc).__name__}", flush=True)
+            timed = timed_against(fn, ref, real_t, f"{name}: {tile}")
+            if timed is None:
                 continue
+            diff, ms = timed
             rows.append(dict(batch=name, rows=tile[0], block_n=tile[1], num_warps=tile[2], num_stages=tile[3],
                              us=None if ms is None else ms * 1e3, max_abs_diff=diff, current=tile == current))
             print(f"{name:28s} {str(tile):18s} {rows[-1]['us']:8.1f} us  diff {diff:.3g}", flush=True)
@@ -109,10 +126,7 @@ def main() -> int:
         cur = next(r for r in mine if r["current"])
         print(f"{name:28s} best {best['rows']}/{best['block_n']}/{best['num_warps']}/{best['num_stages']} "
               f"{best['us']:.1f} us  [{cur['us']:.1f} us]")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mixed_attention_tiles.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+    write_rows(Path(args.out), "mixed_attention_tiles.json", None, rows)
     return 0
 
 
@@ -131,19 +145,14 @@ def occupancy_probe(out: Path) -> int:
         ref = pa.paged_prefill_attention_tiled(q, k, v, cu, tables, lens, scale, 64, 64, 4, 3)[:real_t].float()
         for cfg in configs:
             fn = lambda: pa.paged_prefill_attention_tiled(q, k, v, cu, tables, lens, scale, *cfg)  # noqa: E731
-            try:
-                diff = (fn()[:real_t].float() - ref).abs().max().item()
-                ms = graph_ms(fn)
-            except Exception as exc:  # noqa: BLE001 - a config out of resources
-                print(f"{name}: {cfg}: {type(exc).__name__}", flush=True)
+            timed = timed_against(fn, ref, real_t, f"{name}: {cfg}")
+            if timed is None:
                 continue
+            diff, ms = timed
             rows.append(dict(batch=name, rows=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3],
                              maxnreg=cfg[4], us=ms * 1e3, max_abs_diff=diff))
             print(f"{name:28s} {str(cfg):26s} {ms * 1e3:7.1f} us, diff {diff:.3g}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mixed_attention_occupancy.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-         "command": "python bench/mixed_attention_probe.py --occupancy", "rows": rows}, indent=1))
+    write_rows(out, "mixed_attention_occupancy.json", "python bench/mixed_attention_probe.py --occupancy", rows)
     return 0
 
 
@@ -169,10 +178,7 @@ def padding_probe(out: Path) -> int:
                              kv_gb_s=kv_bytes / (ms * 1e-3) / 1e9, max_abs_diff=(got - ref).abs().max().item()))
             print(f"{rows[-1]['batch']:28s} seqs padded to {pad:3d}: {ms * 1e3:7.1f} us, "
                   f"KV read at {rows[-1]['kv_gb_s']:.0f} GB/s", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mixed_attention_padding.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-         "command": "python bench/mixed_attention_probe.py --padding", "rows": rows}, indent=1))
+    write_rows(out, "mixed_attention_padding.json", "python bench/mixed_attention_probe.py --padding", rows)
     return 0
 
 
