@@ -12,7 +12,8 @@ Two bounds, and the run can go no faster than the larger:
   rate measured in the run.
 
 Both read the same tokens: the per-request sums equal what `bench/step_trace.py` records for a
-run without preemption (the tests check that).
+run without preemption (the tests check that). One token per request per step is assumed: no
+speculative decoding, which trades more work per step for fewer steps.
 
     python -m bench.throughput_bound bench/results/engine_nvidia_h100_80gb_hbm3.json
 
