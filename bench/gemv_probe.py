@@ -10,6 +10,14 @@ not from the 50 MB L2 (as in the model, where each layer has its own weights):
   t_major   x @ Wt with Wt = W.t().contiguous() [K, N]
   lt        F.linear with torch's cuBLASLt backend preferred
 and reports microseconds per call and the weight-read bandwidth (bytes of W / time).
+
+    python bench/gemv_probe.py --split-k --m 128 256 512 --json PATH
+
+times, instead, F.linear against split-K through a strided batched GEMM: K cut into S parts,
+`torch.bmm` over the parts (no copies: strided views of x and W), the partial products summed.
+At M = 256 the o_proj and down GEMMs give cuBLAS 64 output tiles of 128 x 128 for 132
+multiprocessors (62-65% of max(bytes, FLOPs) in `gemv_probe_midm_h100.json`); S parts make S
+times more tiles, at the cost of writing and summing S partial outputs.
 """
 from __future__ import annotations
 
@@ -107,13 +115,60 @@ def triton_sweep(json_path: str | None, ms: list[int]) -> int:
     return 0
 
 
+def split_k(x: torch.Tensor, w: torch.Tensor, parts: int, fp32_partials: bool) -> torch.Tensor:
+    """x [M, K] @ w[N, K]^T as `parts` GEMMs over slices of K in one batched call, summed."""
+    m, k = x.shape
+    n = w.shape[0]
+    xs = x.view(m, parts, k // parts).transpose(0, 1)  # [S, M, K/S], row stride K
+    ws = w.view(n, parts, k // parts).transpose(0, 1).transpose(1, 2)  # [S, K/S, N], column stride K
+    if fp32_partials:
+        return torch.bmm(xs, ws, out_dtype=torch.float32).sum(0).to(x.dtype)
+    return torch.bmm(xs, ws).sum(0)
+
+
+def split_k_sweep(json_path: str | None, ms: list[int]) -> int:
+    rows = []
+    for m in ms:
+        for name in ("qkv", "o_proj", "down", "gate_up"):
+            n, k = SHAPES[name]
+            copies = max(2, -(-256 * 2**20 // (n * k * 2)))
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            exact = x.float() @ ws[0].float().t()
+            base = F.linear(x, ws[0])
+            res = {"m": m, "proj": name, "n": n, "k": k, "weight_copies": copies,
+                   "linear_us": time_graph(lambda i: F.linear(x, ws[i]), copies),
+                   "linear_err": (base.float() - exact).abs().max().item()}
+            ideal_us = max(n * k * 2 / 2.9e12, 2 * m * n * k / 750e12) * 1e6
+            res["ideal_us_at_2.9TBs_750TFs"] = ideal_us
+            for parts in (2, 4, 8):
+                for fp32 in (True, False):
+                    key = f"s{parts}_{'f32' if fp32 else 'bf16'}"
+                    got = split_k(x, ws[0], parts, fp32)
+                    res[f"{key}_err"] = (got.float() - exact).abs().max().item()
+                    res[f"{key}_us"] = time_graph(lambda i, p=parts, f=fp32: split_k(x, ws[i], p, f), copies)
+            rows.append(res)
+            best = min((v, kk) for kk, v in res.items() if kk.endswith("_us") and kk.startswith("s"))
+            print(f"M={m:4d} {name:8s} linear {res['linear_us']:6.1f} us (ideal {ideal_us:5.1f}); best split "
+                  f"{best[1]} {best[0]:6.1f} us; " + " ".join(
+                      f"{kk[:-3]}={v:.1f}" for kk, v in res.items() if kk.endswith("_us") and kk.startswith("s")),
+                  flush=True)
+            del ws
+    write_json(json_path, rows, command="python bench/gemv_probe.py --split-k --m " + " ".join(map(str, ms)))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, nargs="*", default=[1, 8, 64, 8192])
     ap.add_argument("--json", default=None)
     ap.add_argument("--triton-sweep", action="store_true",
                     help="instead (with --m 1): time kernels/gemv.py over a grid of tile configs")
+    ap.add_argument("--split-k", action="store_true",
+                    help="instead: F.linear against split-K through torch.bmm over slices of K")
     args = ap.parse_args()
+    if args.split_k:
+        return split_k_sweep(args.json, args.m)
     if args.triton_sweep:
         return triton_sweep(args.json, args.m)
     rows = []
