@@ -158,6 +158,66 @@ def split_k_sweep(json_path: str | None, ms: list[int]) -> int:
     return 0
 
 
+def triton_gemm_sweep(json_path: str | None, ms: list[int]) -> int:
+    """cuBLAS's F.linear against a plain Triton GEMM (x [M, K] @ W[N, K]^T, W row-major, one
+    output tile per program) over tile shapes: do smaller tiles than cuBLAS's 128 x 128 (more
+    programs for 132 multiprocessors) pay at the mixed steps' M?"""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_k = tl.arange(0, BK)
+        acc = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(0, K, BK):
+            xt = tl.load(x_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :], mask=offs_m[:, None] < M, other=0.0)
+            wt = tl.load(w_ptr + offs_n[:, None] * K + (k0 + offs_k)[None, :], mask=offs_n[:, None] < N, other=0.0)
+            acc = tl.dot(xt, tl.trans(wt), acc)
+        tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+    def gemm(x, w, cfg):
+        bm, bn, bk, nw, ns = cfg
+        m, k = x.shape
+        n = w.shape[0]
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        gemm_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](x, w, y, m, n, k, BM=bm, BN=bn, BK=bk,
+                                                               num_warps=nw, num_stages=ns)
+        return y
+
+    cfgs = [(64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 4, 3), (128, 64, 64, 4, 4),
+            (128, 64, 128, 8, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (256, 64, 64, 8, 3),
+            (256, 128, 64, 8, 3), (64, 256, 64, 8, 3), (32, 128, 128, 4, 4), (64, 64, 256, 4, 3)]
+    rows = []
+    for m in ms:
+        for name in ("qkv", "o_proj", "down", "gate_up"):
+            n, k = SHAPES[name]
+            copies = max(2, -(-256 * 2**20 // (n * k * 2)))
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            base = F.linear(x, ws[0]).float()
+            res = {"m": m, "proj": name, "n": n, "k": k, "linear_us": time_graph(lambda i: F.linear(x, ws[i]), copies),
+                   "triton": {}}
+            for cfg in cfgs:
+                try:
+                    err = (gemm(x, ws[0], cfg).float() - base).abs().max().item()
+                    us = time_graph(lambda i, c=cfg: gemm(x, ws[i], c), copies)
+                except Exception as exc:  # noqa: BLE001 - a tile out of resources
+                    print(f"{name} {cfg}: {type(exc).__name__}", flush=True)
+                    continue
+                res["triton"]["/".join(map(str, cfg))] = dict(us=us, max_abs_diff=err)
+            best = min(res["triton"].items(), key=lambda kv: kv[1]["us"])
+            print(f"M={m:4d} {name:8s} linear {res['linear_us']:6.1f} us; best Triton {best[0]} {best[1]['us']:6.1f} us "
+                  f"(diff {best[1]['max_abs_diff']:.3g})", flush=True)
+            rows.append(res)
+            del ws
+    write_json(json_path, rows, command="python bench/gemv_probe.py --triton-gemm --m " + " ".join(map(str, ms)))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, nargs="*", default=[1, 8, 64, 8192])
@@ -166,7 +226,11 @@ def main() -> int:
                     help="instead (with --m 1): time kernels/gemv.py over a grid of tile configs")
     ap.add_argument("--split-k", action="store_true",
                     help="instead: F.linear against split-K through torch.bmm over slices of K")
+    ap.add_argument("--triton-gemm", action="store_true",
+                    help="instead: F.linear against a plain Triton GEMM over tile shapes")
     args = ap.parse_args()
+    if args.triton_gemm:
+        return triton_gemm_sweep(args.json, args.m)
     if args.split_k:
         return split_k_sweep(args.json, args.m)
     if args.triton_sweep:
