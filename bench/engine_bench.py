@@ -372,9 +372,8 @@ def main() -> int:
     step_times.sort()
     decode_s = step_times[len(step_times) // 2]
     cfg = engine.hf_config
-    kv_bytes_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
-        * (2 if gpu else 4)
-    bytes_per_step = weight_bytes(engine.runner.model) + kv_bytes_per_token * (128 + 128)  # median context
+    shape = ModelShape.from_config(cfg.to_dict(), 2 if gpu else 4)
+    bytes_per_step = weight_bytes(engine.runner.model) + shape.kv_bytes_per_token * (128 + 128)  # median context
     roofline_s = bytes_per_step / (results["copy_bandwidth_gb_s"] * 1e9)
     results["decode_b1_ms"] = decode_s * 1e3
     results["decode_b1_roofline_ms"] = roofline_s * 1e3
@@ -482,8 +481,7 @@ def main() -> int:
         base = results["throughput_tok_s"][key]
         results[name] = (got / elapsed) / base if base else None
     # What no engine could beat on this device and workload, from this run's measured rates.
-    bound = throughput_bound(ModelShape.from_config(cfg.to_dict(), 2 if gpu else 4),
-                             WorkloadCounts.of([len(p) for p in prompts], outs),
+    bound = throughput_bound(shape, WorkloadCounts.of([len(p) for p in prompts], outs),
                              results["copy_bandwidth_gb_s"], results["matmul_tflops"])
     results["throughput_bound"] = run_figures(bound, got / elapsed, results["throughput_tok_s"]["hf_static"])
     write_reports(results, Path(args.out), gpu)
