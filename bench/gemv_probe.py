@@ -71,26 +71,18 @@ def time_graph(fn, copies: int, reps: int = 48) -> float:
     return start.elapsed_time(end) * 1e3 / (5 * reps)
 
 
-def triton_next_pow2(v: int) -> int:
-    return 1 << (v - 1).bit_length()
-
-
 def triton_sweep(json_path: str | None, ms: list[int]) -> int:
     """cuBLAS (row- and column-major weight) against kernels/gemv.py over its tile configs, for
     each M; the down projection with SiLU-and-mul fused into the GEMV's input (cuBLAS: the
     activation kernel + the GEMM)."""
     from kernels.activation import silu_and_mul
-    from kernels.gemv import MAX_ROWS, gemv
+    from kernels.gemv import gemv
 
-    if not all(1 <= m <= MAX_ROWS for m in ms):
-        raise SystemExit(f"--triton-sweep times kernels/gemv.py, which takes 1 to {MAX_ROWS} rows")
+    if ms != [1]:
+        raise SystemExit("--triton-sweep times kernels/gemv.py, which takes one row: pass --m 1")
     out = []
     for m in ms:
-        if m == 1:
-            cfgs = [(bn, bk, nw) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for nw in (4, 8)]
-        else:  # the multi-row kernel holds M x BLOCK_N x BLOCK_K products in registers
-            cfgs = [(bn, bk, nw) for bn in (4, 8, 16) for bk in (64, 128, 256, 512) for nw in (4, 8)
-                    if triton_next_pow2(m) * bn * bk // (32 * nw) <= 128]
+        cfgs = [(bn, bk, nw) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for nw in (4, 8)]
         for name, (n, k) in SHAPES.items():
             copies = max(2, -(-256 * 2**20 // (n * k * 2)))
             ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]

@@ -12,7 +12,10 @@ since weights never depend on it: the ramp overlaps the small kernels before the
 The product is an FMA reduction with fp32 accumulation. A `tl.dot` version for 2-16 rows (x
 padded to 16) was measured and dropped: slower than cuBLAS at every shape but qkv (e.g. down at
 M = 4-16: 97-106 us against 44-45; the M > 1 rows of `gemv_skinny_sweep_h100.json`), so steps of
-two or more rows use cuBLAS.
+two or more rows use cuBLAS. So was an FMA version for 2-8 rows that reads each weight tile once
+and multiplies it into every row (commit 6e7623d, reverted): its time grew with the rows (down +
+SiLU 65 / 120 / 203 us at M = 2 / 4 / 8, cuBLAS ~45), so the products, not the weight reads, set
+it; slower than cuBLAS at every projection even at M = 2 (`gemv_rows_fma_sweep_h100.json`).
 
 `silu_mul_input=True` takes x = [gate | up] (2K wide) and uses silu(gate) * up, rounded as
 `kernels.activation.silu_and_mul` rounds it, so the MLP's down projection needs no separate
@@ -69,49 +72,18 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
     tl.store(y_ptr + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
-@triton.jit
-def _gemv_rows_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_wn,
-                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr):
-    # `_gemv_kernel` for M <= ROWS rows of x: each weight tile is read once and multiplied into
-    # every row; the [ROWS, BLOCK_N, BLOCK_K] products are reduced over K each step, so ROWS *
-    # BLOCK_N * BLOCK_K / threads is what the tile costs in registers.
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_m = tl.arange(0, ROWS)
-    mask_m = offs_m < M
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    offs_k = tl.arange(0, BLOCK_K)
-    w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
-    pdl_prologue(USE_PDL)
-    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + offs_k
-        x = _input_chunk(x_rows, offs[None, :], mask_m[:, None] & (offs < K)[None, :], K, SILU_MUL)
-        nxt = offs + BLOCK_K
-        w_next = tl.load(w_rows + nxt[None, :], mask=mask_n[:, None] & (nxt < K)[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
-        w = w_next
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
 # (BLOCK_N, BLOCK_K, num_warps): among the best at every Llama-3-8B projection in the H100 sweep
 # (`bench/results/gemv_skinny_sweep_h100.json`, M = 1): within 4% of each shape's best tile (qkv
 # 18.4 vs 17.7 us), within 1% for the others.
 TILES = (8, 1024, 4)
-# Rows of x the multi-row kernel takes, and its tile per padded row count (to be chosen on H100).
-MAX_ROWS = 8
-ROW_TILES = {2: (8, 512, 4), 4: (8, 256, 4), 8: (8, 128, 4)}
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool = False, *,
          tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """Triton version of `gemv_ref` for 1 to MAX_ROWS rows: x [M, K] (or [M, 2K] with
-    `silu_mul_input`) and a row-major weight [N, K]. Returns [M, N] in x's dtype."""
-    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
-        raise ValueError(f"gemv takes 1 to {MAX_ROWS} rows, got x of shape {tuple(x.shape)}")
+    """Triton version of `gemv_ref` for one row: x [1, K] (or [1, 2K] with `silu_mul_input`) and a
+    row-major weight [N, K]. Returns [1, N] in x's dtype."""
+    if x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"gemv takes one row, got x of shape {tuple(x.shape)}")
     n, k = weight.shape
     if x.shape[1] != (2 * k if silu_mul_input else k):
         raise ValueError(f"x has {x.shape[1]} columns for a weight of shape {tuple(weight.shape)}")
@@ -119,19 +91,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool = False, *,
         raise ValueError(f"gemv needs a row-major weight, got strides {weight.stride()}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    m = x.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    rows = triton.next_power_of_2(m)
-    block_n, block_k, num_warps = tiles or (TILES if m == 1 else ROW_TILES[rows])
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, num_warps = tiles or TILES
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
-    if m == 1:  # the batch-1 decode kernel, as measured for the batch-1 target
-        _gemv_kernel[(triton.cdiv(n, block_n),)](
-            x, weight, y, n, k, weight.stride(0),
-            BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=silu_mul_input, num_warps=num_warps,
-            **launch_kwargs(x.device))
-    else:
-        _gemv_rows_kernel[(triton.cdiv(n, block_n),)](
-            x, weight, y, m, n, k, x.stride(0), y.stride(0), weight.stride(0),
-            ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=silu_mul_input, num_warps=num_warps,
-            **launch_kwargs(x.device))
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, y, n, k, weight.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=silu_mul_input, num_warps=num_warps,
+        **launch_kwargs(x.device))
     return y
