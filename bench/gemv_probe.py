@@ -48,6 +48,13 @@ def write_json(path: str | None, rows: list, **extra) -> None:
                       f, indent=1)
 
 
+def weight_copies(n: int, k: int) -> list[torch.Tensor]:
+    """Enough random bf16 [N, K] weights (>= 256 MB, at least 2) that calls cycling through them
+    read every weight from HBM, not from the 50 MB L2."""
+    copies = max(2, -(-256 * 2**20 // (n * k * 2)))
+    return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+
+
 def time_graph(fn, copies: int, reps: int = 48) -> float:
     """Microseconds per call, from a CUDA graph of `reps` calls (call i uses copy i % copies)
     replayed 5 times."""
@@ -84,8 +91,8 @@ def triton_sweep(json_path: str | None, ms: list[int]) -> int:
     for m in ms:
         cfgs = [(bn, bk, nw) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for nw in (4, 8)]
         for name, (n, k) in SHAPES.items():
-            copies = max(2, -(-256 * 2**20 // (n * k * 2)))
-            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+            ws = weight_copies(n, k)
+            copies = len(ws)
             wcs = [w.t().contiguous().t() for w in ws]  # column-major storage, same values
             silu = name == "down"
             x = torch.randn(m, 2 * k if silu else k, device="cuda", dtype=torch.bfloat16)
@@ -126,34 +133,40 @@ def split_k(x: torch.Tensor, w: torch.Tensor, parts: int, fp32_partials: bool) -
     return torch.bmm(xs, ws).sum(0)
 
 
-def split_k_sweep(json_path: str | None, ms: list[int]) -> int:
-    rows = []
+def mid_m_cases(ms: list[int]):
+    """For each M and each layer projection (the lm_head aside: mixed steps run it on the sampled
+    rows only): the row of results so far (shape, F.linear's time), the weight copies, and an x."""
     for m in ms:
         for name in ("qkv", "o_proj", "down", "gate_up"):
             n, k = SHAPES[name]
-            copies = max(2, -(-256 * 2**20 // (n * k * 2)))
-            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+            ws = weight_copies(n, k)
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            exact = x.float() @ ws[0].float().t()
-            base = F.linear(x, ws[0])
-            res = {"m": m, "proj": name, "n": n, "k": k, "weight_copies": copies,
-                   "linear_us": time_graph(lambda i: F.linear(x, ws[i]), copies),
-                   "linear_err": (base.float() - exact).abs().max().item()}
-            ideal_us = max(n * k * 2 / 2.9e12, 2 * m * n * k / 750e12) * 1e6
-            res["ideal_us_at_2.9TBs_750TFs"] = ideal_us
-            for parts in (2, 4, 8):
-                for fp32 in (True, False):
-                    key = f"s{parts}_{'f32' if fp32 else 'bf16'}"
-                    got = split_k(x, ws[0], parts, fp32)
-                    res[f"{key}_err"] = (got.float() - exact).abs().max().item()
-                    res[f"{key}_us"] = time_graph(lambda i, p=parts, f=fp32: split_k(x, ws[i], p, f), copies)
-            rows.append(res)
-            best = min((v, kk) for kk, v in res.items() if kk.endswith("_us") and kk.startswith("s"))
-            print(f"M={m:4d} {name:8s} linear {res['linear_us']:6.1f} us (ideal {ideal_us:5.1f}); best split "
-                  f"{best[1]} {best[0]:6.1f} us; " + " ".join(
-                      f"{kk[:-3]}={v:.1f}" for kk, v in res.items() if kk.endswith("_us") and kk.startswith("s")),
-                  flush=True)
-            del ws
+            res = {"m": m, "proj": name, "n": n, "k": k, "weight_copies": len(ws),
+                   "linear_us": time_graph(lambda i: F.linear(x, ws[i]), len(ws))}
+            yield res, ws, x
+
+
+def split_k_sweep(json_path: str | None, ms: list[int]) -> int:
+    rows = []
+    for res, ws, x in mid_m_cases(ms):
+        m, name, n, k, copies = res["m"], res["proj"], res["n"], res["k"], res["weight_copies"]
+        exact = x.float() @ ws[0].float().t()
+        res["linear_err"] = (F.linear(x, ws[0]).float() - exact).abs().max().item()
+        ideal_us = max(n * k * 2 / 2.9e12, 2 * m * n * k / 750e12) * 1e6
+        res["ideal_us_at_2.9TBs_750TFs"] = ideal_us
+        for parts in (2, 4, 8):
+            for fp32 in (True, False):
+                key = f"s{parts}_{'f32' if fp32 else 'bf16'}"
+                got = split_k(x, ws[0], parts, fp32)
+                res[f"{key}_err"] = (got.float() - exact).abs().max().item()
+                res[f"{key}_us"] = time_graph(lambda i, p=parts, f=fp32: split_k(x, ws[i], p, f), copies)
+        rows.append(res)
+        best = min((v, kk) for kk, v in res.items() if kk.endswith("_us") and kk.startswith("s"))
+        print(f"M={m:4d} {name:8s} linear {res['linear_us']:6.1f} us (ideal {ideal_us:5.1f}); best split "
+              f"{best[1]} {best[0]:6.1f} us; " + " ".join(
+                  f"{kk[:-3]}={v:.1f}" for kk, v in res.items() if kk.endswith("_us") and kk.startswith("s")),
+              flush=True)
+        del ws
     write_json(json_path, rows, command="python bench/gemv_probe.py --split-k --m " + " ".join(map(str, ms)))
     return 0
 
@@ -192,28 +205,23 @@ def triton_gemm_sweep(json_path: str | None, ms: list[int]) -> int:
             (128, 64, 128, 8, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (256, 64, 64, 8, 3),
             (256, 128, 64, 8, 3), (64, 256, 64, 8, 3), (32, 128, 128, 4, 4), (64, 64, 256, 4, 3)]
     rows = []
-    for m in ms:
-        for name in ("qkv", "o_proj", "down", "gate_up"):
-            n, k = SHAPES[name]
-            copies = max(2, -(-256 * 2**20 // (n * k * 2)))
-            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            base = F.linear(x, ws[0]).float()
-            res = {"m": m, "proj": name, "n": n, "k": k, "linear_us": time_graph(lambda i: F.linear(x, ws[i]), copies),
-                   "triton": {}}
-            for cfg in cfgs:
-                try:
-                    err = (gemm(x, ws[0], cfg).float() - base).abs().max().item()
-                    us = time_graph(lambda i, c=cfg: gemm(x, ws[i], c), copies)
-                except Exception as exc:  # noqa: BLE001 - a tile out of resources
-                    print(f"{name} {cfg}: {type(exc).__name__}", flush=True)
-                    continue
-                res["triton"]["/".join(map(str, cfg))] = dict(us=us, max_abs_diff=err)
-            best = min(res["triton"].items(), key=lambda kv: kv[1]["us"])
-            print(f"M={m:4d} {name:8s} linear {res['linear_us']:6.1f} us; best Triton {best[0]} {best[1]['us']:6.1f} us "
-                  f"(diff {best[1]['max_abs_diff']:.3g})", flush=True)
-            rows.append(res)
-            del ws
+    for res, ws, x in mid_m_cases(ms):
+        m, name, copies = res["m"], res["proj"], res["weight_copies"]
+        base = F.linear(x, ws[0]).float()
+        res["triton"] = {}
+        for cfg in cfgs:
+            try:
+                err = (gemm(x, ws[0], cfg).float() - base).abs().max().item()
+                us = time_graph(lambda i, c=cfg: gemm(x, ws[i], c), copies)
+            except Exception as exc:  # noqa: BLE001 - a tile out of resources
+                print(f"{name} {cfg}: {type(exc).__name__}", flush=True)
+                continue
+            res["triton"]["/".join(map(str, cfg))] = dict(us=us, max_abs_diff=err)
+        best = min(res["triton"].items(), key=lambda kv: kv[1]["us"])
+        print(f"M={m:4d} {name:8s} linear {res['linear_us']:6.1f} us; best Triton {best[0]} {best[1]['us']:6.1f} us "
+              f"(diff {best[1]['max_abs_diff']:.3g})", flush=True)
+        rows.append(res)
+        del ws
     write_json(json_path, rows, command="python bench/gemv_probe.py --triton-gemm --m " + " ".join(map(str, ms)))
     return 0
 
@@ -238,8 +246,8 @@ def main() -> int:
     rows = []
     for m in args.m:
         for name, (n, k) in SHAPES.items():
-            copies = max(2, -(-256 * 2**20 // (n * k * 2)))
-            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+            ws = weight_copies(n, k)
+            copies = len(ws)
             wts = [w.t().contiguous() for w in ws]
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             res = {"m": m, "proj": name, "n": n, "k": k, "weight_copies": copies}
