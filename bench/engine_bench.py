@@ -24,8 +24,6 @@ import dataclasses
 import gc
 import inspect
 import json
-import math
-import os
 import platform
 import random
 import sys
@@ -35,11 +33,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.step_trace import StepTracer  # noqa: E402
-from bench.throughput_bound import ModelShape, WorkloadCounts, run_figures, throughput_bound  # noqa: E402
-from workers import LLM, SamplingParams  # noqa: E402
+from tandem.bench.step_trace import StepTracer
+from tandem.bench.throughput_bound import ModelShape, WorkloadCounts, run_figures, throughput_bound
+from tandem.workers import LLM, SamplingParams
 
 CONFIG_8B = Path(__file__).parent / "configs" / "llama3_8b.json"
 
@@ -186,7 +182,7 @@ def build_models(args, tmp: Path):
     """An HF model (random, seeded) and a model folder (config + tokenizer) for Tandem."""
     import transformers
 
-    from workers.make_model import build_tokenizer, make_model
+    from tandem.workers.make_model import build_tokenizer, make_model
 
     if args.device.startswith("cuda"):
         config = transformers.AutoConfig.from_pretrained(CONFIG_8B)

@@ -1,7 +1,7 @@
 """Time every Tandem kernel on one GPU at Llama-3-8B shapes (bf16) and report achieved
 bandwidth (GB/s over the bytes each kernel must move) and, for prefill attention, TFLOP/s.
 
-    python3 -m bench.kernels_bench --out bench/results/kernels_h100.json [--sweep]
+    python3 -m tandem.bench.kernels_bench --out bench/results/kernels_h100.json [--sweep]
 
 Each kernel is timed two ways, both with L2 flushed before every call (cold cache):
 `ms`, the median of triton.testing.do_bench (eager launches: on a slow host the launch cost
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.testing
 
-from kernels import activation, block_copy, paged_attention, rmsnorm, rope, write_kv
+from tandem.kernels import activation, block_copy, paged_attention, rmsnorm, rope, write_kv
 
 # Llama-3-8B
 HIDDEN, INTERMEDIATE, Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 4096, 14336, 32, 8, 128, 16

@@ -77,7 +77,7 @@ def _block_ids(num_blocks: int, n: int, seed: int) -> list[int]:
 
 
 def _configs(args: BenchArgs):
-    from kvtransfer import KVTransferConfig
+    from tandem.kvtransfer import KVTransferConfig
 
     common = dict(timeout_s=args.timeout_s, connect_timeout_s=args.timeout_s,
                   peer_timeout_s=max(5.0, args.timeout_s))
@@ -88,7 +88,7 @@ def _configs(args: BenchArgs):
 
 
 def _raw_group(store, rank: int, device, timeout_s: float):
-    from kvtransfer.pair import make_pair_group
+    from tandem.kvtransfer.pair import make_pair_group
 
     return make_pair_group(store, "bench/raw", rank, device, timeout_s)
 
@@ -98,8 +98,8 @@ def _sender_main(args: BenchArgs, barrier, queue_in, queue_out) -> None:
     import torch
     from torch.distributed import TCPStore
 
-    from kvtransfer import KVSender
-    from kvtransfer.pair import abort_group
+    from tandem.kvtransfer import KVSender
+    from tandem.kvtransfer.pair import abort_group
 
     device = _device(args, 0)
     max_blocks = max(args.tokens) // args.block_size
@@ -137,8 +137,8 @@ def _receiver_main(args: BenchArgs, barrier, queue_to_sender, queue_out) -> None
     import torch
     from torch.distributed import TCPStore
 
-    from kvtransfer import KVReceiver
-    from kvtransfer.pair import abort_group
+    from tandem.kvtransfer import KVReceiver
+    from tandem.kvtransfer.pair import abort_group
 
     device = _device(args, 1 if args.device == "cuda" else 0)
     max_blocks = max(args.tokens) // args.block_size

@@ -2,7 +2,7 @@
 which is how transformers runs its experts), at Qwen3-30B-A3B and Mixtral-8x7B expert shapes
 (bf16), from decode-sized batches to long prefills; report achieved bandwidth and TFLOP/s.
 
-    python3 -m bench.moe_bench --out bench/results/moe_h100.json [--sweep] [--quick]
+    python3 -m tandem.bench.moe_bench --out bench/results/moe_h100.json [--sweep] [--quick]
 
 Timing as bench/kernels_bench.py does it (L2 flushed before every call): `ms` eager, `graph_ms`
 replayed in a CUDA graph (the fused kernel has no host sync, so decode graphs can hold it).
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import triton
 
-from bench.kernels_bench import bench_ms, copy_gbps, graph_ms, matmul_tflops
-from kernels.fused_moe import MoeTiles, fused_moe, fused_moe_ref, pick_tiles
+from tandem.bench.kernels_bench import bench_ms, copy_gbps, graph_ms, matmul_tflops
+from tandem.kernels.fused_moe import MoeTiles, fused_moe, fused_moe_ref, pick_tiles
 
 DTYPE = torch.bfloat16
 ELEM = 2

@@ -33,10 +33,8 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # A Llama-3.2-3B attention/MLP shape with the test tokenizer's small vocabulary.
 SHAPE_3B = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
@@ -69,7 +67,7 @@ def make_model(folder: Path) -> Path:
     import torch
     import transformers
 
-    from workers.make_model import build_config, build_tokenizer
+    from tandem.workers.make_model import build_config, build_tokenizer
 
     tok = build_tokenizer()
     config = build_config("llama", "small", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
@@ -175,7 +173,7 @@ def stage_intervals(result: StreamResult) -> dict[str, float] | None:
 
 
 def stage_order() -> list[str]:
-    from router.stage_timing import INTERVALS, TOTAL
+    from tandem.router.stage_timing import INTERVALS, TOTAL
 
     return [*INTERVALS.values(), TOTAL, "client_outside_ingress", "client_ttft"]
 
@@ -190,7 +188,7 @@ def stage_medians(samples: list[dict[str, float]], order: list[str] | None = Non
 def run_policy(policy: str, args, words: list[str], model_dir: Path) -> PolicyRun:
     from ray import serve
 
-    from router.app import build_app
+    from tandem.router.app import build_app
 
     app_args = {
         "model": str(model_dir), "served_model_name": "bench", "num_replicas": args.replicas,

@@ -16,7 +16,7 @@ request, among the replicas whose *true* outstanding tokens are at most `oracle_
 prefix of the prompt; ties go to the less loaded. The oracle sees the replicas' caches and loads
 directly (no events, no delay) and does not use the router's settings.
 
-    python -m bench.routing_sim    # --runs 1000:4,8,16,32,64 10000:32,64 (CONVERSATIONS:REPLICAS)
+    python -m tandem.bench.routing_sim    # --runs 1000:4,8,16,32,64 10000:32,64 (CONVERSATIONS:REPLICAS)
 
 writes bench/results/routing_sim.json and bench/results/routing_sim.md.
 """
@@ -28,7 +28,6 @@ import heapq
 import itertools
 import json
 import os
-import math
 import random
 import sys
 import time
@@ -36,11 +35,11 @@ from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from router.kv_events import BlocksRemoved, BlocksStored, KVEventBatch
-from router.load import ReplicaLoad
-from router.policy import RoutingConfig, RoutingRequest
-from router.pool import PoolRouter
-from workers.prefix_hash import ROOT_HASH, hash_block
+from tandem.router.kv_events import BlocksRemoved, BlocksStored, KVEventBatch
+from tandem.router.load import ReplicaLoad
+from tandem.router.policy import RoutingConfig, RoutingRequest
+from tandem.router.pool import PoolRouter
+from tandem.workers.prefix_hash import ROOT_HASH, hash_block
 
 POLICIES = ("prefix_aware", "round_robin", "least_loaded", "oracle")
 WORKLOADS = ("chat", "rag")
@@ -712,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         load_average = None
     doc = {
-        "command": "python -m bench.routing_sim " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m tandem.bench.routing_sim " + " ".join(argv if argv is not None else sys.argv[1:]),
         "host": f"CPU only, {os.cpu_count()} cores shared, load average at the end {load_average}",
         "wall_s": time.perf_counter() - t0,
         "sim": asdict(sim),
@@ -741,7 +740,7 @@ NOTES = [
     "of those three rows (1.26, 32 replicas, chat), the oracle in none (1.53-1.90); at 64 replicas one chat "
     "request's context (up to ~6.5k tokens) is more than a replica's mean outstanding tokens (4.6k). The 10k "
     "and 100k runs give every replica count its full 16 users; those are the rows the targets are meant for.",
-    "- 100k conversations over 64 replicas: `python -m bench.routing_sim --runs 100000:64 --out "
+    "- 100k conversations over 64 replicas: `python -m tandem.bench.routing_sim --runs 100000:64 --out "
     "bench/results/routing_sim_100k` (`routing_sim_100k.md`; 50 min on the 2-core machine). Prefix-aware: "
     "chat hit/oracle 0.934, imbalance 1.289, 66 µs; rag 1.001, 1.163, 71 µs. Targets met; the same picture "
     "as 10k, since more conversations at the same concurrency lengthen the replay of time averages.",

@@ -15,7 +15,7 @@ Both read the same tokens: the per-request sums equal what `bench/step_trace.py`
 run without preemption (the tests check that). One token per request per step is assumed: no
 speculative decoding, which trades more work per step for fewer steps.
 
-    python -m bench.throughput_bound bench/results/engine_nvidia_h100_80gb_hbm3.json
+    python -m tandem.bench.throughput_bound bench/results/engine_nvidia_h100_80gb_hbm3.json
 
 recomputes the bound of a committed run from its workload parameters, its measured rates and the
 model config, and prints it; `--write` stores it in that JSON as `throughput_bound`.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,8 +130,7 @@ def main() -> int:
     ap.add_argument("--dtype-bytes", type=int, default=2, help="2 for the GPU runs' bf16")
     ap.add_argument("--write", action="store_true", help="store the figures in the results JSON")
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.engine_bench import make_workload
+    from tandem.bench.engine_bench import make_workload
 
     res = json.loads(args.results.read_text())
     cfg = json.loads(args.config.read_text())
@@ -145,7 +143,7 @@ def main() -> int:
     bound = throughput_bound(ModelShape.from_config(cfg, args.dtype_bytes), WorkloadCounts.of(lens, outs),
                              res["copy_bandwidth_gb_s"], res["matmul_tflops"])
     figures = run_figures(bound, res["throughput_tok_s"]["tandem"], res["throughput_tok_s"].get("hf_static"))
-    figures["computed_by"] = f"python -m bench.throughput_bound {args.results}"
+    figures["computed_by"] = f"python -m tandem.bench.throughput_bound {args.results}"
     print(json.dumps(figures, indent=2))
     if args.write:
         res["throughput_bound"] = figures

@@ -25,7 +25,7 @@ def deploy_app(name: str, args: dict[str, Any], route_prefix: str = "/", blockin
     """Build and run the app, remembering its args for `scale`/`status`."""
     from ray import serve
 
-    from router.app import build_app
+    from tandem.router.app import build_app
 
     app = build_app(args)  # bad args fail here, before anything is recorded
     _kv()._internal_kv_put(_KEY.format(name=name), json.dumps(args), overwrite=True)
@@ -106,7 +106,7 @@ def _live_engine_stats(name: str, timeout_s: float = 5.0) -> dict[str, dict[str,
     import ray
     from ray.serve._private.constants import SERVE_NAMESPACE
 
-    from router.openai_metrics import STATS_NAMESPACE, stats_board_name
+    from tandem.router.openai_metrics import STATS_NAMESPACE, stats_board_name
 
     try:
         board = ray.get_actor(stats_board_name(name), namespace=STATS_NAMESPACE)

@@ -26,7 +26,7 @@ decision must hold that long), the up/down scaling factors, and `min_replicas` /
 When no replica reports the stats (workers without `record_autoscaling_stats`), the policies
 fall back to Serve's own signal: ongoing requests against `target_ongoing_requests`.
 
-Serve imports a policy by path (`cluster.autoscaling:PrefillPolicy`) and constructs it once
+Serve imports a policy by path (`tandem.cluster.autoscaling:PrefillPolicy`) and constructs it once
 with the config's `policy_kwargs` (the targets below). This module imports nothing from Tandem:
 Serve pickles it by value into the controller.
 """
@@ -40,9 +40,9 @@ from typing import Any
 STAT_KEYS = ("queued_prefill_tokens", "num_running", "num_waiting", "kv_usage")
 
 POLICY_PATHS = {
-    "prefill": "cluster.autoscaling:PrefillPolicy",
-    "decode": "cluster.autoscaling:DecodePolicy",
-    "colocated": "cluster.autoscaling:DecodePolicy",  # one engine does both: KV and sequences bound it
+    "prefill": "tandem.cluster.autoscaling:PrefillPolicy",
+    "decode": "tandem.cluster.autoscaling:DecodePolicy",
+    "colocated": "tandem.cluster.autoscaling:DecodePolicy",  # one engine does both: KV and sequences bound it
 }
 
 _EPS = 1e-9

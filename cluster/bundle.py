@@ -437,7 +437,7 @@ if "$PYTHON" -m pip --version >/dev/null 2>&1; then
   "$PYTHON" -m pip install --no-index --no-deps --upgrade --target "$SITE" "$HERE"/{WHEELS_DIR}/*.whl
 else
   # No pip on the host: these wheels are plain zips with no build step, so unpacking them is
-  # the install (console scripts are not generated; use `python -m cluster.cli`).
+  # the install (console scripts are not generated; use `python -m tandem.cluster.cli`).
   echo "install.sh: no pip for $PYTHON; unpacking wheels directly" >&2
   for whl in "$HERE"/{WHEELS_DIR}/*.whl; do "$PYTHON" -m zipfile -e "$whl" "$SITE"; done
 fi

@@ -8,13 +8,13 @@ import sys
 
 # (subcommand, module, one-line help). Modules are imported lazily so `tandem --help` is fast.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
-    ("make-model", "workers.make_model", "write a small random-weight HF model folder"),
-    ("generate", "workers.generate_cli", "offline generation with the Tandem engine"),
-    ("serve", "cluster.serve_cli", "run the OpenAI-compatible Serve app"),
-    ("scale", "cluster.scale_cli", "resize a pool (decode, prefill, colocated) of a running app"),
-    ("status", "cluster.status_cli", "show the app's pools and replica states"),
-    ("bench", "bench.loadgen.cli", "load-test an OpenAI-compatible endpoint; compare reports"),
-    ("bundle", "cluster.bundle", "build an offline install bundle for GPU hosts without internet"),
+    ("make-model", "tandem.workers.make_model", "write a small random-weight HF model folder"),
+    ("generate", "tandem.workers.generate_cli", "offline generation with the Tandem engine"),
+    ("serve", "tandem.cluster.serve_cli", "run the OpenAI-compatible Serve app"),
+    ("scale", "tandem.cluster.scale_cli", "resize a pool (decode, prefill, colocated) of a running app"),
+    ("status", "tandem.cluster.status_cli", "show the app's pools and replica states"),
+    ("bench", "tandem.bench.loadgen.cli", "load-test an OpenAI-compatible endpoint; compare reports"),
+    ("bundle", "tandem.cluster.bundle", "build an offline install bundle for GPU hosts without internet"),
 ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cluster.apps import POOLS
+from tandem.cluster.apps import POOLS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import ray
 
-    from cluster.apps import scale_app
+    from tandem.cluster.apps import scale_app
 
     ray.init(address=args.address, log_to_driver=False)
     try:

@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 
-from router.policy import POLICY_NAMES
+from tandem.router.policy import POLICY_NAMES
 
 
 def _engine_arg(text: str) -> tuple[str, object]:
@@ -110,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster.apps import deploy_app
-    from router.app import build_app
+    from tandem.cluster.apps import deploy_app
+    from tandem.router.app import build_app
 
     built = app_args(args)
     build_app(built)  # bad args fail here, before Ray starts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cluster.autoscaling import pool_autoscaling_config
+from tandem.cluster.autoscaling import pool_autoscaling_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import ray
 
-    from cluster.apps import status_report
+    from tandem.cluster.apps import status_report
 
     ray.init(address=args.address, log_to_driver=False)
     try:

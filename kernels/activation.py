@@ -4,7 +4,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_kwargs, pdl_prologue
+from tandem.kernels.pdl import launch_kwargs, pdl_prologue
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.activation import silu_and_mul_ref
+from tandem.kernels.activation import silu_and_mul_ref
 
 
 def fused_moe_ref(

@@ -1,7 +1,7 @@
 """Batch-1 GEMV: y = x @ W^T for one row x [1, K], the batch-1 decode step's projections.
 
 Why not cuBLAS there: at small M a projection is a pure weight read, and two things cost time
-besides the bytes (`bench/gemv_probe.py --triton-sweep`, H100, weights cycled so every call
+besides the bytes (`bench/probes/gemv_probe.py --triton-sweep`, H100, weights cycled so every call
 reads HBM): cuBLAS's kernels for the smaller Llama-3-8B projections launch too few CTAs to
 keep HBM busy (qkv 2.49 TB/s, o_proj 2.04-2.42 TB/s, against ~3.0 for gate_up and lm_head),
 and every kernel ramps up from idle. Here each program owns a few whole rows of W (long
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_kwargs, pdl_prologue
+from tandem.kernels.pdl import launch_kwargs, pdl_prologue
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool = False) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.nn.functional as torch_F
 
-from kernels import activation, block_copy, fused_moe as fused_moe_mod, gemv as gemv_mod, paged_attention, rmsnorm, rope as rope_mod, write_kv as write_kv_mod
+from tandem.kernels import activation, block_copy, fused_moe as fused_moe_mod, gemv as gemv_mod, paged_attention, rmsnorm, rope as rope_mod, write_kv as write_kv_mod
 
 F = TypeVar("F", bound=Callable)
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_kwargs, pdl_prologue
+from tandem.kernels.pdl import launch_kwargs, pdl_prologue
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_kwargs, pdl_prologue
+from tandem.kernels.pdl import launch_kwargs, pdl_prologue
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

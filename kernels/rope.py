@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_kwargs, pdl_prologue
+from tandem.kernels.pdl import launch_kwargs, pdl_prologue
 
 
 def build_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int, attention_scaling: float = 1.0) -> torch.Tensor:

@@ -6,11 +6,11 @@ Decode side: `KVReceiver(kv_cache, config)`, `.expect(request_id, dst_block_ids,
 `.finish()`, or `.send(...)` in one call. Failures surface as `TransferError`. See
 docs/KVTRANSFER.md.
 """
-from kvtransfer.config import KVTransferConfig
-from kvtransfer.errors import TransferError
-from kvtransfer.metrics import TransferMetrics
-from kvtransfer.receiver import KVReceiver, ReceiveHandle
-from kvtransfer.sender import KVSender, SendSession
+from tandem.kvtransfer.config import KVTransferConfig
+from tandem.kvtransfer.errors import TransferError
+from tandem.kvtransfer.metrics import TransferMetrics
+from tandem.kvtransfer.receiver import KVReceiver, ReceiveHandle
+from tandem.kvtransfer.sender import KVSender, SendSession
 
 __all__ = ["KVTransferConfig", "TransferError", "TransferMetrics", "KVReceiver", "ReceiveHandle",
            "KVSender", "SendSession"]

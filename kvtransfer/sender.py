@@ -21,17 +21,17 @@ import torch
 import zmq
 from torch.distributed import TCPStore
 
-from kvtransfer.config import KVTransferConfig
-from kvtransfer.errors import TransferError
-from kvtransfer.messages import (
+from tandem.kvtransfer.config import KVTransferConfig
+from tandem.kvtransfer.errors import TransferError
+from tandem.kvtransfer.messages import (
     Begin, Cancel, Chunk, Done, Error, Hello, Message, MessageError, Ping, Welcome, decode,
     dtype_name, encode,
 )
-from kvtransfer.metrics import MetricsCounter, TransferMetrics
-from kvtransfer.pair import (
+from tandem.kvtransfer.metrics import MetricsCounter, TransferMetrics
+from tandem.kvtransfer.pair import (
     SENDER_RANK, Mailbox, abort_group, make_pair_group, pair_prefix, wait_work,
 )
-from kvtransfer.staging import block_id_tensor, check_kv_cache, gather_layers, staging_shape
+from tandem.kvtransfer.staging import block_id_tensor, check_kv_cache, gather_layers, staging_shape
 
 
 class SendSession:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import ops
+from tandem.kernels import ops
 
 
 def check_kv_cache(kv_cache: torch.Tensor) -> None:

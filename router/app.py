@@ -1,4 +1,4 @@
-"""`build_app(args)`: the Tandem Serve application (the Serve config's `router.app:build_app`).
+"""`build_app(args)`: the Tandem Serve application (the Serve config's `tandem.router.app:build_app`).
 
 One app, separately scaled deployments: `OpenAIIngress` (HTTP, tokenization) in front of the
 engine pool. Modes:
@@ -30,11 +30,11 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from ray.serve.deployment import Application
 
-from cluster.autoscaling import pool_autoscaling_config
-from router.openai_ingress import IngressConfig, OpenAIIngress
-from router.policy import POLICY_NAMES
-from router.request_router import REQUEST_ROUTER_CLASS
-from workers.serve_worker import LLMWorker
+from tandem.cluster.autoscaling import pool_autoscaling_config
+from tandem.router.openai_ingress import IngressConfig, OpenAIIngress
+from tandem.router.policy import POLICY_NAMES
+from tandem.router.request_router import REQUEST_ROUTER_CLASS
+from tandem.workers.serve_worker import LLMWorker
 
 MODES = ("colocated", "disaggregated")
 # A replica leaving (scale-down by hand or by the autoscaler) first stops taking requests and
@@ -126,7 +126,7 @@ class AppArgs:
 
 
 def _max_model_len(model: str, engine_kwargs: dict[str, Any]) -> int:
-    from workers.model_runner import load_hf_config
+    from tandem.workers.model_runner import load_hf_config
 
     limit = load_hf_config(model).max_position_embeddings
     configured = engine_kwargs.get("max_model_len")
@@ -167,7 +167,7 @@ def _decode_pool(args: AppArgs, model: str) -> Application:
         options = actor_options(pool, ep_size)
         ep_kwargs: dict[str, Any] = {}
         if ep_size > 1:  # same role, as rank 0 of a group; each rank actor asks what the replica has
-            from workers.ep_replica import EXPERT_PARALLEL_WORKERS
+            from tandem.workers.ep_replica import EXPERT_PARALLEL_WORKERS
 
             cls = EXPERT_PARALLEL_WORKERS[cls]
             ep_kwargs = {"expert_parallel_size": ep_size, "rank_actor_options": dict(options["ray_actor_options"])}
@@ -178,8 +178,8 @@ def _decode_pool(args: AppArgs, model: str) -> Application:
         pool, ep_kwargs = deployment(LLMWorker, "LLMWorker", "decode", decode_ep,
                                      args.pool_scaling("colocated", args.num_replicas))
         return pool.bind(model, dict(args.engine_kwargs), args.device, **ep_kwargs)
-    from workers.decode_worker import DecodeWorker
-    from workers.prefill_worker import PrefillWorker
+    from tandem.workers.decode_worker import DecodeWorker
+    from tandem.workers.prefill_worker import PrefillWorker
 
     pool, ep_kwargs = deployment(PrefillWorker, "PrefillWorker", "prefill", prefill_ep,
                                  args.pool_scaling("prefill", args.prefill_replicas))
@@ -203,7 +203,7 @@ def _bundle(actor_options: dict[str, Any]) -> dict[str, float]:
 def check_expert_parallel(args: AppArgs, model: str) -> None:
     """Each pool's degree against the model (ValueError: dense model, more ranks than experts);
     at build time, so a bad degree never reaches a replica."""
-    from workers.ep_replica import check_expert_parallel_size
+    from tandem.workers.ep_replica import check_expert_parallel_size
 
     pools = {"expert_parallel_size": args.expert_parallel_size}
     if args.mode == "disaggregated":
@@ -233,7 +233,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     if parsed.model:
         model = parsed.model
     else:
-        from workers.generate_cli import default_model
+        from tandem.workers.generate_cli import default_model
 
         model = default_model()
     check_expert_parallel(parsed, model)

@@ -17,10 +17,10 @@ import time
 
 import ray
 
-from router.kv_events import decode_batch
-from router.load import decode_load
-from router.policy import RoutingConfig, RoutingRequest
-from router.pool import PoolRouter
+from tandem.router.kv_events import decode_batch
+from tandem.router.load import decode_load
+from tandem.router.policy import RoutingConfig, RoutingRequest
+from tandem.router.pool import PoolRouter
 
 logger = logging.getLogger(__name__)
 

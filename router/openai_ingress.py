@@ -32,8 +32,8 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from router.openai_metrics import get_stats_board, render_prometheus
-from router.openai_protocol import (
+from tandem.router.openai_metrics import get_stats_board, render_prometheus
+from tandem.router.openai_protocol import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -56,9 +56,9 @@ from router.openai_protocol import (
     TopLogprob,
     Usage,
 )
-from router.prompt_tokenizer import PromptTokenizer
-from router.stage_timing import IngressTrace, StageHistograms, route_stamps, timing_payload
-from workers.serve_worker import TokenLogprob, WorkerDelta, WorkerRequest
+from tandem.router.prompt_tokenizer import PromptTokenizer
+from tandem.router.stage_timing import IngressTrace, StageHistograms, route_stamps, timing_payload
+from tandem.workers.serve_worker import TokenLogprob, WorkerDelta, WorkerRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -83,7 +83,7 @@ class IngressConfig:
     # (Serve routes it to a live replica) this many times, then answered 503.
     replica_retries: int = 1
     # Chat prompts are tokenized piece by piece with an LRU of this many characters of text
-    # (router.prompt_tokenizer: a follow-up turn tokenizes only its new messages); 0: off.
+    # (tandem.router.prompt_tokenizer: a follow-up turn tokenizes only its new messages); 0: off.
     tokenize_cache_chars: int = 64 << 20
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import ray
 
-from router.stage_timing import StageHistograms
+from tandem.router.stage_timing import StageHistograms
 
 logger = logging.getLogger("ray.serve")
 

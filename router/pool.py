@@ -8,10 +8,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 
-from router.kv_events import KVEventBatch
-from router.load import LoadTracker, ReplicaLoad
-from router.policy import RoutingConfig, RoutingPolicy, RoutingRequest
-from router.prefix_index import PrefixIndex
+from tandem.router.kv_events import KVEventBatch
+from tandem.router.load import LoadTracker, ReplicaLoad
+from tandem.router.policy import RoutingConfig, RoutingPolicy, RoutingRequest
+from tandem.router.prefix_index import PrefixIndex
 
 
 class PoolRouter:

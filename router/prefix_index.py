@@ -19,8 +19,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Sequence
 
-from router.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEvent, KVEventBatch
-from workers.prefix_hash import ROOT_HASH
+from tandem.router.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEvent, KVEventBatch
+from tandem.workers.prefix_hash import ROOT_HASH
 
 
 class _Node:

@@ -18,9 +18,9 @@ import time
 
 import ray
 
-from router.index_actor import get_index_actor, pool_name
-from router.kv_events import KVEvent, KVEventBatch, encode_batch
-from router.load import ReplicaLoad, encode_load
+from tandem.router.index_actor import get_index_actor, pool_name
+from tandem.router.kv_events import KVEvent, KVEventBatch, encode_batch
+from tandem.router.load import ReplicaLoad, encode_load
 
 
 class KVEventPublisher:

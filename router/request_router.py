@@ -30,10 +30,10 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from router.index_actor import get_index_actor, pool_name
-from router.policy import RoutingConfig
-from router.stage_timing import RouteStamps, route_stamps
-from workers.prefix_hash import hash_full_blocks
+from tandem.router.index_actor import get_index_actor, pool_name
+from tandem.router.policy import RoutingConfig
+from tandem.router.stage_timing import RouteStamps, route_stamps
+from tandem.workers.prefix_hash import hash_full_blocks
 
 logger = logging.getLogger("ray.serve")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the request router imports this module; keep the engine out of it
-    from workers.serve_worker import WorkerTiming
+    from tandem.workers.serve_worker import WorkerTiming
 
 # Path order. Cross-process stamps (worker_*, engine_*, first_token) are placed by wall clock: on
 # one host both processes read the same clock; across hosts they are off by the clocks' skew.

@@ -17,10 +17,10 @@ import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from workers.config import EngineConfig
-from workers.llm_engine import EngineStats, LLMEngine, PromptType
-from workers.outputs import RequestOutput
-from workers.sampling_params import SamplingParams
+from tandem.workers.config import EngineConfig
+from tandem.workers.llm_engine import EngineStats, LLMEngine, PromptType
+from tandem.workers.outputs import RequestOutput
+from tandem.workers.sampling_params import SamplingParams
 
 
 class EngineDeadError(RuntimeError):

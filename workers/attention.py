@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import ops
+from tandem.kernels import ops
 
 
 @dataclass

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from workers.prefix_hash import ROOT_HASH, hash_block
-from workers.sequence import Sequence
+from tandem.workers.prefix_hash import ROOT_HASH, hash_block
+from tandem.workers.sequence import Sequence
 
 
 @dataclass

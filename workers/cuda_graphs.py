@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.attention import ForwardContext
+from tandem.workers.attention import ForwardContext
 
 
 def capture_graphs(sizes, forward, graphs: dict, outputs: dict, pool):

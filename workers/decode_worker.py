@@ -15,8 +15,8 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 
-from workers.disagg import DisaggConfig, DisaggCounters, RemotePrefiller, transfer_config
-from workers.serve_worker import EngineReading, LLMWorker, WorkerDelta, WorkerRequest, WorkerStats
+from tandem.workers.disagg import DisaggConfig, DisaggCounters, RemotePrefiller, transfer_config
+from tandem.workers.serve_worker import EngineReading, LLMWorker, WorkerDelta, WorkerRequest, WorkerStats
 
 
 @dataclasses.dataclass

@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from kvtransfer import KVReceiver, KVSender, KVTransferConfig, ReceiveHandle, SendSession, TransferError
-from workers.sampling_params import SamplingParams
-from workers.sequence import Logprob, Sequence
+from tandem.kvtransfer import KVReceiver, KVSender, KVTransferConfig, ReceiveHandle, SendSession, TransferError
+from tandem.workers.sampling_params import SamplingParams
+from tandem.workers.sequence import Logprob, Sequence
 
 
 @dataclass(frozen=True)

@@ -42,16 +42,16 @@ from typing import Any
 
 import ray
 
-from workers.async_engine import AsyncLLM
-from workers.block_manager import CacheEvent
-from workers.config import EngineConfig
-from workers.decode_worker import DecodeWorker
-from workers.disagg import PrefillRequest, PrefillResult
-from workers.llm_engine import EngineStats, LLMEngine
-from workers.metrics import WorkerMetrics
-from workers.prefill_worker import PrefillWorker
-from workers.prefix_hash import hash_full_blocks
-from workers.serve_worker import (EngineReading, LLMWorker, WorkerDelta, WorkerRequest, autoscaling_stats,
+from tandem.workers.async_engine import AsyncLLM
+from tandem.workers.block_manager import CacheEvent
+from tandem.workers.config import EngineConfig
+from tandem.workers.decode_worker import DecodeWorker
+from tandem.workers.disagg import PrefillRequest, PrefillResult
+from tandem.workers.llm_engine import EngineStats, LLMEngine
+from tandem.workers.metrics import WorkerMetrics
+from tandem.workers.prefill_worker import PrefillWorker
+from tandem.workers.prefix_hash import hash_full_blocks
+from tandem.workers.serve_worker import (EngineReading, LLMWorker, WorkerDelta, WorkerRequest, autoscaling_stats,
                                   read_engine)
 
 logger = logging.getLogger("ray.serve")
@@ -70,9 +70,9 @@ def check_expert_parallel_size(model: str, size: int) -> None:
         raise ValueError(f"expert_parallel_size must be an integer >= 1, got {size!r}")
     if size == 1:
         return
-    from workers.model_runner import load_hf_config
-    from workers.models import model_class_for
-    from workers.models.moe import MoeForCausalLM, num_experts_of
+    from tandem.workers.model_runner import load_hf_config
+    from tandem.workers.models import model_class_for
+    from tandem.workers.models.moe import MoeForCausalLM, num_experts_of
 
     hf_config = load_hf_config(model)
     if model_class_for(hf_config) is not MoeForCausalLM:
@@ -227,7 +227,7 @@ class RankSpec:
 
 def _ep_engine(config: EngineConfig, ep) -> LLMEngine:
     """An `LLMEngine` whose runner holds this rank's experts."""
-    from workers.expert_parallel import ExpertParallelModelRunner
+    from tandem.workers.expert_parallel import ExpertParallelModelRunner
 
     return LLMEngine(config, runner_factory=functools.partial(ExpertParallelModelRunner, ep=ep))
 
@@ -251,7 +251,7 @@ def start_rank_engine(config: EngineConfig, spec: RankSpec, store=None, check=No
     starts stepping only once every rank has loaded (an idle rank steps collectively at once)."""
     from torch.distributed import TCPStore
 
-    from workers.expert_parallel import ExpertParallelGroup
+    from tandem.workers.expert_parallel import ExpertParallelGroup
 
     if store is None:
         store = TCPStore(spec.store_host, spec.store_port, spec.world_size, False,

@@ -34,7 +34,7 @@ from typing import Callable, Literal
 import torch
 from torch.distributed import PrefixStore, Store
 
-from workers.model_runner import ModelRunner
+from tandem.workers.model_runner import ModelRunner
 
 # (rows [R, H], local expert ids [R]) -> unweighted expert outputs [R, H]
 LocalExperts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -192,7 +192,7 @@ class ExpertParallelModelRunner(ModelRunner):
     def execute_idle(self) -> None:
         """A forward of one padding token, so this rank takes part in the other ranks' MoE
         all-to-alls. Its slot is -1 (its K/V is written nowhere); it reads cache block 0."""
-        from workers.attention import ForwardContext
+        from tandem.workers.attention import ForwardContext
 
         dev = self.device
         ctx = ForwardContext(

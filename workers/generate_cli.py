@@ -10,7 +10,7 @@ DEFAULT_MODEL_DIR = Path(os.environ.get("TANDEM_CACHE", Path.home() / ".cache" /
 
 
 def default_model() -> str:
-    from workers.make_model import make_model
+    from tandem.workers.make_model import make_model
 
     if not (DEFAULT_MODEL_DIR / "config.json").exists():
         make_model(DEFAULT_MODEL_DIR, "llama", seed=0)
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workers import LLM, SamplingParams
+    from tandem.workers import LLM, SamplingParams
 
     model = args.model or default_model()
     prompts = args.prompt or ["Tandem serves large language models with"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence as Seq
 
-from workers.config import EngineConfig
-from workers.llm_engine import LLMEngine, PromptType
-from workers.outputs import RequestOutput
-from workers.sampling_params import SamplingParams
+from tandem.workers.config import EngineConfig
+from tandem.workers.llm_engine import LLMEngine, PromptType
+from tandem.workers.outputs import RequestOutput
+from tandem.workers.sampling_params import SamplingParams
 
 
 class LLM:

@@ -21,18 +21,18 @@ from typing import TYPE_CHECKING, Callable, Union
 
 import torch
 
-from workers.block_manager import BlockManager, CacheEvent
-from workers.config import EngineConfig
-from workers.detokenizer import IncrementalDetokenizer
-from workers.model_runner import ModelRunner, load_hf_config
-from workers.outputs import CompletionOutput, RequestOutput
-from workers.sampler import Sampler
-from workers.sampling_params import SamplingParams
-from workers.scheduler import Scheduler
-from workers.sequence import Sequence
+from tandem.workers.block_manager import BlockManager, CacheEvent
+from tandem.workers.config import EngineConfig
+from tandem.workers.detokenizer import IncrementalDetokenizer
+from tandem.workers.model_runner import ModelRunner, load_hf_config
+from tandem.workers.outputs import CompletionOutput, RequestOutput
+from tandem.workers.sampler import Sampler
+from tandem.workers.sampling_params import SamplingParams
+from tandem.workers.scheduler import Scheduler
+from tandem.workers.sequence import Sequence
 
 if TYPE_CHECKING:
-    from workers.disagg import KVExporter, RemotePrefiller
+    from tandem.workers.disagg import KVExporter, RemotePrefiller
 
 PromptType = Union[str, dict, list]
 

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 from ray.util import metrics as ray_metrics
 
 if TYPE_CHECKING:
-    from kvtransfer.metrics import TransferMetrics
-    from workers.disagg import DisaggCounters
-    from workers.llm_engine import EngineStats
-    from workers.models.moe import ExpertLoadStats
+    from tandem.kvtransfer.metrics import TransferMetrics
+    from tandem.workers.disagg import DisaggCounters
+    from tandem.workers.llm_engine import EngineStats
+    from tandem.workers.models.moe import ExpertLoadStats
 
 BASE_TAGS = ("model_name", "pool", "replica")
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels import ops
-from workers.attention import ForwardContext
-from workers.config import EngineConfig
-from workers.models import model_class_for
-from workers.models.llama import head_dim_of
-from workers.scheduler import SchedulerOutput
+from tandem.kernels import ops
+from tandem.workers.attention import ForwardContext
+from tandem.workers.config import EngineConfig
+from tandem.workers.models import model_class_for
+from tandem.workers.models.llama import head_dim_of
+from tandem.workers.scheduler import SchedulerOutput
 
 
 @dataclass
@@ -56,7 +56,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._warm_up()
         if self.device.type == "cuda" and not config.enforce_eager:
-            from workers.cuda_graphs import CudaGraphDecoder, CudaGraphMixed
+            from tandem.workers.cuda_graphs import CudaGraphDecoder, CudaGraphMixed
 
             max_blocks = -(-(config.max_model_len or hf_config.max_position_embeddings) // self.block_size)
             self.graphs = CudaGraphDecoder(self.model, self.kv_cache, max_blocks, config.max_num_seqs)

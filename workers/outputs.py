@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from workers.sequence import Logprob
+from tandem.workers.sequence import Logprob
 
 
 @dataclass

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from workers.disagg import KVDestination, KVExporter, PrefillRequest, PrefillResult, transfer_config
-from workers.serve_worker import EngineReading, LLMWorker, WorkerStats
+from tandem.workers.disagg import KVDestination, KVExporter, PrefillRequest, PrefillResult, transfer_config
+from tandem.workers.serve_worker import EngineReading, LLMWorker, WorkerStats
 
 
 @dataclasses.dataclass

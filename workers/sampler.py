@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.sequence import Logprob, Sequence
+from tandem.workers.sequence import Logprob, Sequence
 
 
 # Rows at most this many: argmax in two stages (see greedy_argmax).

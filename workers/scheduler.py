@@ -13,9 +13,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from workers.block_manager import BlockManager
-from workers.config import SCHEDULING_POLICIES
-from workers.sequence import Sequence, SequenceStatus
+from tandem.workers.block_manager import BlockManager
+from tandem.workers.config import SCHEDULING_POLICIES
+from tandem.workers.sequence import Sequence, SequenceStatus
 
 
 class RemotePrefillHook(Protocol):

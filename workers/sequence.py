@@ -12,7 +12,7 @@ import enum
 import sys
 from dataclasses import dataclass, field
 
-from workers.sampling_params import SamplingParams
+from tandem.workers.sampling_params import SamplingParams
 
 
 PLACEHOLDER = -1  # a sampled token still on the device (never fed to the model: see ModelRunner.prepare)

@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
-from workers.async_engine import AsyncLLM, EngineTiming
-from workers.block_manager import CacheEvent
-from workers.config import EngineConfig
-from workers.llm_engine import EngineStats, LLMEngine
-from workers.metrics import WorkerMetrics
-from workers.outputs import RequestOutput
-from workers.prefix_hash import ROOT_HASH
-from workers.sampling_params import SamplingParams
+from tandem.workers.async_engine import AsyncLLM, EngineTiming
+from tandem.workers.block_manager import CacheEvent
+from tandem.workers.config import EngineConfig
+from tandem.workers.llm_engine import EngineStats, LLMEngine
+from tandem.workers.metrics import WorkerMetrics
+from tandem.workers.outputs import RequestOutput
+from tandem.workers.prefix_hash import ROOT_HASH
+from tandem.workers.sampling_params import SamplingParams
 
 logger = logging.getLogger("ray.serve")
 
@@ -145,7 +145,7 @@ class WorkerStats:
 
 def to_router_event(replica_id: str, event: CacheEvent):
     """A block manager `CacheEvent` as the router's KV event type."""
-    from router.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored
+    from tandem.router.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored
 
     if event.kind == "stored":
         parent = None if event.parent_hash == ROOT_HASH else event.parent_hash
@@ -256,8 +256,8 @@ class LLMWorker:
         except Exception:  # constructed outside Serve (tests of the class itself)
             context = None
         if context is not None:
-            from router.openai_metrics import get_stats_board
-            from router.publisher import KVEventPublisher
+            from tandem.router.openai_metrics import get_stats_board
+            from tandem.router.publisher import KVEventPublisher
 
             self._publisher = KVEventPublisher.for_current_replica()
             self._replica_id = self._publisher.replica_id
@@ -337,7 +337,7 @@ class LLMWorker:
         """The prefill and decode roles add their transfer counters."""
 
     async def _publish_loop(self) -> None:
-        from router.load import ReplicaLoad
+        from tandem.router.load import ReplicaLoad
 
         last_stats: EngineStats | None = None
         last_load_at = last_board_at = last_experts_at = 0.0

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.loadgen.arrivals import ARRIVALS, ArrivalProcess, make_arrival
-from bench.loadgen.client import ClientConfig, OpenAIClient, discover_model, root_url
-from bench.loadgen.compare import compare_reports, render_comparison
-from bench.loadgen.progress import Progress
-from bench.loadgen.report import BenchReport, RequestRecord, RunInfo, StageReport, render_markdown, write_json
-from bench.loadgen.runner import StageConfig, StageRun, run_stage
-from bench.loadgen.server_metrics import ServerCounters, counters_delta, scrape
-from bench.loadgen.stats import Slo, summarize
-from bench.loadgen.text import TokenCounter
-from bench.loadgen.workloads import (
+from tandem.bench.loadgen.arrivals import ARRIVALS, ArrivalProcess, make_arrival
+from tandem.bench.loadgen.client import ClientConfig, OpenAIClient, discover_model, root_url
+from tandem.bench.loadgen.compare import compare_reports, render_comparison
+from tandem.bench.loadgen.progress import Progress
+from tandem.bench.loadgen.report import BenchReport, RequestRecord, RunInfo, StageReport, render_markdown, write_json
+from tandem.bench.loadgen.runner import StageConfig, StageRun, run_stage
+from tandem.bench.loadgen.server_metrics import ServerCounters, counters_delta, scrape
+from tandem.bench.loadgen.stats import Slo, summarize
+from tandem.bench.loadgen.text import TokenCounter
+from tandem.bench.loadgen.workloads import (
     LENGTH_DISTRIBUTIONS, JsonlDataset, LengthDist, LongPromptMix, MultiTurnChat, RandomWorkload,
     SharedDocumentRAG, Workload,
 )
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(report, out_dir / "report.json")
     plot_files: list[str] = []
     if not args.no_plots:
-        from bench.loadgen.plots import plot_latency_cdfs, plot_sweep  # matplotlib: only when plotting
+        from tandem.bench.loadgen.plots import plot_latency_cdfs, plot_sweep  # matplotlib: only when plotting
 
         plot_latency_cdfs([(report_.summary, stage_run.results) for stage_run, report_ in stages], out_dir / "latency_cdf.png")
         plot_files.append("latency_cdf.png")

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from bench.loadgen.request import BenchRequest, RequestResult
-from bench.loadgen.text import TokenCounter
+from tandem.bench.loadgen.request import BenchRequest, RequestResult
+from tandem.bench.loadgen.text import TokenCounter
 
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 

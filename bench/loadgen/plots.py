@@ -11,8 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
-from bench.loadgen.request import RequestResult  # noqa: E402
-from bench.loadgen.stats import StageSummary  # noqa: E402
+from tandem.bench.loadgen.request import RequestResult  # noqa: E402
+from tandem.bench.loadgen.stats import StageSummary  # noqa: E402
 
 
 def _cdf(axis: plt.Axes, values_ms: Sequence[float], label: str) -> None:

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.loadgen.request import RequestResult
-from bench.loadgen.server_metrics import ServerMetricsDelta
-from bench.loadgen.stats import Distribution, LatencySummary, StageSummary
+from tandem.bench.loadgen.request import RequestResult
+from tandem.bench.loadgen.server_metrics import ServerMetricsDelta
+from tandem.bench.loadgen.stats import Distribution, LatencySummary, StageSummary
 
 REPORT_VERSION = 1
 

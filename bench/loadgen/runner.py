@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bench.loadgen.arrivals import ArrivalProcess
-from bench.loadgen.client import OpenAIClient
-from bench.loadgen.progress import Progress
-from bench.loadgen.request import RequestResult
-from bench.loadgen.text import TokenCounter
-from bench.loadgen.workloads import Session
+from tandem.bench.loadgen.arrivals import ArrivalProcess
+from tandem.bench.loadgen.client import OpenAIClient
+from tandem.bench.loadgen.progress import Progress
+from tandem.bench.loadgen.request import RequestResult
+from tandem.bench.loadgen.text import TokenCounter
+from tandem.bench.loadgen.workloads import Session
 
 
 @dataclass(frozen=True)

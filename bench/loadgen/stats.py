@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bench.loadgen.request import RequestResult
+from tandem.bench.loadgen.request import RequestResult
 
 SLO_METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bench.loadgen.request import ChatMessage
+from tandem.bench.loadgen.request import ChatMessage
 
 # Common short English words: most are a single token under BPE vocabularies, and random
 # draws from 200+ words make distinct prompts diverge within the first few tokens (no accidental

@@ -14,8 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
-from bench.loadgen.request import BenchRequest, ChatMessage
-from bench.loadgen.text import TokenCounter
+from tandem.bench.loadgen.request import BenchRequest, ChatMessage
+from tandem.bench.loadgen.text import TokenCounter
 
 LENGTH_DISTRIBUTIONS = ("fixed", "uniform", "normal", "lognormal", "exponential")
 

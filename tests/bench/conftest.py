@@ -8,14 +8,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from bench.loadgen.arrivals import ClosedLoop
-from bench.loadgen.report import BenchReport, RequestRecord, RunInfo, StageReport
-from bench.loadgen.request import RequestResult
-from bench.loadgen.stats import StageSummary
-from bench.loadgen.client import ClientConfig, OpenAIClient
-from bench.loadgen.runner import StageConfig, StageRun, run_stage
-from bench.loadgen.text import TokenCounter
-from bench.loadgen.workloads import Workload
+from tandem.bench.loadgen.arrivals import ClosedLoop
+from tandem.bench.loadgen.report import BenchReport, RequestRecord, RunInfo, StageReport
+from tandem.bench.loadgen.request import RequestResult
+from tandem.bench.loadgen.stats import StageSummary
+from tandem.bench.loadgen.client import ClientConfig, OpenAIClient
+from tandem.bench.loadgen.runner import StageConfig, StageRun, run_stage
+from tandem.bench.loadgen.text import TokenCounter
+from tandem.bench.loadgen.workloads import Workload
 from tests.bench.fake_openai_server import FakeBehavior, FakeOpenAIServer
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench.loadgen import cli
+from tandem.bench.loadgen import cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

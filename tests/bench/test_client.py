@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.loadgen.arrivals import ClosedLoop
-from bench.loadgen.report import render_markdown
-from bench.loadgen.runner import StageConfig
-from bench.loadgen.stats import summarize
-from bench.loadgen.text import TokenCounter
-from bench.loadgen.workloads import LengthDist, MultiTurnChat, RandomWorkload
+from tandem.bench.loadgen.arrivals import ClosedLoop
+from tandem.bench.loadgen.report import render_markdown
+from tandem.bench.loadgen.runner import StageConfig
+from tandem.bench.loadgen.stats import summarize
+from tandem.bench.loadgen.text import TokenCounter
+from tandem.bench.loadgen.workloads import LengthDist, MultiTurnChat, RandomWorkload
 from tests.bench.conftest import minimal_report, run_against
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.engine_bench import static_tokens_per_step
+from tandem.bench.engine_bench import static_tokens_per_step
 
 ROOT = Path(__file__).resolve().parents[2]
 

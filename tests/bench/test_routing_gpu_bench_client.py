@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.routing_gpu_bench import chat_stream
+from tandem.bench.routing_gpu_bench import chat_stream
 
 
 @pytest.mark.parametrize("empty_tokens", [0, 3, 5])

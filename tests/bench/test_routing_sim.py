@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.routing_sim import LRUPrefixCache, SimConfig, Workload, WorkloadConfig, simulate
-from router.kv_events import BlocksRemoved, BlocksStored
+from tandem.bench.routing_sim import LRUPrefixCache, SimConfig, Workload, WorkloadConfig, simulate
+from tandem.router.kv_events import BlocksRemoved, BlocksStored
 
 SIM = SimConfig(replicas=4, conversations=50, users_per_replica=4, min_conversations_per_user=2, warmup_s=10.0, seed=7)
 

@@ -9,11 +9,11 @@ import time
 import numpy as np
 import pytest
 
-from bench.loadgen.arrivals import ClosedLoop, FixedRate, Gamma, Poisson, make_arrival
-from bench.loadgen.runner import StageConfig
-from bench.loadgen.stats import summarize
-from bench.loadgen.text import TokenCounter
-from bench.loadgen.workloads import LengthDist, RandomWorkload
+from tandem.bench.loadgen.arrivals import ClosedLoop, FixedRate, Gamma, Poisson, make_arrival
+from tandem.bench.loadgen.runner import StageConfig
+from tandem.bench.loadgen.stats import summarize
+from tandem.bench.loadgen.text import TokenCounter
+from tandem.bench.loadgen.workloads import LengthDist, RandomWorkload
 from tests.bench.conftest import run_against
 
 

@@ -7,11 +7,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from bench.loadgen.request import RequestResult
-from bench.loadgen.server_metrics import (
+from tandem.bench.loadgen.request import RequestResult
+from tandem.bench.loadgen.server_metrics import (
     ServerCounters, counters_delta, counters_from_samples, parse_prometheus_text, scrape,
 )
-from bench.loadgen.stats import Slo, distribution, summarize
+from tandem.bench.loadgen.stats import Slo, distribution, summarize
 
 
 def result(index, ttft, e2e, tokens, itl=(), start=0.0, error=None, kind="random", warmup=False):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.throughput_bound import ModelShape, WorkloadCounts, run_figures, throughput_bound
+from tandem.bench.throughput_bound import ModelShape, WorkloadCounts, run_figures, throughput_bound
 
 ROOT = Path(__file__).resolve().parents[2]
 H100 = ROOT / "bench" / "results" / "engine_nvidia_h100_80gb_hbm3.json"
@@ -38,8 +38,8 @@ def test_counts_reject_bad_workloads(prompts, outs):
 def test_weight_bytes_are_the_real_models_parameters_but_the_embedding(tmp_path):
     import transformers
 
-    from bench.engine_bench import weight_bytes
-    from workers.make_model import make_model
+    from tandem.bench.engine_bench import weight_bytes
+    from tandem.workers.make_model import make_model
 
     folder = make_model(tmp_path / "m", "llama", seed=0, size="small")
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -64,7 +64,7 @@ def test_the_larger_bound_wins_and_the_figures_follow_from_it():
 
 
 def test_the_committed_h100_run_bound_reads_the_tokens_its_trace_recorded():
-    proc = subprocess.run([sys.executable, "-m", "bench.throughput_bound", str(H100)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "tandem.bench.throughput_bound", str(H100)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     fig = json.loads(proc.stdout)

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from bench.loadgen.text import TokenCounter
-from bench.loadgen.workloads import (
+from tandem.bench.loadgen.text import TokenCounter
+from tandem.bench.loadgen.workloads import (
     RAG_QUESTION_MARK, JsonlDataset, LengthDist, LongPromptMix, MultiTurnChat, RandomWorkload, SharedDocumentRAG,
 )
 
@@ -147,7 +147,7 @@ def tokenizer_dir(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
     from transformers import PreTrainedTokenizerFast
 
-    from bench.loadgen.text import _WORDS
+    from tandem.bench.loadgen.text import _WORDS
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster import bundle
-from cluster.bundle import BundleConfig, BundleError
+from tandem.cluster import bundle
+from tandem.cluster.bundle import BundleConfig, BundleError
 
 
 def make_wheel(folder: Path, name: str, version: str, files: dict[str, bytes],

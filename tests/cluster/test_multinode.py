@@ -17,15 +17,15 @@ import requests
 from ray import serve
 from ray.cluster_utils import Cluster
 
-from cluster.apps import deploy_app, scale_app, status_report
-from cluster.autoscaling import STAT_KEYS
-from cluster.cli import build_parser
-from cluster.serve_cli import app_args
-from cluster.status_cli import format_report
-from router.openai_ingress import REPLICA_HEADER
+from tandem.cluster.apps import deploy_app, scale_app, status_report
+from tandem.cluster.autoscaling import STAT_KEYS
+from tandem.cluster.cli import build_parser
+from tandem.cluster.serve_cli import app_args
+from tandem.cluster.status_cli import format_report
+from tandem.router.openai_ingress import REPLICA_HEADER
 from tests.router.serve_harness import free_port
-from workers.make_model import make_model
-from workers.serve_worker import LLMWorker
+from tandem.workers.make_model import make_model
+from tandem.workers.serve_worker import LLMWorker
 
 APP = "multinode"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]

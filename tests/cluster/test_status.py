@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from cluster.apps import pool_engine_stats
-from cluster.status_cli import format_report
-from workers.llm_engine import EngineStats
+from tandem.cluster.apps import pool_engine_stats
+from tandem.cluster.status_cli import format_report
+from tandem.workers.llm_engine import EngineStats
 
 
 def engine_stats(**overrides) -> dict:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tests.kernels.kernel_testing import assert_close, device, poisoned_allocations
-from kernels.activation import silu_and_mul, silu_and_mul_ref
+from tandem.kernels.activation import silu_and_mul, silu_and_mul_ref
 
 # Same roundings as torch's two eager ops; only exp() may differ in the last bit.
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 4e-3}

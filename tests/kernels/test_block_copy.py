@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tests.kernels.kernel_testing import device, poisoned_allocations
-from kernels.block_copy import gather_blocks, gather_blocks_ref, scatter_blocks, scatter_blocks_ref
+from tandem.kernels.block_copy import gather_blocks, gather_blocks_ref, scatter_blocks, scatter_blocks_ref
 
 
 def run(num_blocks, block_size, num_heads, head_dim, num_ids, dtype, id_dtype=torch.int64):

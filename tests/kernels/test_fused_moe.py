@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fused_moe import MoeTiles, align_by_expert, fused_moe, fused_moe_ref
+from tandem.kernels.fused_moe import MoeTiles, align_by_expert, fused_moe, fused_moe_ref
 from tests.kernels.kernel_testing import assert_close, device, poisoned_allocations
 
 # Same roundings as the reference; only the GEMMs' accumulation order differs.

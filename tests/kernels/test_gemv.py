@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels import ops
-from kernels.gemv import gemv, gemv_ref
+from tandem.kernels import ops
+from tandem.kernels.gemv import gemv, gemv_ref
 from tests.kernels.kernel_testing import TOLERANCE, assert_close, device, poisoned_allocations
 
 

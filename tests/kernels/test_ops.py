@@ -1,11 +1,11 @@
-"""kernels.ops: CUDA tensors go to Triton, CPU tensors to the reference unless TANDEM_TRITON_ON_CPU=1."""
+"""tandem.kernels.ops: CUDA tensors go to Triton, CPU tensors to the reference unless TANDEM_TRITON_ON_CPU=1."""
 import os
 
 import pytest
 import torch
 
-from kernels import ops
-from kernels.rmsnorm import rms_norm_ref
+from tandem.kernels import ops
+from tandem.kernels.rmsnorm import rms_norm_ref
 
 
 def _which():
@@ -34,7 +34,7 @@ def test_every_op_is_wired():
              "rms_norm", "fused_add_rms_norm", "rope", "silu_and_mul"]
     for name in names:
         op = getattr(ops, name)
-        assert op.__wrapped__.__name__ == name and op.__wrapped__.__module__.startswith("kernels.")
+        assert op.__wrapped__.__name__ == name and op.__wrapped__.__module__.startswith("tandem.kernels.")
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.kernels.kernel_testing import TOLERANCE, assert_close, device, poisoned_allocations
-from kernels.paged_attention import (
+from tandem.kernels.paged_attention import (
     paged_decode_attention,
     paged_decode_attention_ref,
     paged_decode_attention_split,

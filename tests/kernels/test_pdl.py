@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import pdl
+from tandem.kernels import pdl
 
 
 def test_off_on_the_cpu_and_under_the_interpreter():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tests.kernels.kernel_testing import assert_close, device, poisoned_allocations
-from kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from tandem.kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 
 # The kernel rounds where the reference does, so only the fp32 sum-of-squares order differs.
 ELEMENTWISE_TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 4e-3}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.kernels.kernel_testing import assert_close, device, poisoned_allocations
-from kernels.rope import build_cos_sin_cache, rope, rope_ref
+from tandem.kernels.rope import build_cos_sin_cache, rope, rope_ref
 
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 4e-3}
 

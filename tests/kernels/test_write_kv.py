@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tests.kernels.kernel_testing import device
-from kernels.write_kv import write_kv, write_kv_ref
+from tandem.kernels.write_kv import write_kv, write_kv_ref
 
 
 def run(num_tokens, num_blocks, block_size, num_kv_heads, head_dim, dtype, skip_every=3, strided=False):

@@ -23,7 +23,7 @@ def context():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "zmq", "kvtransfer", "kv_procs"])
+        _CTX.set_forkserver_preload(["torch", "zmq", "tandem.kvtransfer", "kv_procs"])
     return _CTX
 
 
@@ -36,7 +36,7 @@ def make_cache(seed: int, shape=SHAPE, dtype=torch.float32) -> torch.Tensor:
 
 
 def _serve(conn, role: str, seed: int, shape, dtype, config_kwargs: dict) -> None:
-    from kvtransfer import KVReceiver, KVSender, KVTransferConfig, TransferError
+    from tandem.kvtransfer import KVReceiver, KVSender, KVTransferConfig, TransferError
 
     cache = make_cache(seed, shape, dtype)
     config = KVTransferConfig(**config_kwargs)

@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtransfer import KVTransferConfig
-from kvtransfer.messages import Begin, Chunk, Error, Hello, MessageError, Ping, decode, encode
-from kvtransfer.staging import block_id_tensor, gather_layers, scatter_layers
+from tandem.kvtransfer import KVTransferConfig
+from tandem.kvtransfer.messages import Begin, Chunk, Error, Hello, MessageError, Ping, decode, encode
+from tandem.kvtransfer.staging import block_id_tensor, gather_layers, scatter_layers
 
 
 def test_messages_round_trip():
@@ -96,7 +96,7 @@ def test_block_ids_are_validated():
 
 
 def test_api_rejects_bad_input_in_process():
-    from kvtransfer import KVReceiver, KVSender
+    from tandem.kvtransfer import KVReceiver, KVSender
 
     cache = torch.randn(2, 2, 8, 2, 1, 4)
     with pytest.raises(ValueError, match="contiguous"):

@@ -18,7 +18,7 @@ FAST = dict(timeout_s=6.0, connect_timeout_s=6.0, heartbeat_s=0.2, peer_timeout_
 @ray.remote(num_cpus=0, max_concurrency=8)
 class ReceiverActor:
     def __init__(self, seed: int):
-        from kvtransfer import KVReceiver, KVTransferConfig
+        from tandem.kvtransfer import KVReceiver, KVTransferConfig
 
         self.receiver = KVReceiver(make_cache(seed), KVTransferConfig(**FAST))
         self.handles = {}
@@ -30,7 +30,7 @@ class ReceiverActor:
         self.handles[rid] = self.receiver.expect(rid, dst, 4)
 
     def wait(self, rid: str, timeout: float) -> tuple[str, str, float]:
-        from kvtransfer import TransferError
+        from tandem.kvtransfer import TransferError
 
         t0 = time.monotonic()
         try:
@@ -52,12 +52,12 @@ class ReceiverActor:
 @ray.remote(num_cpus=0, max_concurrency=8)
 class SenderActor:
     def __init__(self, seed: int):
-        from kvtransfer import KVSender, KVTransferConfig
+        from tandem.kvtransfer import KVSender, KVTransferConfig
 
         self.sender = KVSender(make_cache(seed), KVTransferConfig(**FAST))
 
     def send(self, rid: str, peer: str, src: list[int], dst: list[int], pause_s: float = 0.0) -> str:
-        from kvtransfer import TransferError
+        from tandem.kvtransfer import TransferError
 
         try:
             session = self.sender.begin(rid, peer, src, dst)

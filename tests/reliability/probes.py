@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import ray
 import requests
 
-from router.openai_metrics import get_stats_board
+from tandem.router.openai_metrics import get_stats_board
 
 
 def post(url: str, body: dict | bytes, headers: dict | None = None, timeout: float = 60, **kwargs) -> requests.Response:

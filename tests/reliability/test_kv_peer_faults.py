@@ -14,7 +14,7 @@ import torch
 import zmq
 from torch.distributed import TCPStore
 
-from kvtransfer import KVReceiver, KVSender, KVTransferConfig, TransferError
+from tandem.kvtransfer import KVReceiver, KVSender, KVTransferConfig, TransferError
 
 SHAPE = (2, 2, 8, 4, 2, 8)  # layers, K/V, blocks, block_size, kv heads, head_dim
 FAST = KVTransferConfig(timeout_s=2.0, connect_timeout_s=1.5, heartbeat_s=0.1, peer_timeout_s=1.0,

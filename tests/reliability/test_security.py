@@ -13,8 +13,8 @@ import pytest
 import requests
 import torch
 
-from kvtransfer import KVReceiver, KVTransferConfig
-from router.openai_ingress import ApiError, IngressConfig, OpenAIIngress
+from tandem.kvtransfer import KVReceiver, KVTransferConfig
+from tandem.router.openai_ingress import ApiError, IngressConfig, OpenAIIngress
 from tests.reliability.conftest import EDGE_API_KEY, EDGE_MAX_BODY_BYTES
 from tests.reliability.probes import (
     assert_openai_error, listening_addresses, post, replica_names, replica_pid,
@@ -48,7 +48,7 @@ def test_the_right_key_is_accepted_whatever_the_scheme_case(edge_app):
 def test_the_key_is_compared_in_constant_time(monkeypatch):
     """Every check goes through `hmac.compare_digest` (whose time does not depend on where the
     strings differ), also for a wrong length, where a plain == would return at once."""
-    import router.openai_ingress as ingress
+    import tandem.router.openai_ingress as ingress
 
     calls: list[tuple[bytes, bytes]] = []
     real = ingress.hmac.compare_digest

@@ -16,10 +16,10 @@ import pytest
 import requests
 from ray import serve
 
-from router.app import build_app
-from workers import LLM, SamplingParams
+from tandem.router.app import build_app
+from tandem.workers import LLM, SamplingParams
 from tests.router.serve_harness import local_serve
-from workers.make_model import make_model
+from tandem.workers.make_model import make_model
 
 ENGINE_KWARGS = {"num_kv_blocks": 96, "max_model_len": 256, "max_num_seqs": 16}
 API_KEY = "tandem-test-key"
@@ -268,7 +268,7 @@ def test_overload_answers_429_with_retry_after(server):
 def test_tandem_bench_against_the_real_endpoint(server, tmp_path):
     """`tandem bench` against this real Tandem app: every request succeeds, tokens come from
     usage, and the server's /metrics deltas (prefix-cache queries) are reported."""
-    from cluster.cli import build_parser
+    from tandem.cluster.cli import build_parser
 
     out = tmp_path / "bench"
     args = build_parser().parse_args([

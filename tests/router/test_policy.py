@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.policy import CandidateState, RoutingConfig, RoutingPolicy, RoutingRequest
+from tandem.router.policy import CandidateState, RoutingConfig, RoutingPolicy, RoutingRequest
 
 IDS = ["r0", "r1", "r2"]
 

@@ -1,11 +1,11 @@
 """A pool's router without Ray: events in, load in, rankings out."""
 from __future__ import annotations
 
-from router.kv_events import BlocksStored, KVEventBatch
-from router.load import LoadTracker, ReplicaLoad
-from router.policy import RoutingConfig, RoutingRequest
-from router.pool import PoolRouter
-from workers.prefix_hash import hash_full_blocks
+from tandem.router.kv_events import BlocksStored, KVEventBatch
+from tandem.router.load import LoadTracker, ReplicaLoad
+from tandem.router.policy import RoutingConfig, RoutingRequest
+from tandem.router.pool import PoolRouter
+from tandem.workers.prefix_hash import hash_full_blocks
 
 BLOCK = 16
 IDS = ["r0", "r1", "r2", "r3"]

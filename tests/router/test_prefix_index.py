@@ -13,9 +13,9 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEventBatch
-from router.prefix_index import PrefixIndex
-from workers.prefix_hash import hash_full_blocks
+from tandem.router.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEventBatch
+from tandem.router.prefix_index import PrefixIndex
+from tandem.workers.prefix_hash import hash_full_blocks
 
 BLOCK_SIZE = 2
 REPLICAS = ["r0", "r1", "r2"]

@@ -11,12 +11,12 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from router.index_actor import INDEX_NAMESPACE, index_actor_name
-from router.kv_events import BlocksStored
-from router.load import ReplicaLoad
-from router.publisher import KVEventPublisher
-from router.request_router import TandemRequestRouter
-from workers.prefix_hash import hash_full_blocks
+from tandem.router.index_actor import INDEX_NAMESPACE, index_actor_name
+from tandem.router.kv_events import BlocksStored
+from tandem.router.load import ReplicaLoad
+from tandem.router.publisher import KVEventPublisher
+from tandem.router.request_router import TandemRequestRouter
+from tandem.workers.prefix_hash import hash_full_blocks
 
 BLOCK_SIZE = 4
 TOTAL_KV_BLOCKS = 1024

@@ -13,11 +13,11 @@ import pytest
 import requests
 from ray import serve
 
-from router.app import build_app
-from router.stage_timing import INTERVALS, STAMPS, TOTAL
+from tandem.router.app import build_app
+from tandem.router.stage_timing import INTERVALS, STAMPS, TOTAL
 from tests.router.serve_harness import local_serve
-from workers import LLM, SamplingParams
-from workers.make_model import make_model
+from tandem.workers import LLM, SamplingParams
+from tandem.workers.make_model import make_model
 
 ENGINE_KWARGS = {"num_kv_blocks": 128, "max_model_len": 1024, "max_num_seqs": 8}
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello world! How are you?"}]

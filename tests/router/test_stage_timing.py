@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from bench.loadgen.server_metrics import parse_prometheus_text
-from router.openai_metrics import render_prometheus
-from router.stage_timing import (
+from tandem.bench.loadgen.server_metrics import parse_prometheus_text
+from tandem.router.openai_metrics import render_prometheus
+from tandem.router.stage_timing import (
     INTERVALS,
     STAMPS,
     TOTAL,
@@ -22,7 +22,7 @@ from router.stage_timing import (
     route_stamps,
     timing_payload,
 )
-from workers.serve_worker import WorkerTiming
+from tandem.workers.serve_worker import WorkerTiming
 
 
 def _traced_request() -> IngressTrace:
@@ -115,9 +115,9 @@ def test_histograms_render_cumulative_buckets():
 
 
 def test_async_engine_stamps_a_request_in_order(tiny_model):
-    from workers import SamplingParams
-    from workers.async_engine import AsyncLLM, EngineTiming
-    from workers.config import EngineConfig
+    from tandem.workers import SamplingParams
+    from tandem.workers.async_engine import AsyncLLM, EngineTiming
+    from tandem.workers.config import EngineConfig
 
     llm = AsyncLLM.from_config(EngineConfig(model=tiny_model, num_kv_blocks=64, max_model_len=256))
 
@@ -139,6 +139,6 @@ def test_async_engine_stamps_a_request_in_order(tiny_model):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
-    from workers.make_model import make_model
+    from tandem.workers.make_model import make_model
 
     return str(make_model(tmp_path_factory.mktemp("timing") / "llama", "llama", seed=0))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from router.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEventBatch, decode_batch, encode_batch
-from router.load import ReplicaLoad, decode_load, encode_load
+from tandem.router.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEventBatch, decode_batch, encode_batch
+from tandem.router.load import ReplicaLoad, decode_load, encode_load
 
 
 def test_batch_round_trip_keeps_64_bit_hashes():

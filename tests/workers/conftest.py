@@ -1,7 +1,7 @@
 """Shared fixtures: one small random-weight model folder per architecture, made once per run."""
 import pytest
 
-from workers.make_model import ARCHITECTURES, make_model
+from tandem.workers.make_model import ARCHITECTURES, make_model
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,9 @@ import asyncio
 
 import pytest
 
-from workers import LLM, SamplingParams
-from workers.async_engine import AsyncLLM
-from workers.config import EngineConfig
+from tandem.workers import LLM, SamplingParams
+from tandem.workers.async_engine import AsyncLLM
+from tandem.workers.config import EngineConfig
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_a_request_is_validated_once(engine, monkeypatch):
 
 
 def test_idle_nap_backs_off_and_resets():
-    from workers.async_engine import IdleNap
+    from tandem.workers.async_engine import IdleNap
 
     nap = IdleNap()
     waits = [nap.next() for _ in range(8)]
@@ -95,7 +95,7 @@ def test_engines_left_running_are_stopped_at_exit(llama_dir, monkeypatch):
     interpreter tears down (a daemon thread inside a step then can crash the process)."""
     import weakref
 
-    from workers import async_engine
+    from tandem.workers import async_engine
 
     monkeypatch.setattr(async_engine, "_LIVE", weakref.WeakSet())  # only this test's engine
     eng = AsyncLLM.from_config(EngineConfig(model=llama_dir))

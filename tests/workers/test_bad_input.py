@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers import LLM, SamplingParams
-from workers.llm_engine import LLMEngine
+from tandem.workers import LLM, SamplingParams
+from tandem.workers.llm_engine import LLMEngine
 
 
 @pytest.fixture(scope="module")

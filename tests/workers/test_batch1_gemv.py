@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from kernels import gemv as gemv_mod
-from workers.llm import LLM
-from workers.sampling_params import SamplingParams
+from tandem.kernels import gemv as gemv_mod
+from tandem.workers.llm import LLM
+from tandem.workers.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

@@ -6,10 +6,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from workers.block_manager import BlockManager
-from workers.prefix_hash import hash_full_blocks
-from workers.sampling_params import SamplingParams
-from workers.sequence import Sequence
+from tandem.workers.block_manager import BlockManager
+from tandem.workers.prefix_hash import hash_full_blocks
+from tandem.workers.sampling_params import SamplingParams
+from tandem.workers.sequence import Sequence
 
 BLOCK = 4
 NUM_BLOCKS = 24

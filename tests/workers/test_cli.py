@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from cluster.cli import main
+from tandem.cluster.cli import main
 
 
 def test_make_model_then_generate(tmp_path, capsys):
@@ -21,7 +21,7 @@ def test_make_model_then_generate(tmp_path, capsys):
 
 
 def test_generate_default_model(tmp_path, monkeypatch, capsys):
-    import workers.generate_cli as gen
+    import tandem.workers.generate_cli as gen
 
     monkeypatch.setattr(gen, "DEFAULT_MODEL_DIR", tmp_path / "tiny-llama")
     assert main(["generate", "--max-tokens", "3"]) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from workers.detokenizer import IncrementalDetokenizer
+from tandem.workers.detokenizer import IncrementalDetokenizer
 
 
 def stream(tok, ids, **kw):

@@ -17,11 +17,11 @@ from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.serve.config import RequestRouterConfig  # noqa: E402
 
-from workers.decode_worker import DecodeWorker  # noqa: E402
-from workers.llm import LLM  # noqa: E402
-from workers.prefill_worker import PrefillWorker  # noqa: E402
-from workers.sampling_params import SamplingParams  # noqa: E402
-from workers.serve_worker import WorkerRequest  # noqa: E402
+from tandem.workers.decode_worker import DecodeWorker  # noqa: E402
+from tandem.workers.llm import LLM  # noqa: E402
+from tandem.workers.prefill_worker import PrefillWorker  # noqa: E402
+from tandem.workers.sampling_params import SamplingParams  # noqa: E402
+from tandem.workers.serve_worker import WorkerRequest  # noqa: E402
 
 APP = "disagg"
 MAX_TOKENS = 8
@@ -203,7 +203,7 @@ def test_build_app_disaggregated_pools_serve_identical_tokens(cluster, reference
     """`router.app`'s disaggregated wiring (what `tandem serve --mode disaggregated` deploys):
     its decode pool, fed by its own prefill pool pinned by custom resources, gives the
     colocated engine's tokens and really pulls KV from its prefill pool."""
-    from router.app import AppArgs, _decode_pool
+    from tandem.router.app import AppArgs, _decode_pool
 
     args = AppArgs.from_dict({
         "model": cluster["model"], "mode": "disaggregated", "pool_resources": True, "worker_num_cpus": 0,

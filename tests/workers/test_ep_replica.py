@@ -21,17 +21,17 @@ import pytest
 import ray
 from ray import serve
 
-from router.app import AppArgs, _decode_pool, build_app
-from router.index_actor import INDEX_NAMESPACE, index_actor_name
+from tandem.router.app import AppArgs, _decode_pool, build_app
+from tandem.router.index_actor import INDEX_NAMESPACE, index_actor_name
 from tests.router.serve_harness import local_serve
-from workers.block_manager import CacheEvent
-from workers.ep_replica import RANK_NAMESPACE, RankCaches, choose_rank, merge_stats
-from workers.llm import LLM
-from workers.llm_engine import EngineStats
-from workers.make_model import make_model
-from workers.prefix_hash import hash_full_blocks
-from workers.sampling_params import SamplingParams
-from workers.serve_worker import WorkerRequest
+from tandem.workers.block_manager import CacheEvent
+from tandem.workers.ep_replica import RANK_NAMESPACE, RankCaches, choose_rank, merge_stats
+from tandem.workers.llm import LLM
+from tandem.workers.llm_engine import EngineStats
+from tandem.workers.make_model import make_model
+from tandem.workers.prefix_hash import hash_full_blocks
+from tandem.workers.sampling_params import SamplingParams
+from tandem.workers.serve_worker import WorkerRequest
 
 BLOCK_SIZE = 16
 MAX_TOKENS = 6
@@ -106,8 +106,8 @@ def test_bad_degrees_fail_at_build_time(tmp_path, model_dir):
 
 
 def test_each_pool_gets_its_own_degree_and_one_bundle_per_rank(model_dir):
-    from workers.ep_replica import ExpertParallelDecodeWorker
-    from workers.prefill_worker import PrefillWorker
+    from tandem.workers.ep_replica import ExpertParallelDecodeWorker
+    from tandem.workers.prefill_worker import PrefillWorker
 
     moe = model_dir
     args = AppArgs.from_dict({"model": moe, "mode": "disaggregated", "expert_parallel_size": 4, "worker_num_cpus": 2,
@@ -126,7 +126,7 @@ def test_each_pool_gets_its_own_degree_and_one_bundle_per_rank(model_dir):
 def test_serve_cli_expert_parallel_flags():
     import argparse
 
-    from cluster import serve_cli
+    from tandem.cluster import serve_cli
 
     parser = argparse.ArgumentParser()
     serve_cli.add_arguments(parser)

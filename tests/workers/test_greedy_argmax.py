@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.sampler import greedy_argmax
+from tandem.workers.sampler import greedy_argmax
 
 
 def _check(logits: torch.Tensor) -> None:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.workers.hf_oracle import hf_greedy
-from workers import LLM, SamplingParams
-from workers.make_model import ARCHITECTURES
+from tandem.workers import LLM, SamplingParams
+from tandem.workers.make_model import ARCHITECTURES
 
 PROMPT_LENS = [1, 2, 3, 5, 8, 15, 16, 17, 31, 47, 64, 100, 127, 128, 129, 200, 255, 256, 300, 333, 384, 420,
                480, 500]

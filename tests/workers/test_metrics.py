@@ -9,10 +9,10 @@ import warnings
 
 import pytest
 
-from workers import SamplingParams
-from workers.llm_engine import LLMEngine
-from workers.config import EngineConfig
-from workers.metrics import (
+from tandem.workers import SamplingParams
+from tandem.workers.llm_engine import LLMEngine
+from tandem.workers.config import EngineConfig
+from tandem.workers.metrics import (
     ALL_SPECS,
     ENGINE_COUNTERS,
     ENGINE_GAUGES,
@@ -21,9 +21,9 @@ from workers.metrics import (
     QUEUED_PREFILL_TOKENS,
     _ray_metric,
 )
-from workers.serve_worker import LLMWorker, WorkerRequest, autoscaling_stats
+from tandem.workers.serve_worker import LLMWorker, WorkerRequest, autoscaling_stats
 
-STAT_KEYS = ("queued_prefill_tokens", "num_running", "num_waiting", "kv_usage")  # cluster.autoscaling's
+STAT_KEYS = ("queued_prefill_tokens", "num_running", "num_waiting", "kv_usage")  # tandem.cluster.autoscaling's
 
 
 def test_every_metric_name_is_legal_for_ray():
@@ -172,7 +172,7 @@ def test_moe_worker_exports_tokens_per_expert(model_dirs):
 
 
 def test_prefill_worker_metrics_are_tagged_with_the_prefill_pool(llama_dir):
-    from workers.prefill_worker import PrefillWorker
+    from tandem.workers.prefill_worker import PrefillWorker
 
     worker = PrefillWorker(llama_dir, {"num_kv_blocks": 64})
     try:

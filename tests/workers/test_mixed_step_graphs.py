@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers import LLM, SamplingParams
-from workers.cuda_graphs import CudaGraphMixed
+from tandem.workers import LLM, SamplingParams
+from tandem.workers.cuda_graphs import CudaGraphMixed
 
 
 

@@ -18,7 +18,7 @@ import torch
 
 from tests.workers.hf_oracle import hf_greedy
 from tests.workers.test_moe_models import MAX_TOKENS, make_prompts
-from workers.expert_parallel import expert_range
+from tandem.workers.expert_parallel import expert_range
 
 WORLD = 2
 DISPATCH_MODES = ("all_to_all", "all_gather")
@@ -36,8 +36,8 @@ def test_expert_range_splits_every_expert_once():
 def _prefill_logits(model, prompts: list[list[int]]) -> torch.Tensor:
     """One packed prefill of `prompts` through `model` with a fresh paged KV cache; the logits of
     each prompt's last token."""
-    from workers.attention import ForwardContext
-    from workers.models.llama import head_dim_of
+    from tandem.workers.attention import ForwardContext
+    from tandem.workers.models.llama import head_dim_of
 
     cfg, block_size = model.config, 16
     blocks = [-(-len(p) // block_size) for p in prompts]
@@ -64,8 +64,8 @@ def _ep_worker(rank: int, port: int, model_dirs: dict[str, str], results: mp.Que
     try:
         from torch.distributed import TCPStore
 
-        from workers import LLM, SamplingParams
-        from workers.expert_parallel import ExpertParallelGroup, ExpertParallelModelRunner
+        from tandem.workers import LLM, SamplingParams
+        from tandem.workers.expert_parallel import ExpertParallelGroup, ExpertParallelModelRunner
 
         torch.set_num_threads(1)
         store = TCPStore("127.0.0.1", port, WORLD, rank == 0, timeout=timedelta(seconds=60))
@@ -182,9 +182,9 @@ def _unequal_worker(rank: int, port: int, model_dir: str, results: mp.Queue) -> 
     try:
         from torch.distributed import TCPStore
 
-        from workers import LLM, SamplingParams
-        from workers.async_engine import AsyncLLM
-        from workers.expert_parallel import ExpertParallelGroup, ExpertParallelModelRunner
+        from tandem.workers import LLM, SamplingParams
+        from tandem.workers.async_engine import AsyncLLM
+        from tandem.workers.expert_parallel import ExpertParallelGroup, ExpertParallelModelRunner
 
         torch.set_num_threads(1)
         store = TCPStore("127.0.0.1", port, WORLD, rank == 0, timeout=timedelta(seconds=60))
@@ -288,8 +288,8 @@ def _nccl_worker(rank: int, port: int, results: mp.Queue) -> None:
     try:
         from torch.distributed import TCPStore
 
-        from kernels.fused_moe import fused_moe
-        from workers.expert_parallel import ExpertParallelGroup
+        from tandem.kernels.fused_moe import fused_moe
+        from tandem.workers.expert_parallel import ExpertParallelGroup
 
         torch.cuda.set_device(rank)
         store = TCPStore("127.0.0.1", port, WORLD, rank == 0, timeout=timedelta(seconds=60))

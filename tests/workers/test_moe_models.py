@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from tests.workers.hf_oracle import hf_greedy, hf_model
-from workers import LLM, SamplingParams
-from workers.make_model import MOE_ARCHITECTURES
-from workers.models.moe import MoeForCausalLM, SparseMoeBlock, is_sparse_layer
+from tandem.workers import LLM, SamplingParams
+from tandem.workers.make_model import MOE_ARCHITECTURES
+from tandem.workers.models.moe import MoeForCausalLM, SparseMoeBlock, is_sparse_layer
 
 PROMPT_LENS = [1, 2, 7, 16, 17, 33, 64, 100, 129, 200]
 MAX_TOKENS = [6, 12, 3, 9, 1, 16, 8, 5, 10, 4]

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers import LLM, SamplingParams
-from workers.sequence import PLACEHOLDER
+from tandem.workers import LLM, SamplingParams
+from tandem.workers.sequence import PLACEHOLDER
 
 
 def _run(llama_dir, prompts, params, overlap: bool, **kw):

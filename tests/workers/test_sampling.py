@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.workers.hf_oracle import hf_model
-from workers import LLM, SamplingParams
+from tandem.workers import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_filters_that_leave_one_token_equal_greedy(llm, kwargs):
 
 
 def test_top_k_limits_support():
-    from workers.sampler import Sampler
+    from tandem.workers.sampler import Sampler
 
     probs = torch.softmax(torch.randn(4, 50), dim=-1)
     params = [SamplingParams(top_k=5)] * 4

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from workers import LLM, SamplingParams
-from workers.block_manager import BlockManager
-from workers.config import EngineConfig
-from workers.scheduler import Scheduler
-from workers.sequence import Sequence
+from tandem.workers import LLM, SamplingParams
+from tandem.workers.block_manager import BlockManager
+from tandem.workers.config import EngineConfig
+from tandem.workers.scheduler import Scheduler
+from tandem.workers.sequence import Sequence
 
 
 def _seq(name: str, prompt_len: int, max_tokens: int) -> Sequence:

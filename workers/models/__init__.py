@@ -1,6 +1,6 @@
 """Model registry: HF `architectures` name -> our model class."""
-from workers.models.llama import LlamaForCausalLM
-from workers.models.moe import MoeForCausalLM
+from tandem.workers.models.llama import LlamaForCausalLM
+from tandem.workers.models.moe import MoeForCausalLM
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,

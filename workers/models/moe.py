@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from kernels import fused_moe as fused_moe_mod
-from workers.models.llama import MLP, Attention, DecoderLayer, LlamaForCausalLM, RMSNorm
+from tandem.kernels import fused_moe as fused_moe_mod
+from tandem.workers.models.llama import MLP, Attention, DecoderLayer, LlamaForCausalLM, RMSNorm
 
 if TYPE_CHECKING:
-    from workers.expert_parallel import ExpertParallelGroup
+    from tandem.workers.expert_parallel import ExpertParallelGroup
 
 
 def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids) -> torch.Tensor:

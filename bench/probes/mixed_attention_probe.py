@@ -2,13 +2,13 @@
 padded as the mixed-step CUDA graph pads them (256 sequences, 256 tokens), and on a 4k prompt.
 A probe, not a benchmark; on a GPU:
 
-    python bench/mixed_attention_probe.py --out /tmp/probe
-    python bench/mixed_attention_probe.py --out /tmp/probe --padding   # the current tile only,
+    python bench/probes/mixed_attention_probe.py --out /tmp/probe
+    python bench/probes/mixed_attention_probe.py --out /tmp/probe --padding   # the current tile only,
         # each mixed batch padded to 256 sequences (as the graph pads), to 64, and not at all
     ncu --clock-control none -k regex:_paged_prefill_kernel --launch-skip 2 --launch-count 1 \
-        python bench/mixed_attention_probe.py --once 0   # one mixed batch (MIXED[0]), the current
+        python bench/probes/mixed_attention_probe.py --once 0   # one mixed batch (MIXED[0]), the current
         # tile, three calls: for a profiler
-    python bench/mixed_attention_probe.py --out /tmp/probe --occupancy   # a few tiles with fewer
+    python bench/probes/mixed_attention_probe.py --out /tmp/probe --occupancy   # a few tiles with fewer
         # stages and capped registers (192 registers and 83 KB of shared memory per program allow
         # only 2 programs per multiprocessor: ncu on the H100)
     # (`--splits`, splitting each tile's positions into parts merged by a second kernel, is at
@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.kernels_bench import graph_ms  # noqa: E402
-from kernels import paged_attention as pa  # noqa: E402
+from tandem.bench.kernels_bench import graph_ms
+from tandem.kernels import paged_attention as pa
 
 # (decodes, their context, chunk tokens, the chunk's context after the step)
 MIXED = ((48, 650, 208, 1000), (120, 600, 136, 800), (200, 700, 56, 600), (8, 400, 248, 900))
@@ -152,7 +149,7 @@ def occupancy_probe(out: Path) -> int:
             rows.append(dict(batch=name, rows=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3],
                              maxnreg=cfg[4], us=ms * 1e3, max_abs_diff=diff))
             print(f"{name:28s} {str(cfg):26s} {ms * 1e3:7.1f} us, diff {diff:.3g}", flush=True)
-    write_rows(out, "mixed_attention_occupancy.json", "python bench/mixed_attention_probe.py --occupancy", rows)
+    write_rows(out, "mixed_attention_occupancy.json", "python bench/probes/mixed_attention_probe.py --occupancy", rows)
     return 0
 
 
@@ -178,7 +175,7 @@ def padding_probe(out: Path) -> int:
                              kv_gb_s=kv_bytes / (ms * 1e-3) / 1e9, max_abs_diff=(got - ref).abs().max().item()))
             print(f"{rows[-1]['batch']:28s} seqs padded to {pad:3d}: {ms * 1e3:7.1f} us, "
                   f"KV read at {rows[-1]['kv_gb_s']:.0f} GB/s", flush=True)
-    write_rows(out, "mixed_attention_padding.json", "python bench/mixed_attention_probe.py --padding", rows)
+    write_rows(out, "mixed_attention_padding.json", "python bench/probes/mixed_attention_probe.py --padding", rows)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Greedy parity with HF transformers at Llama-3-8B scale, in float32, on one GPU: a correctness
 check, not a timed benchmark.
 
-    python bench/parity_8b.py --out /tmp/parity
+    python bench/checks/parity_8b.py --out /tmp/parity
 
 In bf16 (the engine benchmark's parity line) the two implementations round differently, and on
 random weights the top two logits are often within that rounding, so greedy sequences part
@@ -22,16 +22,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.engine_bench import CONFIG_8B, hf_greedy  # noqa: E402
-from workers import LLM, SamplingParams  # noqa: E402
+from tandem.bench.engine_bench import CONFIG_8B, hf_greedy
+from tandem.workers import LLM, SamplingParams
 
 
 def main() -> int:
     import transformers
 
-    from workers.make_model import build_tokenizer
+    from tandem.workers.make_model import build_tokenizer
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/parity")
@@ -67,7 +65,7 @@ def main() -> int:
               "model": "Llama-3-8B shape, random weights (seed 0)", "prompt_lens": [len(p) for p in prompts],
               "tokens_each": args.tokens, "identical_sequences": sum(a == b for a, b in zip(ours, ref)),
               "first_divergence": first_div, "mixed_step_graph_replays": len(replays),
-              "command": "python bench/parity_8b.py " + " ".join(sys.argv[1:])}
+              "command": "python bench/checks/parity_8b.py " + " ".join(sys.argv[1:])}
     print(json.dumps(result), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

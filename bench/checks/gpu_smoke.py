@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import random
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from workers import LLM, SamplingParams  # noqa: E402
-from workers.make_model import make_model  # noqa: E402
+from tandem.workers import LLM, SamplingParams
+from tandem.workers.make_model import make_model
 
 
 def main() -> int:

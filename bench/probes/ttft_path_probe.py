@@ -1,6 +1,6 @@
 """How much of a request's TTFT is the serving path, not the engine, stage by stage: a diagnostic.
 
-    python bench/ttft_path_probe.py --model DIR [--device cpu|cuda] [--requests 20] [--long-tokens 8000]
+    python bench/probes/ttft_path_probe.py --model DIR [--device cpu|cuda] [--requests 20] [--long-tokens 8000]
 
 For two chat prompts (`short`: one user message; `long`: a multi-turn history of about
 `--long-tokens` tokens plus a new user message, as a follow-up turn sends), one request at a
@@ -31,9 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.routing_gpu_bench import chat_stream, single_token_words, stage_intervals, stage_medians  # noqa: E402
+from tandem.bench.routing_gpu_bench import chat_stream, single_token_words, stage_intervals, stage_medians
 
 WARMUP = 3
 
@@ -70,10 +68,10 @@ def long_context_model(model: str, max_len: int) -> str:
 
 
 def engine_ttft(model: str, device: str, prompts: dict[str, list[dict]], n: int, engine_kwargs: dict) -> dict:
-    from workers import SamplingParams
-    from workers.async_engine import AsyncLLM
-    from workers.config import EngineConfig
-    from workers.llm_engine import LLMEngine
+    from tandem.workers import SamplingParams
+    from tandem.workers.async_engine import AsyncLLM
+    from tandem.workers.config import EngineConfig
+    from tandem.workers.llm_engine import LLMEngine
 
     llm = AsyncLLM(LLMEngine(EngineConfig(model=model, device=device, **engine_kwargs)))
     tokenizer = llm.engine.tokenizer
@@ -103,8 +101,8 @@ def http_ttft(model: str, device: str, prompts: dict[str, list[dict]], n: int, p
     import ray
     from ray import serve
 
-    from router.app import build_app
-    from router.stage_timing import STAMPS
+    from tandem.router.app import build_app
+    from tandem.router.stage_timing import STAMPS
 
     ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 3))
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -4,7 +4,7 @@ The engine benchmark's rooflines and its throughput bound (`bench/throughput_bou
 rate (bytes read + written per second). Decode steps mostly read (weights, KV). If a read-only
 stream were much faster than a copy, those bounds would be too loose. A probe, not a benchmark:
 
-    python bench/read_bandwidth_probe.py --out /tmp/read
+    python bench/probes/read_bandwidth_probe.py --out /tmp/read
 
 Each row: a method, a buffer size, GB/s (bytes that method moves per second, median of 20 calls,
 CUDA-event timed).
@@ -82,7 +82,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "read_bandwidth.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-         "command": "python bench/read_bandwidth_probe.py", "rows": rows}, indent=1) + "\n")
+         "command": "python bench/probes/read_bandwidth_probe.py", "rows": rows}, indent=1) + "\n")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Where an engine step's time goes, on a GPU: a profiling script, not a benchmark.
 
-    python bench/step_profile.py --out /tmp/prof      # Llama-3-8B shape, random bf16 weights
+    python bench/probes/step_profile.py --out /tmp/prof      # Llama-3-8B shape, random bf16 weights
 
 1. Batch-1 decode: the kernels of one captured decode step (torch profiler over graph
    replays), grouped by kernel, with their share of the step.
@@ -18,17 +18,14 @@ import collections
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.engine_bench import CONFIG_8B, make_workload  # noqa: E402
-from workers import LLM, SamplingParams  # noqa: E402
+from tandem.bench.engine_bench import CONFIG_8B, make_workload
+from tandem.workers import LLM, SamplingParams
 
 
 def timed(record: dict[str, list[float]], name: str, fn):
@@ -44,7 +41,7 @@ def timed(record: dict[str, list[float]], name: str, fn):
 def build_llm(max_num_seqs: int = 256, async_scheduling: bool = True) -> LLM:
     import transformers
 
-    from workers.make_model import build_tokenizer
+    from tandem.workers.make_model import build_tokenizer
 
     config = transformers.AutoConfig.from_pretrained(CONFIG_8B)
     folder = Path(tempfile.mkdtemp(prefix="tandem-prof-")) / "llama3-8b-random"

@@ -1,7 +1,7 @@
 """Does prefetching the next projection's weights into L2, on a side stream while the batch-1
 step's small kernels run, shorten a decode layer? A probe for choosing, not a benchmark of record.
 
-    python bench/l2_prefetch_probe.py [--json PATH]      # on a GPU
+    python bench/probes/l2_prefetch_probe.py [--json PATH]      # on a GPU
 
 Why: at batch 1 every projection is a weight read, yet HBM sits idle while the small kernels
 between them run (norms, RoPE, KV write, attention: ~0.6 ms of a 6.06 ms Llama-3-8B step on an
@@ -27,10 +27,6 @@ layer without prefetch, 169.3 us at best with it (noise), and slower as the pref
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +34,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from bench.gemv_probe import write_json
-from kernels import ops
+from tandem.bench.probes.gemv_probe import write_json
+from tandem.kernels import ops
 
 H, I, QKV, LAYERS = 4096, 14336, 6144, 32
 # The prefetch kernels live here, not in kernels/: the probe found no gain, so the engine has none.

@@ -1,7 +1,7 @@
 """Batch-1 decode GEMMs of the Llama-3-8B shape, one at a time: which weight layout / BLAS
 backend reads the weights fastest. A probe for choosing, not a benchmark of record.
 
-    python bench/gemv_probe.py          # on a GPU; prints a table, --json PATH to keep it
+    python bench/probes/gemv_probe.py          # on a GPU; prints a table, --json PATH to keep it
 
 For each projection (N x K weight, M tokens) it times, with CUDA graphs of back-to-back calls
 that cycle through enough weight copies (>= 256 MB) that every call reads its weight from HBM,
@@ -11,7 +11,7 @@ not from the 50 MB L2 (as in the model, where each layer has its own weights):
   lt        F.linear with torch's cuBLASLt backend preferred
 and reports microseconds per call and the weight-read bandwidth (bytes of W / time).
 
-    python bench/gemv_probe.py --split-k --m 128 256 512 --json PATH
+    python bench/probes/gemv_probe.py --split-k --m 128 256 512 --json PATH
 
 times, instead, F.linear against split-K through a strided batched GEMM: K cut into S parts,
 `torch.bmm` over the parts (no copies: strided views of x and W), the partial products summed.
@@ -23,10 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import torch
 import torch.nn.functional as F
@@ -82,8 +78,8 @@ def triton_sweep(json_path: str | None, ms: list[int]) -> int:
     """cuBLAS (row- and column-major weight) against kernels/gemv.py over its tile configs, for
     each M; the down projection with SiLU-and-mul fused into the GEMV's input (cuBLAS: the
     activation kernel + the GEMM)."""
-    from kernels.activation import silu_and_mul
-    from kernels.gemv import gemv
+    from tandem.kernels.activation import silu_and_mul
+    from tandem.kernels.gemv import gemv
 
     if ms != [1]:
         raise SystemExit("--triton-sweep times kernels/gemv.py, which takes one row: pass --m 1")
@@ -167,7 +163,7 @@ def split_k_sweep(json_path: str | None, ms: list[int]) -> int:
                   f"{kk[:-3]}={v:.1f}" for kk, v in res.items() if kk.endswith("_us") and kk.startswith("s")),
               flush=True)
         del ws
-    write_json(json_path, rows, command="python bench/gemv_probe.py --split-k --m " + " ".join(map(str, ms)))
+    write_json(json_path, rows, command="python bench/probes/gemv_probe.py --split-k --m " + " ".join(map(str, ms)))
     return 0
 
 
@@ -222,7 +218,7 @@ def triton_gemm_sweep(json_path: str | None, ms: list[int]) -> int:
               f"(diff {best[1]['max_abs_diff']:.3g})", flush=True)
         rows.append(res)
         del ws
-    write_json(json_path, rows, command="python bench/gemv_probe.py --triton-gemm --m " + " ".join(map(str, ms)))
+    write_json(json_path, rows, command="python bench/probes/gemv_probe.py --triton-gemm --m " + " ".join(map(str, ms)))
     return 0
 
 
