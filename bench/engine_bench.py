@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 from tandem.bench.step_trace import StepTracer
+from tandem.bench.workload import make_workload
 from tandem.bench.throughput_bound import ModelShape, WorkloadCounts, run_figures, throughput_bound
-from tandem.workers import LLM, SamplingParams
+from tandem import LLM, SamplingParams
 
 CONFIG_8B = Path(__file__).parent / "configs" / "llama3_8b.json"
 
@@ -76,15 +77,6 @@ def measure_matmul(device: str, dtype: torch.dtype) -> float:
         sync(device)
         times.append(time.perf_counter() - t)
     return 2 * n**3 / sorted(times)[len(times) // 2]
-
-
-def make_workload(num: int, lo: int, hi: int, mean_out: int, cap: int, vocab: int, seed: int = 0):
-    rng = random.Random(seed)
-    prompts, outs = [], []
-    for _ in range(num):
-        prompts.append([rng.randrange(10, vocab - 10) for _ in range(rng.randint(lo, hi))])
-        outs.append(max(1, min(cap, int(rng.expovariate(1.0 / mean_out)))))
-    return prompts, outs
 
 
 def hf_static(model, prompts, outs, batch: int, device: str, pad_id: int) -> tuple[float, int]:
@@ -182,7 +174,7 @@ def build_models(args, tmp: Path):
     """An HF model (random, seeded) and a model folder (config + tokenizer) for Tandem."""
     import transformers
 
-    from tandem.workers.make_model import build_tokenizer, make_model
+    from tandem.engine.make_model import build_tokenizer, make_model
 
     if args.device.startswith("cuda"):
         config = transformers.AutoConfig.from_pretrained(CONFIG_8B)

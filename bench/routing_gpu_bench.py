@@ -3,7 +3,7 @@
     python bench/routing_gpu_bench.py --out bench/results      # on a GPU host with Ray installed
 
 Several engine replicas of one random-weight model (a Llama-3.2-3B shape by default) run as
-the Tandem Serve app (ingress + replica pool, `router.app.build_app`), sharing the GPUs of this
+the Tandem Serve app (ingress + replica pool, `workers.app.build_app`), sharing the GPUs of this
 host (`--gpus-per-replica`, e.g. 4 replicas x 0.25 of one H100 when no multi-GPU host is lent).
 For each routing policy the same closed-loop multi-turn chat load is replayed over HTTP:
 `--concurrency` conversations at a time, each `--turns` turns long; turn 1 carries a shared
@@ -67,7 +67,7 @@ def make_model(folder: Path) -> Path:
     import torch
     import transformers
 
-    from tandem.workers.make_model import build_config, build_tokenizer
+    from tandem.engine.make_model import build_config, build_tokenizer
 
     tok = build_tokenizer()
     config = build_config("llama", "small", len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
@@ -188,7 +188,7 @@ def stage_medians(samples: list[dict[str, float]], order: list[str] | None = Non
 def run_policy(policy: str, args, words: list[str], model_dir: Path) -> PolicyRun:
     from ray import serve
 
-    from tandem.router.app import build_app
+    from tandem.workers.app import build_app
 
     app_args = {
         "model": str(model_dir), "served_model_name": "bench", "num_replicas": args.replicas,

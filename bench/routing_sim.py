@@ -35,11 +35,11 @@ from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tandem.router.kv_events import BlocksRemoved, BlocksStored, KVEventBatch
-from tandem.router.load import ReplicaLoad
+from tandem.protocol.kv_events import BlocksRemoved, BlocksStored, KVEventBatch
+from tandem.protocol.load import ReplicaLoad
 from tandem.router.policy import RoutingConfig, RoutingRequest
 from tandem.router.pool import PoolRouter
-from tandem.workers.prefix_hash import ROOT_HASH, hash_block
+from tandem.protocol.prefix_hash import ROOT_HASH, hash_block
 
 POLICIES = ("prefix_aware", "round_robin", "least_loaded", "oracle")
 WORKLOADS = ("chat", "rag")
@@ -185,7 +185,7 @@ class LRUPrefixCache:
             n += 1
         return n
 
-    def store(self, hashes: tuple[int, ...], replica_id: str) -> list:
+    def store(self, hashes: tuple[int, ...]) -> list:
         """Hold the whole chain `hashes`; returns the KV events (evictions first).
 
         Touches the chain deepest block first, so its first blocks are the most recently used
@@ -208,20 +208,20 @@ class LRUPrefixCache:
                 del blocks[h]
         events: list = []
         if evicted:
-            events.append(BlocksRemoved(replica_id, evicted))
+            events.append(BlocksRemoved(evicted))
         run: list[int] = []
         parent: int | None = None
         for index, h in enumerate(hashes):
             if h in blocks:
                 if run:
-                    events.append(BlocksStored(replica_id, run, parent))
+                    events.append(BlocksStored(run, parent))
                     run = []
                 continue
             if not run:
                 parent = hashes[index - 1] if index > 0 else None
             run.append(h)
         if run:
-            events.append(BlocksStored(replica_id, run, parent))
+            events.append(BlocksStored(run, parent))
         for h in reversed(hashes):
             if h in blocks:
                 blocks.move_to_end(h)
@@ -323,17 +323,17 @@ class _TrueHolders:
     def __init__(self) -> None:
         self.holders: dict[int, set[str]] = {}
 
-    def apply(self, events: list) -> None:
+    def apply(self, replica_id: str, events: list) -> None:
         holders = self.holders
         for event in events:
             if isinstance(event, BlocksStored):
                 for h in event.block_hashes:
-                    holders.setdefault(h, set()).add(event.replica_id)
+                    holders.setdefault(h, set()).add(replica_id)
             else:
                 for h in event.block_hashes:
                     held = holders.get(h)
                     if held is not None:
-                        held.discard(event.replica_id)
+                        held.discard(replica_id)
                         if not held:
                             del holders[h]
 
@@ -396,7 +396,7 @@ def simulate(policy: str, workload: Workload, config: SimConfig, routing: Routin
         if not events:
             return
         if truth is not None:
-            truth.apply(events)
+            truth.apply(replica.replica_id, events)
         send_to_router(t, replica.batch(events, t))
 
     # Users pull conversations from one queue; each runs its conversation's turns in order.
@@ -431,7 +431,7 @@ def simulate(policy: str, workload: Workload, config: SimConfig, routing: Routin
         cached = hit_blocks * block_size
         prompt_total += req.prompt_tokens
         cached_total += cached
-        events = replica.cache.store(req.seq_hashes[:full_prompt_blocks], replica.replica_id)
+        events = replica.cache.store(req.seq_hashes[:full_prompt_blocks])
         prefill = config.prefill_s_per_token * (req.prompt_tokens - cached)
         ttft_total += t + prefill - arrived
         blocks = -(-(req.prompt_tokens + req.output_tokens) // block_size)
@@ -483,7 +483,7 @@ def simulate(policy: str, workload: Workload, config: SimConfig, routing: Routin
             replica = by_id[replica_id]
             del replica.running[request_id]
             user, conv, turns, turn, _ = payloads.pop(request_id)
-            cache_changed(replica, replica.cache.store(turns[turn].seq_hashes, replica_id), t)
+            cache_changed(replica, replica.cache.store(turns[turn].seq_hashes), t)
             if router is not None:
                 router.request_finished(request_id)  # Serve's on_request_completed, same moment
             while replica.waiting and len(replica.running) < replica.max_running:

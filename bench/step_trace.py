@@ -49,7 +49,7 @@ class StepTracer:
         self._orig = self.runner.execute
         cuda = self.runner.device.type == "cuda"
 
-        def traced(sched, prev_tokens=None):
+        def traced(sched, prev_tokens=None, layer_done=None):
             # A decode item computes one token past its prompt (a 1-token prompt chunk is prefill).
             decode = [it for it in sched.scheduled
                       if it.num_new_tokens == 1 and it.seq.num_computed_tokens >= it.seq.num_prompt_tokens]
@@ -64,7 +64,7 @@ class StepTracer:
                 rec.start, rec.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 rec.start.record()
             t = time.perf_counter()
-            out = self._orig(sched, prev_tokens)
+            out = self._orig(sched, prev_tokens, layer_done)
             rec.host_s = time.perf_counter() - t
             if cuda:
                 rec.end.record()

@@ -130,7 +130,7 @@ def main() -> int:
     ap.add_argument("--dtype-bytes", type=int, default=2, help="2 for the GPU runs' bf16")
     ap.add_argument("--write", action="store_true", help="store the figures in the results JSON")
     args = ap.parse_args()
-    from tandem.bench.engine_bench import make_workload
+    from tandem.bench.workload import make_workload
 
     res = json.loads(args.results.read_text())
     cfg = json.loads(args.config.read_text())

@@ -25,7 +25,7 @@ def deploy_app(name: str, args: dict[str, Any], route_prefix: str = "/", blockin
     """Build and run the app, remembering its args for `scale`/`status`."""
     from ray import serve
 
-    from tandem.router.app import build_app
+    from tandem.workers.app import build_app
 
     app = build_app(args)  # bad args fail here, before anything is recorded
     _kv()._internal_kv_put(_KEY.format(name=name), json.dumps(args), overwrite=True)

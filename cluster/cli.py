@@ -8,8 +8,8 @@ import sys
 
 # (subcommand, module, one-line help). Modules are imported lazily so `tandem --help` is fast.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
-    ("make-model", "tandem.workers.make_model", "write a small random-weight HF model folder"),
-    ("generate", "tandem.workers.generate_cli", "offline generation with the Tandem engine"),
+    ("make-model", "tandem.engine.make_model", "write a small random-weight HF model folder"),
+    ("generate", "tandem.cluster.generate_cli", "offline generation with the Tandem engine"),
     ("serve", "tandem.cluster.serve_cli", "run the OpenAI-compatible Serve app"),
     ("scale", "tandem.cluster.scale_cli", "resize a pool (decode, prefill, colocated) of a running app"),
     ("status", "tandem.cluster.status_cli", "show the app's pools and replica states"),

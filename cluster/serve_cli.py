@@ -1,6 +1,6 @@
 """`tandem serve`: run the Tandem Serve app (OpenAI-compatible HTTP API in front of the engine
 pool) on a local Ray or the cluster named by RAY_ADDRESS, until interrupted. The flags are
-`router.app.build_app`'s args; the Serve config (`cluster/serve.yaml`) builds the same app."""
+`workers.app.build_app`'s args; the Serve config (`cluster/serve.yaml`) builds the same app."""
 from __future__ import annotations
 
 import argparse
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--colocated", type=int, metavar="N", help="colocated: N replicas doing both phases")
     parser.add_argument("--autoscale", action="append", type=_autoscale_arg, default=[], metavar="POOL=MIN:MAX",
                         help="autoscale a pool between MIN and MAX replicas with its policy from "
-                             "cluster/autoscaling.py (repeatable; overrides that pool's count)")
+                             "workers/autoscaling.py (repeatable; overrides that pool's count)")
     parser.add_argument("--expert-parallel", action="append", type=_expert_parallel_arg, default=[],
                         metavar="POOL=N",
                         help="MoE models: run each replica of POOL as an expert-parallel group of N GPUs "
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     from tandem.cluster.apps import deploy_app
-    from tandem.router.app import build_app
+    from tandem.workers.app import build_app
 
     built = app_args(args)
     build_app(built)  # bad args fail here, before Ray starts

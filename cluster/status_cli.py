@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tandem.cluster.autoscaling import pool_autoscaling_config
+from tandem.workers.autoscaling import pool_autoscaling_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

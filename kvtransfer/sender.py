@@ -74,6 +74,11 @@ class SendSession:
         if pending >= self._sender.config.min_message_bytes or self._next_layer == self.num_layers:
             self._flush()
 
+    @property
+    def layers_queued(self) -> int:
+        """Layers passed to `send_layers` so far (the next call starts there)."""
+        return self._next_layer
+
     def finish(self, timeout: float | None = None) -> None:
         """Waits until the receiver acknowledged every layer; raises TransferError otherwise."""
         if self._next_layer != self.num_layers and self.error is None:

@@ -17,8 +17,8 @@ import time
 
 import ray
 
-from tandem.router.kv_events import decode_batch
-from tandem.router.load import decode_load
+from tandem.protocol.kv_events import decode_batch
+from tandem.protocol.load import decode_load
 from tandem.router.policy import RoutingConfig, RoutingRequest
 from tandem.router.pool import PoolRouter
 

@@ -58,7 +58,7 @@ from tandem.router.openai_protocol import (
 )
 from tandem.router.prompt_tokenizer import PromptTokenizer
 from tandem.router.stage_timing import IngressTrace, StageHistograms, route_stamps, timing_payload
-from tandem.workers.serve_worker import TokenLogprob, WorkerDelta, WorkerRequest
+from tandem.protocol.worker import TokenLogprob, WorkerDelta, WorkerRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -68,7 +68,7 @@ SESSION_HEADER = "x-session-id"
 
 @dataclass(frozen=True)
 class IngressConfig:
-    """The ingress's one config object, built by `router.app.build_app`."""
+    """The ingress's one config object, built by `workers.app.build_app`."""
 
     model: str  # the model folder (tokenizer and chat template come from it)
     served_model_name: str

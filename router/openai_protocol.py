@@ -1,6 +1,6 @@
 """The OpenAI HTTP API's request and response bodies (completions, chat, models, errors), with
 vLLM's sampling extras. Pydantic at the HTTP edge only: the ingress turns a validated request
-into a `workers.serve_worker.WorkerRequest` before anything crosses a process boundary.
+into a `protocol.worker.WorkerRequest` before anything crosses a process boundary.
 
 Unknown fields are ignored (as vLLM does); fields we cannot honour (`echo`, `suffix`,
 `logit_bias`, `best_of` > n, tools) are refused with a 400 by the ingress rather than

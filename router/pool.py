@@ -8,8 +8,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 
-from tandem.router.kv_events import KVEventBatch
-from tandem.router.load import LoadTracker, ReplicaLoad
+from tandem.protocol.kv_events import KVEventBatch
+from tandem.protocol.load import ReplicaLoad
+from tandem.router.load import LoadTracker
 from tandem.router.policy import RoutingConfig, RoutingPolicy, RoutingRequest
 from tandem.router.prefix_index import PrefixIndex
 

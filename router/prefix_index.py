@@ -1,6 +1,6 @@
 """The prefix index: which replica of a pool holds which cached prefix, as a radix tree.
 
-One tree per pool, over block-hash chains (`workers/prefix_hash.py`). Each node is a run of
+One tree per pool, over block-hash chains (`protocol/prefix_hash.py`). Each node is a run of
 block hashes with no branch inside and one set of replicas that hold every block of the run
 (SGLang's radix cache, with replica sets in place of lock refs). Because a block hash names its
 whole prefix, `_node_of` maps any hash straight to its node, so a `BlocksStored` event can be
@@ -19,8 +19,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Sequence
 
-from tandem.router.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEvent, KVEventBatch
-from tandem.workers.prefix_hash import ROOT_HASH
+from tandem.protocol.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEvent, KVEventBatch
+from tandem.protocol.prefix_hash import ROOT_HASH
 
 
 class _Node:
@@ -130,17 +130,19 @@ class PrefixIndex:
             self.num_view_drops += 1
         self._last_seq[batch.replica_id] = batch.seq
         for event in batch.events:
-            self.apply(event)
+            self.apply(batch.replica_id, event)
 
-    def apply(self, event: KVEvent) -> None:
-        if isinstance(event, BlocksStored):
-            self.insert(event.replica_id, event.block_hashes, event.parent_hash)
-        elif isinstance(event, BlocksRemoved):
-            self.remove(event.replica_id, event.block_hashes)
-        elif isinstance(event, AllBlocksCleared):
-            self.remove_replica(event.replica_id)
-        else:
-            raise TypeError(f"not a KV event: {type(event).__name__}")
+    def apply(self, replica_id: str, event: KVEvent) -> None:
+        """One event of `replica_id`'s prefix cache."""
+        match event:
+            case BlocksStored(block_hashes, parent_hash):
+                self.insert(replica_id, block_hashes, parent_hash)
+            case BlocksRemoved(block_hashes):
+                self.remove(replica_id, block_hashes)
+            case AllBlocksCleared():
+                self.remove_replica(replica_id)
+            case _:
+                raise TypeError(f"not a KV event: {type(event).__name__}")
 
     def insert(self, replica_id: str, block_hashes: Sequence[int], parent_hash: int | None = None) -> None:
         """`replica_id` holds `block_hashes`, the chain continuing after `parent_hash`."""

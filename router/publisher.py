@@ -4,7 +4,7 @@ A worker (a Serve replica of the prefill or decode deployment) makes one `KVEven
 records events as its prefix cache changes, and flushes once per engine step:
 
     publisher = KVEventPublisher.for_current_replica()
-    publisher.record(BlocksStored(publisher.replica_id, block_hashes, parent_hash))
+    publisher.record(BlocksStored(block_hashes, parent_hash))
     publisher.flush()
     publisher.report_load(ReplicaLoad(publisher.replica_id, ...))
 
@@ -19,8 +19,8 @@ import time
 import ray
 
 from tandem.router.index_actor import get_index_actor, pool_name
-from tandem.router.kv_events import KVEvent, KVEventBatch, encode_batch
-from tandem.router.load import ReplicaLoad, encode_load
+from tandem.protocol.kv_events import KVEvent, KVEventBatch, encode_batch
+from tandem.protocol.load import ReplicaLoad, encode_load
 
 
 class KVEventPublisher:
@@ -41,8 +41,6 @@ class KVEventPublisher:
         return cls(pool or pool_name(context.app_name, context.deployment), replica_id)
 
     def record(self, event: KVEvent) -> None:
-        if event.replica_id != self.replica_id:
-            raise ValueError(f"event for {event.replica_id!r} recorded by {self.replica_id!r}")
         self._pending.append(event)
 
     def flush(self) -> ray.ObjectRef | None:

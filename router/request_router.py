@@ -12,7 +12,7 @@ The routed method's first positional argument (or its `request=` keyword) is the
 dataclass or dict with `prompt_token_ids` (list[int]) and optional `session_id` (str).
 
     request_router_config=RequestRouterConfig(
-        request_router_class="router.request_router.TandemRequestRouter",
+        request_router_class="tandem.router.request_router.TandemRequestRouter",
         request_router_kwargs={"policy": "prefix_aware", "block_size": 16},
     )
 
@@ -33,11 +33,11 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from tandem.router.index_actor import get_index_actor, pool_name
 from tandem.router.policy import RoutingConfig
 from tandem.router.stage_timing import RouteStamps, route_stamps
-from tandem.workers.prefix_hash import hash_full_blocks
+from tandem.protocol.prefix_hash import hash_full_blocks
 
 logger = logging.getLogger("ray.serve")
 
-REQUEST_ROUTER_CLASS = "router.request_router.TandemRequestRouter"
+REQUEST_ROUTER_CLASS = "tandem.router.request_router.TandemRequestRouter"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@ ingress, its request router and the worker, put on one axis.
 
 The ingress process stamps with `time.perf_counter()` (the request router runs in the same
 process, on Serve's router loop, and leaves its stamps in `route_stamps()` under the
-`WorkerRequest`'s id); the worker's stamps (`workers.serve_worker.WorkerTiming`) arrive on the
+`WorkerRequest`'s id); the worker's stamps (`protocol.worker.WorkerTiming`) arrive on the
 first delta and are placed by wall clock (`time.time()`), the only clock the two processes share.
 `IngressTrace.stamps_ms()` gives every stamp as milliseconds after the ingress received the
 request, in path order (`STAMPS`); `intervals_ms()` the time spent reaching each stamp from the
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the request router imports this module; keep the engine out of it
-    from tandem.workers.serve_worker import WorkerTiming
+    from tandem.protocol.worker import WorkerTiming
 
 # Path order. Cross-process stamps (worker_*, engine_*, first_token) are placed by wall clock: on
 # one host both processes read the same clock; across hosts they are off by the clocks' skew.

@@ -14,6 +14,13 @@ _checkout = _Path(__file__).resolve().parent.parent
 if not (_Path(__file__).parent / "kernels").is_dir() and (_checkout / "kernels" / "paged_attention.py").is_file():
     __path__.append(str(_checkout))  # noqa: F821 (a package's __path__)
 
-from tandem.workers import LLM, CompletionOutput, RequestOutput, SamplingParams  # noqa: E402
-
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import tandem.protocol` (the router, the CLI) must not pay for torch and transformers.
+    if name in __all__:
+        from tandem import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'tandem' has no attribute {name!r}")

@@ -44,3 +44,17 @@ def pytest_unconfigure(config):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT_STATUS[0])
+
+
+# One small random-weight model folder per architecture, made once per run.
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, str]:
+    from tandem.engine.make_model import ARCHITECTURES, make_model  # after TRITON_INTERPRET is set
+
+    root = tmp_path_factory.mktemp("models")
+    return {arch: str(make_model(root / arch, arch, seed=1)) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def llama_dir(model_dirs) -> str:
+    return model_dirs["llama"]

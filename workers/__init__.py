@@ -1,7 +1,4 @@
-"""Tandem's engine: model code, paged KV cache, continuous batching, sampling, and the
-prefill/decode worker roles. Public offline API shaped like vLLM's."""
-from tandem.workers.llm import LLM
-from tandem.workers.outputs import CompletionOutput, RequestOutput
-from tandem.workers.sampling_params import SamplingParams
-
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+"""The Ray Serve shell around the engine: colocated, prefill and decode roles (`serve_worker`,
+`prefill_worker`, `decode_worker`), the connectors that implement the engine's `KVConnector`
+with `kvtransfer` (`disagg`), expert-parallel replica groups (`ep_replica`), metrics, the app's
+composition root (`app`) and the pools' autoscaling policies (`autoscaling`). No engine logic."""

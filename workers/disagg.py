@@ -1,38 +1,42 @@
-"""Disaggregated prefill/decode inside one engine: the two hooks the engine calls, and the
-messages the two roles exchange.
+"""The two roles' `KVConnector`s (the engine's port, `engine.kv_connector`) over `kvtransfer`.
 
-Decode side (`RemotePrefiller`, installed with `LLMEngine.enable_remote_prefill`): when the
-scheduler admits a sequence whose uncached prompt suffix is long enough, it has already
-attached the prefix hits and allocated blocks for the whole prompt; `start` registers the
-uncached blocks with the `KVReceiver` and asks the prefill pool (a Serve `DeploymentHandle`)
-for the prefill on the worker's asyncio loop. The sequence waits off the batch; `poll` hands
-back what resolved (KV landed and the first token came back, or a failure), and the engine
-either resumes it with the prompt computed or recomputes the rest of the prompt locally.
+Decode side (`DecodeConnector`): when the scheduler admits a sequence whose uncached prompt
+suffix is long enough, it has already attached the prefix hits and allocated blocks for the
+whole prompt; `start_load` registers the uncached blocks with the `KVReceiver` and asks the
+prefill pool (a Serve `DeploymentHandle`) for the prefill on the worker's asyncio loop. The
+sequence waits for KV off the batch; `finished_loads` hands back what resolved (KV landed and the
+first token came back, or a failure), and the engine either resumes it with the prompt computed
+or recomputes the rest of the prompt locally.
 
-Prefill side (`KVExporter`, installed with `LLMEngine.enable_kv_export`): a request registered
-with a destination stops after its first sampled token; its blocks past the decode side's
-prefix hits go to the decode worker's block ids through a `KVSender`, and are freed (staying in
-this worker's prefix cache) once the receiver acknowledged them.
+Prefill side (`PrefillConnector`): a request registered with a destination is saved: in the
+step whose chunk completes its prompt, the blocks past the decode side's prefix hits go to the
+decode worker's block ids through a `KVSender`, layer by layer as the forward pass computes them
+(`stream_layers`; or all layers after the forward, the baseline), coalesced into large messages.
+The request stops after its first sampled token, and its blocks are freed (staying in this
+worker's prefix cache) once the receiver acknowledged them.
 
-Threads: `wants/start/cancel/poll` and `wants/export/is_done/discard` run on the engine
-thread; `register/forget/pop_result` and the prefill call run on the worker's event loop.
+Threads: the connector methods run on the engine thread; `bind_loop`, `register`, `forget`,
+`pop_result`, `counters` and the prefill call run on the worker's event loop.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from tandem.engine.kv_connector import KVConnector, LoadResult
+from tandem.engine.sequence import Sequence
 from tandem.kvtransfer import KVReceiver, KVSender, KVTransferConfig, ReceiveHandle, SendSession, TransferError
-from tandem.workers.sampling_params import SamplingParams
-from tandem.workers.sequence import Logprob, Sequence
+from tandem.kvtransfer.metrics import TransferMetrics
+from tandem.protocol.prefill import PrefillRequest, PrefillResult
 
 
 @dataclass(frozen=True)
@@ -64,41 +68,6 @@ def transfer_config(overrides: dict[str, Any] | None) -> KVTransferConfig:
     return KVTransferConfig(**values)
 
 
-# ------------------------------------------------------------------ messages between the roles
-@dataclass
-class PrefillRequest:
-    """Decode → prefill: compute this prompt, send blocks [skip_blocks:] of it to
-    `dst_block_ids` at `receiver_address`, return the first token. `prompt_token_ids` and
-    `session_id` are what the prefill pool's request router reads."""
-
-    transfer_id: str
-    prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    receiver_address: str
-    dst_block_ids: list[int]
-    skip_blocks: int
-    session_id: str | None = None
-
-
-@dataclass
-class PrefillResult:
-    transfer_id: str
-    first_token: int | None = None
-    logprobs: dict[int, Logprob] | None = None
-    num_cached_tokens: int = 0  # prompt tokens served from the prefill worker's own prefix cache
-    error: str | None = None  # set: no usable KV; the decode worker recomputes
-
-
-@dataclass
-class PrefillOutcome:
-    """How a remote prefill ended, as the decode engine sees it."""
-
-    ok: bool
-    first_token: int | None = None
-    logprobs: dict[int, Logprob] | None = None
-    reason: str = ""
-
-
 @dataclass
 class DisaggCounters:
     remote_prefills_started: int = 0
@@ -110,7 +79,7 @@ class DisaggCounters:
 
 # ------------------------------------------------------------------------------ decode side
 @dataclass(eq=False)
-class _RemoteJob:
+class _Load:
     seq: Sequence
     transfer_id: str
     handle: ReceiveHandle
@@ -118,91 +87,105 @@ class _RemoteJob:
     future: concurrent.futures.Future | None = None
 
 
-class RemotePrefiller:
-    """The decode engine's source of remote prefills (scheduler hook `RemotePrefillHook`)."""
+class DecodeConnector(KVConnector):
+    """The decode engine's loads: prompts prefilled by the prefill pool, KV received here."""
 
-    def __init__(self, kv_cache: torch.Tensor, block_size: int, transfer: KVTransferConfig,
-                 config: DisaggConfig, prefill_handle, wakeup: threading.Event) -> None:
-        self.receiver = KVReceiver(kv_cache, transfer)
+    def __init__(self, transfer: KVTransferConfig, config: DisaggConfig, prefill_handle) -> None:
         self.config = config
-        self.block_size = block_size
-        self.num_layers = kv_cache.shape[0]
+        self._transfer = transfer
         self._prefill = prefill_handle
-        self._wakeup = wakeup
+        self.receiver: KVReceiver | None = None  # made in `bind`, when the KV cache exists
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._jobs: dict[str, _RemoteJob] = {}  # seq_key -> job; engine thread only
+        self._loads: dict[str, _Load] = {}  # seq_key -> load; engine thread only
         self._resolved: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self.counters = DisaggCounters()
+        self._counters = DisaggCounters()
+
+    def bind(self, kv_cache: torch.Tensor, block_size: int, wakeup: threading.Event) -> None:
+        self.receiver = KVReceiver(kv_cache, self._transfer)
+        self.block_size = block_size
+        self.num_layers = kv_cache.shape[0]
+        self._wakeup = wakeup
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """The event loop the prefill calls run on (the Serve replica's)."""
         self._loop = loop
 
+    def counters(self) -> DisaggCounters:
+        with self._lock:
+            return dataclasses.replace(self._counters)
+
+    def transfer_metrics(self) -> TransferMetrics:
+        return self.receiver.metrics()
+
     # engine thread ------------------------------------------------------------------------
-    def wants(self, seq: Sequence, num_uncached_tokens: int) -> bool:
+    @property
+    def loads(self) -> bool:
+        return True
+
+    def wants_load(self, seq: Sequence, num_uncached_tokens: int) -> bool:
         p = seq.sampling_params
         # Seeded sampling keeps a per-sequence generator here; n > 1 forks blocks here. Both
         # stay local so their outputs match colocated exactly.
         return (self._loop is not None and num_uncached_tokens >= self.config.remote_prefill_min_tokens
                 and seq.num_preemptions == 0 and seq.num_output_tokens == 0 and p.n == 1 and p.seed is None)
 
-    def start(self, seq: Sequence) -> None:
+    def start_load(self, seq: Sequence) -> None:
         skip_blocks = seq.num_computed_tokens // self.block_size  # the prefix hits
         dst_block_ids = list(seq.block_ids[skip_blocks:])
         transfer_id = f"{seq.seq_key}.{uuid.uuid4().hex[:12]}"
         with self._lock:
-            self.counters.remote_prefills_started += 1
+            self._counters.remote_prefills_started += 1
         try:
             handle = self.receiver.expect(transfer_id, dst_block_ids, self.num_layers)
         except (ValueError, RuntimeError) as error:
-            self._resolve(seq, PrefillOutcome(False, reason=f"expect failed: {error}"))
+            self._resolve(seq, LoadResult(False, reason=f"expect failed: {error}"))
             return
-        job = _RemoteJob(seq, transfer_id, handle, seq.num_tokens - seq.num_computed_tokens)
-        self._jobs[seq.seq_key] = job
+        load = _Load(seq, transfer_id, handle, seq.num_tokens - seq.num_computed_tokens)
+        self._loads[seq.seq_key] = load
         request = PrefillRequest(transfer_id, list(seq.prompt_token_ids), seq.sampling_params,
                                  self.receiver.address, dst_block_ids, skip_blocks)
-        job.future = asyncio.run_coroutine_threadsafe(self._run(job, request), self._loop)
+        load.future = asyncio.run_coroutine_threadsafe(self._run(load, request), self._loop)
 
-    def cancel(self, seq: Sequence) -> None:
+    def cancel_load(self, seq: Sequence) -> None:
         """The request is gone: no KV may land in its blocks after this returns, and the prefill
         call is cancelled (which aborts it on the prefill worker, freeing its blocks there)."""
-        job = self._jobs.pop(seq.seq_key, None)
-        if job is None:
+        load = self._loads.pop(seq.seq_key, None)
+        if load is None:
             return
-        self.receiver.abort(job.transfer_id, "request cancelled")
-        if job.future is not None:
-            job.future.cancel()
+        self.receiver.abort(load.transfer_id, "request cancelled")
+        if load.future is not None:
+            load.future.cancel()
 
-    def poll(self) -> list[tuple[Sequence, PrefillOutcome]]:
+    def finished_loads(self) -> list[tuple[Sequence, LoadResult]]:
         resolved = []
         while True:
             try:
-                seq, outcome = self._resolved.get_nowait()
+                seq, result = self._resolved.get_nowait()
             except queue.Empty:
                 return resolved
-            job = self._jobs.pop(seq.seq_key, None)
+            load = self._loads.pop(seq.seq_key, None)
             with self._lock:
-                if outcome.ok:
-                    self.counters.remote_prefills_ok += 1
-                    self.counters.remote_prefill_tokens += job.num_tokens if job else 0
+                if result.ok:
+                    self._counters.remote_prefills_ok += 1
+                    self._counters.remote_prefill_tokens += load.num_tokens if load else 0
                 else:
-                    self.counters.remote_prefills_failed += 1
-                    self.counters.last_failure = outcome.reason[:500]
-            resolved.append((seq, outcome))
+                    self._counters.remote_prefills_failed += 1
+                    self._counters.last_failure = result.reason[:500]
+            resolved.append((seq, result))
 
     # event loop ---------------------------------------------------------------------------
-    async def _run(self, job: _RemoteJob, request: PrefillRequest) -> None:
+    async def _run(self, load: _Load, request: PrefillRequest) -> None:
         response = None
         try:
             response = self._prefill.prefill.remote(request)
             result: PrefillResult = await asyncio.wait_for(_awaited(response), self.config.prefill_timeout_s)
             if result.error is not None:
                 raise RuntimeError(f"prefill worker: {result.error}")
-            if result.transfer_id != job.transfer_id or result.first_token is None:
+            if result.transfer_id != load.transfer_id or result.first_token is None:
                 raise RuntimeError("prefill worker answered for another transfer")
-            await asyncio.to_thread(job.handle.wait, self.config.kv_wait_timeout_s)
-            outcome = PrefillOutcome(True, result.first_token, result.logprobs)
+            await asyncio.to_thread(load.handle.wait, self.config.kv_wait_timeout_s)
+            outcome = LoadResult(True, result.first_token, result.logprobs)
         except asyncio.CancelledError:
             if response is not None:
                 response.cancel()
@@ -211,16 +194,17 @@ class RemotePrefiller:
             if response is not None:
                 response.cancel()
             # After this returns nothing more lands in the blocks: safe to recompute into them.
-            self.receiver.abort(job.transfer_id, f"prefill failed: {error!r}"[:1000])
-            outcome = PrefillOutcome(False, reason=repr(error))
-        self._resolve(job.seq, outcome)
+            self.receiver.abort(load.transfer_id, f"prefill failed: {error!r}"[:1000])
+            outcome = LoadResult(False, reason=repr(error))
+        self._resolve(load.seq, outcome)
 
-    def _resolve(self, seq: Sequence, outcome: PrefillOutcome) -> None:
-        self._resolved.put((seq, outcome))
+    def _resolve(self, seq: Sequence, result: LoadResult) -> None:
+        self._resolved.put((seq, result))
         self._wakeup.set()
 
     def close(self) -> None:
-        self.receiver.close()
+        if self.receiver is not None:
+            self.receiver.close()
 
 
 async def _awaited(response):
@@ -236,7 +220,7 @@ class KVDestination:
 
 
 @dataclass(eq=False)
-class _Export:
+class _Save:
     destination: KVDestination
     session: SendSession | None = None
     started: bool = False
@@ -245,84 +229,118 @@ class _Export:
     error: str | None = None
 
 
-class KVExporter:
-    """The prefill engine's hook: which requests stop after prefill, and where their KV goes."""
+class PrefillConnector(KVConnector):
+    """The prefill engine's saves: which requests stop after prefill, where their KV goes, and
+    the layer-by-layer send during the forward pass that completes their prompt."""
 
-    def __init__(self, kv_cache: torch.Tensor, transfer: KVTransferConfig) -> None:
-        self.sender = KVSender(kv_cache, transfer)
+    def __init__(self, transfer: KVTransferConfig, stream_layers: bool = True) -> None:
+        self._transfer = transfer
+        self.stream_layers = stream_layers
+        self.sender: KVSender | None = None  # made in `bind`, when the KV cache exists
         self._deadline_s = 2 * transfer.timeout_s + transfer.connect_timeout_s
         self._lock = threading.Lock()
-        self._exports: dict[str, _Export] = {}
+        self._saves: dict[str, _Save] = {}
+        self._in_step: list[_Save] = []  # saves whose prompt completes in the step being run
         self.exports_ok = 0
         self.exports_failed = 0
+
+    def bind(self, kv_cache: torch.Tensor, block_size: int, wakeup: threading.Event) -> None:
+        self.sender = KVSender(kv_cache, self._transfer)
+
+    def transfer_metrics(self) -> TransferMetrics:
+        return self.sender.metrics()
 
     # event loop ---------------------------------------------------------------------------
     def register(self, request_id: str, destination: KVDestination) -> None:
         with self._lock:
-            self._exports[request_id] = _Export(destination)
+            self._saves[request_id] = _Save(destination)
 
     def forget(self, request_id: str) -> None:
         """The caller left: drop a registration the engine has not started on (a started one
-        is cleaned up by the engine's `discard`, after it aborted the request)."""
+        is cleaned up by the engine's `cancel_save`, after it aborted the request)."""
         with self._lock:
-            export = self._exports.get(request_id)
-            if export is not None and not export.started:
-                del self._exports[request_id]
+            save = self._saves.get(request_id)
+            if save is not None and not save.started:
+                del self._saves[request_id]
 
     def pop_result(self, request_id: str) -> str | None:
         """After the request finished: None if its KV was acknowledged, else why not."""
         with self._lock:
-            export = self._exports.pop(request_id, None)
-        if export is None or not export.done:
+            save = self._saves.pop(request_id, None)
+        if save is None or not save.done:
             return "the KV export did not run"
-        return export.error
+        return save.error
 
     # engine thread ------------------------------------------------------------------------
-    def wants(self, seq: Sequence) -> bool:
-        with self._lock:
-            export = self._exports.get(seq.request_id)
-            return export is not None and not export.started
+    @property
+    def saves(self) -> bool:
+        return True
 
-    def export(self, seq: Sequence) -> None:
+    def wants_save(self, seq: Sequence) -> bool:
         with self._lock:
-            export = self._exports[seq.request_id]
-            export.started = True
-        dest = export.destination
+            save = self._saves.get(seq.request_id)
+            return save is not None and not save.started
+
+    def start_save(self, seq: Sequence) -> None:
+        with self._lock:
+            save = self._saves[seq.request_id]
+            save.started = True
+        dest = save.destination
         try:
             # Only the blocks the decode worker does not hold; the first token's KV is computed
             # there by its first decode step.
-            session = self.sender.begin(seq.request_id, dest.receiver_address,
-                                        seq.block_ids[dest.skip_blocks:], dest.dst_block_ids)
-            session.send_layers(0, session.num_layers)
-            export.session = session
-            export.deadline = time.monotonic() + self._deadline_s
+            save.session = self.sender.begin(seq.request_id, dest.receiver_address,
+                                             seq.block_ids[dest.skip_blocks:], dest.dst_block_ids)
+            save.deadline = time.monotonic() + self._deadline_s
+            self._in_step.append(save)
         except (TransferError, ValueError, RuntimeError) as error:
-            export.error = f"send failed: {error}"
+            save.error = f"send failed: {error}"
 
-    def is_done(self, seq: Sequence) -> bool:
+    def layer_computed(self, layer: int) -> None:
+        if self.stream_layers:
+            self._send(layer + 1)
+
+    def step_computed(self) -> None:
+        self._send(None)
+        self._in_step.clear()
+
+    def _send(self, up_to: int | None) -> None:
+        """Hand every saving session its layers below `up_to` (None: all) not handed yet."""
+        for save in self._in_step:
+            session = save.session
+            end = session.num_layers if up_to is None else min(up_to, session.num_layers)
+            if save.error is not None or end <= session.layers_queued:
+                continue
+            try:
+                session.send_layers(session.layers_queued, end)
+            except TransferError as error:  # the session failed (peer gone, aborted)
+                save.error = f"send failed: {error}"
+
+    def save_done(self, seq: Sequence) -> bool:
         with self._lock:
-            export = self._exports.get(seq.request_id)
-        if export is None:
+            save = self._saves.get(seq.request_id)
+        if save is None:
             return True
-        session = export.session
+        session = save.session
         if session is not None and not session.done():
-            if time.monotonic() < export.deadline:
+            if time.monotonic() < save.deadline:
                 return False
             session.abort("no acknowledgement before the deadline")
-        if session is not None and session.error is not None:
-            export.error = str(session.error)
-        export.done = True
-        if export.error is None:
+        if session is not None and session.error is not None and save.error is None:
+            save.error = str(session.error)
+        save.done = True
+        if save.error is None:
             self.exports_ok += 1
         else:
             self.exports_failed += 1
         return True
 
-    def discard(self, seq: Sequence) -> None:
+    def cancel_save(self, seq: Sequence) -> None:
         with self._lock:
-            export = self._exports.pop(seq.request_id, None)
-        if export is not None and export.session is not None:
-            export.session.abort("request aborted on the prefill worker")
+            save = self._saves.pop(seq.request_id, None)
+        if save is not None and save.session is not None:
+            save.session.abort("request aborted on the prefill worker")
 
     def close(self) -> None:
-        self.sender.close()
+        if self.sender is not None:
+            self.sender.close()

@@ -3,12 +3,12 @@
 As in vLLM's data-parallel + expert-parallel deployment, attention is data parallel and the
 experts are split: every rank runs its own engine (`AsyncLLM` over an
 `ExpertParallelModelRunner`) with its own scheduler, KV cache and batch, and the engines meet
-only in the MoE layers' all-to-alls (`workers.expert_parallel`).
+only in the MoE layers' all-to-alls (`engine.expert_parallel`).
 
 - The Serve replica is rank 0. At start it hosts the group's TCPStore on its node's IP (a free
   port, a prefix unique to the replica) and creates ranks 1..N-1 as plain Ray actors
   (`ExpertParallelRank`), one per GPU, each in its own bundle of the replica's placement group
-  (`router.app` asks Serve for N identical bundles, STRICT_PACK, so the N GPUs are reserved
+  (`workers.app` asks Serve for N identical bundles, STRICT_PACK, so the N GPUs are reserved
   together on one node). A rank actor holds a worker object of the replica's own role
   (`LLMWorker`, `PrefillWorker` or `DecodeWorker`), so KV export, remote prefill and stage
   timing work on every rank exactly as on a plain replica.
@@ -42,15 +42,17 @@ from typing import Any
 
 import ray
 
-from tandem.workers.async_engine import AsyncLLM
-from tandem.workers.block_manager import CacheEvent
-from tandem.workers.config import EngineConfig
+from tandem.engine.async_engine import AsyncLLM
+from tandem.protocol.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEvent
+from tandem.engine.config import EngineConfig
+from tandem.engine.kv_connector import KVConnector
 from tandem.workers.decode_worker import DecodeWorker
-from tandem.workers.disagg import PrefillRequest, PrefillResult
-from tandem.workers.llm_engine import EngineStats, LLMEngine
+from tandem.protocol.prefill import PrefillRequest, PrefillResult
+from tandem.engine.llm_engine import LLMEngine
+from tandem.protocol.worker import EngineStats
 from tandem.workers.metrics import WorkerMetrics
 from tandem.workers.prefill_worker import PrefillWorker
-from tandem.workers.prefix_hash import hash_full_blocks
+from tandem.protocol.prefix_hash import hash_full_blocks
 from tandem.workers.serve_worker import (EngineReading, LLMWorker, WorkerDelta, WorkerRequest, autoscaling_stats,
                                   read_engine)
 
@@ -70,9 +72,9 @@ def check_expert_parallel_size(model: str, size: int) -> None:
         raise ValueError(f"expert_parallel_size must be an integer >= 1, got {size!r}")
     if size == 1:
         return
-    from tandem.workers.model_runner import load_hf_config
-    from tandem.workers.models import model_class_for
-    from tandem.workers.models.moe import MoeForCausalLM, num_experts_of
+    from tandem.engine.model_runner import load_hf_config
+    from tandem.engine.models import model_class_for
+    from tandem.engine.models.moe import MoeForCausalLM, num_experts_of
 
     hf_config = load_hf_config(model)
     if model_class_for(hf_config) is not MoeForCausalLM:
@@ -93,33 +95,38 @@ class RankCaches:
         self.held: list[set[int]] = [set() for _ in range(world_size)]
         self._holders: dict[int, int] = {}  # block hash -> ranks holding it
 
-    def apply(self, rank: int, events: Sequence[CacheEvent]) -> list[CacheEvent]:
+    def apply(self, rank: int, events: Sequence[KVEvent]) -> list[KVEvent]:
         """Record `rank`'s events; returns the replica-level events they amount to."""
-        merged: list[CacheEvent] = []
+        merged: list[KVEvent] = []
         held = self.held[rank]
         for event in events:
-            if event.kind == "stored":
-                for block_hash in event.block_hashes:
-                    if block_hash not in held:
-                        held.add(block_hash)
-                        self._holders[block_hash] = self._holders.get(block_hash, 0) + 1
-                # Forwarded whole: the index keeps the chain, and a block it has is a no-op.
-                merged.append(event)
-            elif event.kind in ("removed", "cleared"):
-                dropped = [h for h in event.block_hashes if h in held] if event.kind == "removed" else list(held)
-                gone = []
-                for block_hash in dropped:
-                    held.discard(block_hash)
-                    left = self._holders.pop(block_hash) - 1
-                    if left:
-                        self._holders[block_hash] = left
-                    else:
-                        gone.append(block_hash)
-                if gone:
-                    merged.append(CacheEvent("removed", gone))
-            else:
-                raise ValueError(f"unknown cache event kind {event.kind!r}")
+            match event:
+                case BlocksStored(block_hashes):
+                    for block_hash in block_hashes:
+                        if block_hash not in held:
+                            held.add(block_hash)
+                            self._holders[block_hash] = self._holders.get(block_hash, 0) + 1
+                    # Forwarded whole: the index keeps the chain, and a block it has is a no-op.
+                    merged.append(event)
+                case BlocksRemoved(block_hashes):
+                    merged += self._drop(held, [h for h in block_hashes if h in held])
+                case AllBlocksCleared():
+                    merged += self._drop(held, list(held))
+                case _:
+                    raise TypeError(f"not a KV event: {type(event).__name__}")
         return merged
+
+    def _drop(self, held: set[int], dropped: list[int]) -> list[KVEvent]:
+        """One rank no longer holds `dropped`: the replica loses the blocks no other rank holds."""
+        gone = []
+        for block_hash in dropped:
+            held.discard(block_hash)
+            left = self._holders.pop(block_hash) - 1
+            if left:
+                self._holders[block_hash] = left
+            else:
+                gone.append(block_hash)
+        return [BlocksRemoved(gone)] if gone else []
 
     def cached_blocks(self, block_hashes: Sequence[int]) -> list[int]:
         """Per rank: how many leading blocks of the chain it holds."""
@@ -190,12 +197,12 @@ def _merge_expert_load(loads: list):
 
 def _merge_readings(group: ExpertParallelEngine, readings: list[EngineReading]) -> EngineReading:
     group.local_reading = readings[0]
-    events: list[CacheEvent] = []
+    events: list[KVEvent] = []
     for rank, reading in enumerate(readings):
         events += group.caches.apply(rank, reading.events)
     return EngineReading(events, merge_stats([r.stats for r in readings]),
                          sum(r.queued_prefill_tokens for r in readings),
-                         sum(r.num_remote_prefilling for r in readings),
+                         sum(r.num_waiting_for_kv for r in readings),
                          _merge_expert_load([r.expert_load for r in readings]))
 
 
@@ -225,11 +232,12 @@ class RankSpec:
     start_timeout_s: float = START_TIMEOUT_S
 
 
-def _ep_engine(config: EngineConfig, ep) -> LLMEngine:
+def _ep_engine(config: EngineConfig, ep, kv_connector: KVConnector | None) -> LLMEngine:
     """An `LLMEngine` whose runner holds this rank's experts."""
-    from tandem.workers.expert_parallel import ExpertParallelModelRunner
+    from tandem.engine.ep_runner import ExpertParallelModelRunner
 
-    return LLMEngine(config, runner_factory=functools.partial(ExpertParallelModelRunner, ep=ep))
+    return LLMEngine(config, runner_factory=functools.partial(ExpertParallelModelRunner, ep=ep),
+                     kv_connector=kv_connector)
 
 
 def _store_barrier(store, spec: RankSpec, name: str, check=None) -> None:
@@ -246,12 +254,13 @@ def _store_barrier(store, spec: RankSpec, name: str, check=None) -> None:
         time.sleep(0.01)
 
 
-def start_rank_engine(config: EngineConfig, spec: RankSpec, store=None, check=None) -> AsyncLLM:
+def start_rank_engine(config: EngineConfig, spec: RankSpec, kv_connector: KVConnector | None, store=None,
+                      check=None) -> AsyncLLM:
     """This rank's engine of the group: joins the store, builds the group and the engine, and
     starts stepping only once every rank has loaded (an idle rank steps collectively at once)."""
     from torch.distributed import TCPStore
 
-    from tandem.workers.expert_parallel import ExpertParallelGroup
+    from tandem.engine.expert_parallel import ExpertParallelGroup
 
     if store is None:
         store = TCPStore(spec.store_host, spec.store_port, spec.world_size, False,
@@ -260,7 +269,7 @@ def start_rank_engine(config: EngineConfig, spec: RankSpec, store=None, check=No
     ep = ExpertParallelGroup(store, spec.rank, spec.world_size, config.device, prefix=spec.prefix,
                              timeout_s=spec.group_timeout_s)
     # The dispatch syncs the host for its split sizes, so no CUDA graphs (docs/MOE.md).
-    engine = _ep_engine(dataclasses.replace(config, enforce_eager=True), ep)
+    engine = _ep_engine(dataclasses.replace(config, enforce_eager=True), ep, kv_connector)
     engine.ep_store = store  # the store (rank 0: its server) lives as long as the engine
     _store_barrier(store, spec, "loaded", check)
     return AsyncLLM(engine)
@@ -276,7 +285,7 @@ def _replica_id() -> str:
 
 
 def start_group(role: str, worker_args: tuple, worker_kwargs: dict, config: EngineConfig, world_size: int,
-                rank_actor_options: dict[str, Any]) -> ExpertParallelEngine:
+                rank_actor_options: dict[str, Any], kv_connector: KVConnector | None) -> ExpertParallelEngine:
     """Rank 0 (this process) plus ranks 1..N-1 as actors: the group seen as one engine."""
     from torch.distributed import TCPStore
 
@@ -295,7 +304,7 @@ def start_group(role: str, worker_args: tuple, worker_kwargs: dict, config: Engi
             ray.get(ref)  # raises if that rank failed to start
 
     try:
-        local = start_rank_engine(config, specs[0], store, check_ranks_started)
+        local = start_rank_engine(config, specs[0], kv_connector, store, check_ranks_started)
         ray.get(ready, timeout=specs[0].start_timeout_s)
     except BaseException:
         for actor in actors:
@@ -314,7 +323,7 @@ def _create_rank_actor(role: str, worker_args: tuple, worker_kwargs: dict, spec:
     opts.setdefault("num_cpus", 0)
     opts.setdefault("num_gpus", 0)
     placement_group = get_current_placement_group()
-    if placement_group is not None:  # a Serve replica with one bundle per rank (router.app)
+    if placement_group is not None:  # a Serve replica with one bundle per rank (workers.app)
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group, placement_group_bundle_index=spec.rank, placement_group_capture_child_tasks=True)
     return _RankActor.options(name=rank_actor_name(spec.replica_id, spec.rank), namespace=RANK_NAMESPACE,
@@ -467,9 +476,9 @@ class ExpertParallelReplica:
         self._ep_rank_actor_options = dict(rank_actor_options or {})
         super().__init__(*args, **kwargs)
 
-    def _start_engine(self, config: EngineConfig) -> ExpertParallelEngine:
+    def _start_engine(self, config: EngineConfig, kv_connector: KVConnector | None) -> ExpertParallelEngine:
         args, kwargs = self._ep_worker_args
-        return start_group(self.role, args, kwargs, config, self._ep_size, self._ep_rank_actor_options)
+        return start_group(self.role, args, kwargs, config, self._ep_size, self._ep_rank_actor_options, kv_connector)
 
     async def generate(self, request: WorkerRequest) -> AsyncIterator[WorkerDelta]:
         group: ExpertParallelEngine = self._engine
@@ -552,8 +561,8 @@ class _RankWorker:
         self.metrics = WorkerMetrics(self.pool, f"{spec.replica_id}/rank{spec.rank}",
                                      self.metrics.tags["model_name"])
 
-    def _start_engine(self, config: EngineConfig) -> AsyncLLM:
-        return start_rank_engine(config, self._rank_spec)
+    def _start_engine(self, config: EngineConfig, kv_connector: KVConnector | None) -> AsyncLLM:
+        return start_rank_engine(config, self._rank_spec, kv_connector)
 
     def _ensure_publishing(self) -> None:
         pass

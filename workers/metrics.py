@@ -28,8 +28,8 @@ from ray.util import metrics as ray_metrics
 if TYPE_CHECKING:
     from tandem.kvtransfer.metrics import TransferMetrics
     from tandem.workers.disagg import DisaggCounters
-    from tandem.workers.llm_engine import EngineStats
-    from tandem.workers.models.moe import ExpertLoadStats
+    from tandem.protocol.worker import EngineStats
+    from tandem.engine.models.moe import ExpertLoadStats
 
 BASE_TAGS = ("model_name", "pool", "replica")
 
@@ -148,8 +148,8 @@ class WorkerMetrics:
         self._advance(TRANSFERS, float(transfer.transfers_ok), direction=direction)
         self._advance(TRANSFER_FAILURES, float(transfer.transfers_failed), direction=direction)
 
-    def update_disagg(self, counters: DisaggCounters, num_remote_prefilling: int) -> None:
-        self._set(REMOTE_PREFILLING, float(num_remote_prefilling))
+    def update_disagg(self, counters: DisaggCounters, num_waiting_for_kv: int) -> None:
+        self._set(REMOTE_PREFILLING, float(num_waiting_for_kv))
         self._advance(REMOTE_PREFILLS, float(counters.remote_prefills_ok), outcome="ok")
         self._advance(REMOTE_PREFILLS, float(counters.remote_prefills_failed), outcome="failed")
         self._advance(REMOTE_PREFILL_TOKENS, float(counters.remote_prefill_tokens))

@@ -1,10 +1,11 @@
 """`PrefillWorker`: one prefill engine per Ray Serve replica of the prefill pool.
 
 It is an `LLMWorker` (same engine loop, KV-event publishing to its own pool's prefix index,
-same `generate` for direct use) whose engine exports KV: `prefill(PrefillRequest)` runs the
-prompt through the shared continuous batch (chunked, batched with other prefills, reusing this
-worker's prefix cache), streams the blocks the decode worker lacks into its block ids through
-`kvtransfer`, and returns the first token once the receiver acknowledged them. Its blocks are
+same `generate` for direct use) whose engine saves KV through a `PrefillConnector`
+(`workers.disagg`): `prefill(PrefillRequest)` runs the prompt through the shared continuous
+batch (chunked, batched with other prefills, reusing this worker's prefix cache), streams the
+blocks the decode worker lacks into its block ids through `kvtransfer` layer by layer while the
+forward pass runs, and returns the first token once the receiver acknowledged them. Its blocks are
 then freed and stay in the prefix cache, so a shared system prompt is prefilled once.
 
 If the caller goes away (Serve cancels the call), the engine request is aborted and its
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from tandem.workers.disagg import KVDestination, KVExporter, PrefillRequest, PrefillResult, transfer_config
-from tandem.workers.serve_worker import EngineReading, LLMWorker, WorkerStats
+from tandem.protocol.prefill import PrefillRequest, PrefillResult
+from tandem.workers.disagg import KVDestination, PrefillConnector, transfer_config
+from tandem.protocol.worker import WorkerStats
+from tandem.workers.serve_worker import EngineReading, LLMWorker
 
 
 @dataclasses.dataclass
@@ -33,11 +36,11 @@ class PrefillWorker(LLMWorker):
     pool = "prefill"  # the `pool` tag of this replica's metrics
 
     def __init__(self, model: str, engine_kwargs: dict | None = None, device: str = "cpu",
-                 transfer_kwargs: dict | None = None, **worker_kwargs) -> None:
-        super().__init__(model, engine_kwargs, device, **worker_kwargs)
-        engine = self._engine.engine
-        self._exporter = KVExporter(engine.runner.kv_cache, transfer_config(transfer_kwargs))
-        self._engine.call_in_engine(lambda e: e.enable_kv_export(self._exporter)).result(timeout=60)
+                 transfer_kwargs: dict | None = None, stream_layers: bool = True, **worker_kwargs) -> None:
+        """`stream_layers`: send each layer's KV as the forward computes it (default), or all
+        layers after the forward (the baseline the layer-streaming benchmark compares with)."""
+        self._exporter = PrefillConnector(transfer_config(transfer_kwargs), stream_layers)
+        super().__init__(model, engine_kwargs, device, kv_connector=self._exporter, **worker_kwargs)
 
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
         self._ensure_publishing()
@@ -66,11 +69,11 @@ class PrefillWorker(LLMWorker):
         return PrefillResult(rid, output.token_ids[0], logprobs, last.num_cached_tokens)
 
     def _update_role_metrics(self, reading: EngineReading) -> None:
-        self.metrics.update_transfer(self._exporter.sender.metrics(), "sent")
+        self.metrics.update_transfer(self._exporter.transfer_metrics(), "sent")
 
     def stats(self) -> PrefillWorkerStats:
         base = super().stats()
         return PrefillWorkerStats(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
-                                  transfer=self._exporter.sender.metrics(),
+                                  transfer=self._exporter.transfer_metrics(),
                                   exports_ok=self._exporter.exports_ok,
                                   exports_failed=self._exporter.exports_failed)

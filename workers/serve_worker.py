@@ -12,7 +12,7 @@ prefix index (`router.publisher.KVEventPublisher`) every `publish_interval_s`, i
 the app's stats board (for the ingress's `/metrics`), and the replica's Ray metrics
 (`workers.metrics.WorkerMetrics`, vLLM-style names, tagged by pool and replica).
 `record_autoscaling_stats` is Serve's custom-autoscaling hook (the keys
-`cluster.autoscaling.STAT_KEYS`). Engine state is read only through `AsyncLLM.call_in_engine`,
+`workers.autoscaling.STAT_KEYS`). Engine state is read only through `AsyncLLM.call_in_engine`,
 so the engine thread stays its only owner.
 
 In colocated mode this one deployment is the whole engine pool ("the decode pool" to the
@@ -26,146 +26,42 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ray import serve
 
-from tandem.workers.async_engine import AsyncLLM, EngineTiming
-from tandem.workers.block_manager import CacheEvent
-from tandem.workers.config import EngineConfig
-from tandem.workers.llm_engine import EngineStats, LLMEngine
+from tandem.engine.async_engine import AsyncLLM, EngineTiming
+from tandem.engine.config import EngineConfig
+from tandem.engine.kv_connector import KVConnector
+from tandem.engine.llm_engine import LLMEngine
+from tandem.engine.outputs import RequestOutput
+from tandem.protocol.kv_events import KVEvent
+from tandem.protocol.worker import (EngineStats, OutputDelta, TokenLogprob, WorkerDelta, WorkerRequest, WorkerStats,
+                                    WorkerTiming)
 from tandem.workers.metrics import WorkerMetrics
-from tandem.workers.outputs import RequestOutput
-from tandem.workers.prefix_hash import ROOT_HASH
-from tandem.workers.sampling_params import SamplingParams
 
 logger = logging.getLogger("ray.serve")
 
 
-@dataclass
-class WorkerRequest:
-    """What the ingress asks of a worker: token ids plus plain sampling fields (pickle-safe)."""
+def worker_timing(received: float, received_unix: float, engine: EngineTiming) -> WorkerTiming:
+    """From `generate`'s start (`perf_counter`, wall clock) and the engine thread's stamps; now is
+    the first yield."""
+    def since(stamp: float | None) -> float | None:
+        return None if stamp is None else stamp - received
 
-    request_id: str
-    prompt_token_ids: list[int]
-    session_id: str | None = None
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    max_tokens: int | None = 16
-    min_tokens: int = 0
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    logprobs: int | None = None
-    skip_special_tokens: bool = True
-
-    def sampling_params(self) -> SamplingParams:
-        names = [f.name for f in dataclasses.fields(SamplingParams) if f.init]
-        values = {name: getattr(self, name) for name in names if hasattr(self, name)}
-        return SamplingParams(**values)
-
-
-@dataclass
-class TokenLogprob:
-    """The chosen token's logprob and the top alternatives, as plain (token_id, logprob) pairs."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-@dataclass
-class OutputDelta:
-    """What is new in one of a request's n outputs since the previous delta."""
-
-    index: int
-    token_ids: list[int]
-    text: str
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    stop_reason: int | str | None = None
-
-
-@dataclass
-class WorkerTiming:
-    """How this worker reached a request's first token, for the serving path's stage timing
-    (`router.stage_timing`). `received_unix` is the wall clock when `generate` began (comparable
-    with the ingress's across processes); the rest are seconds after it on this process's
-    monotonic clock. None: not reached (e.g. the engine refused the request)."""
-
-    received_unix: float
-    engine_added_s: float | None = None  # the engine thread took the request
-    engine_first_step_s: float | None = None  # the first engine step after that began
-    first_token_s: float | None = None  # that step (or a later one) produced its first output
-    first_yield_s: float | None = None  # the first delta is about to leave this generator
-
-    @classmethod
-    def measured(cls, received: float, received_unix: float, engine: EngineTiming) -> "WorkerTiming":
-        """From `generate`'s start (`perf_counter`, wall clock) and the engine thread's stamps; now
-        is the first yield."""
-        def since(stamp: float | None) -> float | None:
-            return None if stamp is None else stamp - received
-
-        return cls(received_unix, since(engine.added), since(engine.first_step), since(engine.first_output),
-                   time.perf_counter() - received)
-
-
-@dataclass
-class WorkerDelta:
-    """One streamed update. `error` set: the request was refused (bad input) and nothing ran.
-    `timing` is on the first delta of a request only."""
-
-    request_id: str
-    outputs: list[OutputDelta]
-    finished: bool
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    num_output_tokens: int = 0  # over all n outputs, so far
-    replica_id: str = ""
-    error: str | None = None
-    timing: WorkerTiming | None = None
-
-
-@dataclass
-class WorkerStats:
-    """A replica's engine counters and gauges, for `/metrics` and tests."""
-
-    replica_id: str
-    engine: EngineStats
-    timestamp: float
-
-
-def to_router_event(replica_id: str, event: CacheEvent):
-    """A block manager `CacheEvent` as the router's KV event type."""
-    from tandem.router.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored
-
-    if event.kind == "stored":
-        parent = None if event.parent_hash == ROOT_HASH else event.parent_hash
-        return BlocksStored(replica_id, list(event.block_hashes), parent)
-    if event.kind == "removed":
-        return BlocksRemoved(replica_id, list(event.block_hashes))
-    if event.kind == "cleared":
-        return AllBlocksCleared(replica_id)
-    raise ValueError(f"unknown cache event kind {event.kind!r}")
+    return WorkerTiming(received_unix, since(engine.added), since(engine.first_step), since(engine.first_output),
+                        time.perf_counter() - received)
 
 
 @dataclass
 class EngineReading:
     """What the publish loop takes from the engine thread in one call."""
 
-    events: list[CacheEvent]
+    events: list[KVEvent]
     stats: EngineStats
     queued_prefill_tokens: int
-    num_remote_prefilling: int
-    expert_load: object = None  # workers.models.moe.ExpertLoadStats, MoE models only, when asked
+    num_waiting_for_kv: int  # sequences whose prompt KV comes from the prefill pool
+    expert_load: object = None  # engine.models.moe.ExpertLoadStats, MoE models only, when asked
 
 
 def queued_prefill_tokens(engine: LLMEngine) -> int:
@@ -185,18 +81,18 @@ def read_engine(engine: LLMEngine, with_expert_load: bool = False) -> EngineRead
     if with_expert_load and recorder is not None:
         expert_load = recorder.snapshot()
     return EngineReading(engine.drain_cache_events(), engine.stats(), queued_prefill_tokens(engine),
-                         len(engine.scheduler.remote_waiting), expert_load)
+                         len(engine.scheduler.waiting_for_kv), expert_load)
 
 
 def autoscaling_stats(engine: LLMEngine) -> dict[str, float]:
-    """The replica's load for Serve's custom autoscaling policies (`cluster.autoscaling`).
+    """The replica's load for Serve's custom autoscaling policies (`workers.autoscaling`).
     `num_waiting` counts sequences waiting for the prefill pool's KV too: they hold blocks
     here and join this replica's batch next."""
     sch = engine.scheduler
     return {
         "queued_prefill_tokens": float(queued_prefill_tokens(engine)),
         "num_running": float(len(sch.running)),
-        "num_waiting": float(len(sch.waiting) + len(sch.remote_waiting)),
+        "num_waiting": float(len(sch.waiting) + len(sch.waiting_for_kv)),
         "kv_usage": float(engine.block_manager.usage),
     }
 
@@ -236,15 +132,17 @@ def to_delta(out: RequestOutput, replica_id: str, top_n: int = 0) -> WorkerDelta
 
 
 class LLMWorker:
-    """A Serve deployment class (decorated in `router.app`): one engine per replica."""
+    """A Serve deployment class (decorated in `workers.app`): one engine per replica."""
 
     pool = "colocated"  # the `pool` tag of this replica's metrics
 
     def __init__(self, model: str, engine_kwargs: dict | None = None, device: str = "cpu",
                  publish_interval_s: float = 0.05, stats_interval_s: float = 0.25,
-                 expert_load_interval_s: float = 1.0) -> None:
+                 expert_load_interval_s: float = 1.0, kv_connector: KVConnector | None = None) -> None:
+        """`kv_connector`: the role's port for KV from or to other workers (the prefill and
+        decode roles pass theirs; colocated: none)."""
         config = EngineConfig(model=model, device=device, **(engine_kwargs or {}))
-        self._engine = self._start_engine(config)
+        self._engine = self._start_engine(config, kv_connector)
         self._publish_interval_s = publish_interval_s
         self._stats_interval_s = stats_interval_s
         self._expert_load_interval_s = expert_load_interval_s
@@ -285,7 +183,7 @@ class LLMWorker:
         # `stream`, and AsyncLLM aborts the request and frees its blocks.
         try:
             first_delta = to_delta(first, self._replica_id, top_n)
-            first_delta.timing = WorkerTiming.measured(received, received_unix, engine_timing)
+            first_delta.timing = worker_timing(received, received_unix, engine_timing)
             yield first_delta
             if first.finished:
                 return
@@ -318,10 +216,10 @@ class LLMWorker:
         if self._publish_error is not None:
             logger.warning("KV event publishing failed: %r", self._publish_error)
 
-    def _start_engine(self, config: EngineConfig) -> AsyncLLM:
+    def _start_engine(self, config: EngineConfig, kv_connector: KVConnector | None) -> AsyncLLM:
         """This replica's engine. An expert-parallel replica (`workers.ep_replica`) starts its
         group here and returns it seen as one engine (`ExpertParallelEngine`)."""
-        return AsyncLLM.from_config(config)
+        return AsyncLLM.from_config(config, kv_connector)
 
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)
@@ -337,7 +235,7 @@ class LLMWorker:
         """The prefill and decode roles add their transfer counters."""
 
     async def _publish_loop(self) -> None:
-        from tandem.router.load import ReplicaLoad
+        from tandem.protocol.load import ReplicaLoad
 
         last_stats: EngineStats | None = None
         last_load_at = last_board_at = last_experts_at = 0.0
@@ -355,7 +253,7 @@ class LLMWorker:
                 self._update_role_metrics(reading)
                 if self._publisher is not None:
                     if reading.events:
-                        self._publisher.publish([to_router_event(self._replica_id, e) for e in reading.events])
+                        self._publisher.publish(reading.events)
                     changed = stats != last_stats
                     if changed or now - last_load_at > 1.0:
                         self._publisher.report_load(ReplicaLoad(

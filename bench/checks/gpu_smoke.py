@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from tandem.workers import LLM, SamplingParams
-from tandem.workers.make_model import make_model
+from tandem import LLM, SamplingParams
+from tandem.engine.make_model import make_model
 
 
 def main() -> int:

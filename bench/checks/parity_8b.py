@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 from tandem.bench.engine_bench import CONFIG_8B, hf_greedy
-from tandem.workers import LLM, SamplingParams
+from tandem import LLM, SamplingParams
 
 
 def main() -> int:
     import transformers
 
-    from tandem.workers.make_model import build_tokenizer
+    from tandem.engine.make_model import build_tokenizer
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/parity")

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from tandem.bench.engine_bench import CONFIG_8B, make_workload
-from tandem.workers import LLM, SamplingParams
+from tandem.bench.engine_bench import CONFIG_8B
+from tandem.bench.workload import make_workload
+from tandem import LLM, SamplingParams
 
 
 def timed(record: dict[str, list[float]], name: str, fn):
@@ -41,7 +42,7 @@ def timed(record: dict[str, list[float]], name: str, fn):
 def build_llm(max_num_seqs: int = 256, async_scheduling: bool = True) -> LLM:
     import transformers
 
-    from tandem.workers.make_model import build_tokenizer
+    from tandem.engine.make_model import build_tokenizer
 
     config = transformers.AutoConfig.from_pretrained(CONFIG_8B)
     folder = Path(tempfile.mkdtemp(prefix="tandem-prof-")) / "llama3-8b-random"

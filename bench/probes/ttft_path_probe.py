@@ -8,7 +8,7 @@ time on an idle system, each prompt sent again and again (so the engine's prefix
 all but its last block, as for a follow-up turn whose history is cached):
 1. the engine alone: `AsyncLLM.generate` in this process on the same token ids, submitted ->
    first output;
-2. the whole app over HTTP: the Serve app from `router.app.build_app` with one replica,
+2. the whole app over HTTP: the Serve app from `workers.app.build_app` with one replica,
    streamed `/v1/chat/completions` with `"tandem_timing": true`, request sent -> first content
    chunk, and the reply's stage stamps (`router.stage_timing`).
 Prints, per prompt, the median of each stage over `--requests` requests (after 3 warm-up ones):
@@ -68,10 +68,10 @@ def long_context_model(model: str, max_len: int) -> str:
 
 
 def engine_ttft(model: str, device: str, prompts: dict[str, list[dict]], n: int, engine_kwargs: dict) -> dict:
-    from tandem.workers import SamplingParams
-    from tandem.workers.async_engine import AsyncLLM
-    from tandem.workers.config import EngineConfig
-    from tandem.workers.llm_engine import LLMEngine
+    from tandem import SamplingParams
+    from tandem.engine.async_engine import AsyncLLM
+    from tandem.engine.config import EngineConfig
+    from tandem.engine.llm_engine import LLMEngine
 
     llm = AsyncLLM(LLMEngine(EngineConfig(model=model, device=device, **engine_kwargs)))
     tokenizer = llm.engine.tokenizer
@@ -101,7 +101,7 @@ def http_ttft(model: str, device: str, prompts: dict[str, list[dict]], n: int, p
     import ray
     from ray import serve
 
-    from tandem.router.app import build_app
+    from tandem.workers.app import build_app
     from tandem.router.stage_timing import STAMPS
 
     ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 3))

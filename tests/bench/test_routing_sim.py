@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tandem.bench.routing_sim import LRUPrefixCache, SimConfig, Workload, WorkloadConfig, simulate
-from tandem.router.kv_events import BlocksRemoved, BlocksStored
+from tandem.protocol.kv_events import BlocksRemoved, BlocksStored
 
 SIM = SimConfig(replicas=4, conversations=50, users_per_replica=4, min_conversations_per_user=2, warmup_s=10.0, seed=7)
 
@@ -70,10 +70,10 @@ def test_deterministic_for_a_seed(chat: Workload) -> None:
 
 def test_lru_cache_events_keep_prefixes_whole() -> None:
     cache = LRUPrefixCache(capacity=4)
-    assert cache.store((1, 2, 3), "r") == [BlocksStored("r", [1, 2, 3], None)]
+    assert cache.store((1, 2, 3)) == [BlocksStored([1, 2, 3], None)]
     # Storing a 3-block chain needs 2 evictions; the old chain loses its tail first.
-    events = cache.store((9, 8, 7), "r")
-    assert events == [BlocksRemoved("r", [3, 2]), BlocksStored("r", [9, 8, 7], None)]
+    events = cache.store((9, 8, 7))
+    assert events == [BlocksRemoved([3, 2]), BlocksStored([9, 8, 7], None)]
     assert cache.match((1, 2, 3), 3) == 1
-    assert cache.store((1, 2), "r") == [BlocksRemoved("r", [7]), BlocksStored("r", [2], 1)]
+    assert cache.store((1, 2)) == [BlocksRemoved([7]), BlocksStored([2], 1)]
     assert cache.match((1, 2, 3), 3) == 2

@@ -39,7 +39,7 @@ def test_weight_bytes_are_the_real_models_parameters_but_the_embedding(tmp_path)
     import transformers
 
     from tandem.bench.engine_bench import weight_bytes
-    from tandem.workers.make_model import make_model
+    from tandem.engine.make_model import make_model
 
     folder = make_model(tmp_path / "m", "llama", seed=0, size="small")
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

@@ -7,7 +7,7 @@ import pytest
 from ray.serve._private.common import TimeStampedValue
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from tandem.cluster.autoscaling import (STAT_KEYS, DecodePolicy, DecodeTargets, PrefillPolicy, PrefillTargets,
+from tandem.workers.autoscaling import (STAT_KEYS, DecodePolicy, DecodeTargets, PrefillPolicy, PrefillTargets,
                                  decide, decode_decision, pool_autoscaling_config, prefill_decision)
 
 PREFILL = PrefillTargets(target_queued_tokens_per_replica=1000, max_running_per_replica=10,
@@ -207,10 +207,10 @@ def test_serve_delays_wrap_the_decision(monkeypatch):
     assert state["tandem"]["source"] == "engine_stats"
 
 
-# ------------------------------------------------------------------ wiring into router.app
+# ------------------------------------------------------------------ wiring into workers.app
 
 def test_app_args_put_the_pool_policy_on_its_deployment():
-    from tandem.router.app import AppArgs, _decode_pool
+    from tandem.workers.app import AppArgs, _decode_pool
 
     args = AppArgs.from_dict({"mode": "disaggregated", "prefill_replicas": 2, "autoscaling": {
         "decode": {"min_replicas": 2, "max_replicas": 5, "targets": {"target_kv_usage": 0.6}}}})
@@ -218,7 +218,7 @@ def test_app_args_put_the_pool_policy_on_its_deployment():
     prefill = decode.init_args[1]._bound_deployment
     config = decode._deployment_config.autoscaling_config
     assert (config.min_replicas, config.max_replicas) == (2, 5)
-    assert config.policy.policy_function == "tandem.cluster.autoscaling:DecodePolicy"
+    assert config.policy.policy_function == "tandem.workers.autoscaling:DecodePolicy"
     assert config.policy.policy_kwargs["target_kv_usage"] == 0.6
     assert prefill._deployment_config.autoscaling_config is None
     assert prefill._deployment_config.num_replicas == 2
@@ -236,7 +236,7 @@ def test_app_args_put_the_pool_policy_on_its_deployment():
     {"decode": {"targets": {"no_such_knob": 1}}},
 ])
 def test_app_args_refuse_bad_autoscaling(autoscaling):
-    from tandem.router.app import AppArgs
+    from tandem.workers.app import AppArgs
 
     with pytest.raises(ValueError, match="autoscaling"):
         AppArgs.from_dict({"autoscaling": autoscaling})

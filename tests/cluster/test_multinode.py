@@ -18,13 +18,13 @@ from ray import serve
 from ray.cluster_utils import Cluster
 
 from tandem.cluster.apps import deploy_app, scale_app, status_report
-from tandem.cluster.autoscaling import STAT_KEYS
+from tandem.workers.autoscaling import STAT_KEYS
 from tandem.cluster.cli import build_parser
 from tandem.cluster.serve_cli import app_args
 from tandem.cluster.status_cli import format_report
 from tandem.router.openai_ingress import REPLICA_HEADER
 from tests.router.serve_harness import free_port
-from tandem.workers.make_model import make_model
+from tandem.engine.make_model import make_model
 from tandem.workers.serve_worker import LLMWorker
 
 APP = "multinode"

@@ -25,7 +25,7 @@ from transformers import AutoConfig, LlamaForCausalLM
 from transformers.integrations import hub_kernels  # the module that broke on Tandem's `kernels`
 import tandem.kernels.paged_attention as tandem_paged_attention
 from tandem import LLM, SamplingParams
-from tandem.workers.make_model import make_model
+from tandem.engine.make_model import make_model
 
 folder = make_model(tempfile.mkdtemp(), arch="llama")
 config = AutoConfig.from_pretrained(folder)
@@ -88,7 +88,7 @@ def test_wheel_adds_only_tandem(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"tandem"}
-    assert "tandem/kernels/paged_attention.py" in names and "tandem/workers/llm.py" in names
+    assert "tandem/kernels/paged_attention.py" in names and "tandem/engine/llm.py" in names
     assert "tandem/bench/loadgen/cli.py" in names and "tandem/cluster/serve.yaml" in names
     assert not [n for n in names if "/probes/" in n or "/checks/" in n or "/results/" in n]
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

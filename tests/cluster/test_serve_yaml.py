@@ -24,7 +24,7 @@ def deployments(config: dict) -> dict[str, dict]:
 def test_serve_yaml_parses_with_serve_schema():
     schema = ServeDeploySchema.model_validate(serve_config())
     (app,) = schema.applications
-    assert app.name == "tandem" and app.import_path == "tandem.router.app:build_app"
+    assert app.name == "tandem" and app.import_path == "tandem.workers.app:build_app"
     assert app.args["mode"] in ("disaggregated", "colocated") and app.args["model"]
     assert [d.name for d in app.deployments] == ["OpenAIIngress", "PrefillWorker", "DecodeWorker"]
 
@@ -51,11 +51,11 @@ def test_pools_have_their_own_resources_and_autoscaling(name, pool):
 def test_pools_scale_with_their_own_policy(name, policy):
     from ray.serve._private.autoscaling_state import _resolve_policy_callable
 
-    from tandem.cluster import autoscaling
+    from tandem.workers import autoscaling
 
     for config in (serve_config(), yaml.safe_load((ROOT / "helm" / "values.yaml").read_text())["serveConfig"]):
         autoscaling_config = AutoscalingConfig(**deployments(config)[name]["autoscaling_config"])
-        assert autoscaling_config.policy.policy_function == f"tandem.cluster.autoscaling:{policy}"
+        assert autoscaling_config.policy.policy_function == f"tandem.workers.autoscaling:{policy}"
         # What the controller builds: the policy class with the config's targets.
         built = _resolve_policy_callable(autoscaling_config.policy)
         assert type(built).__name__ == policy

@@ -6,7 +6,7 @@ import dataclasses
 
 from tandem.cluster.apps import pool_engine_stats
 from tandem.cluster.status_cli import format_report
-from tandem.workers.llm_engine import EngineStats
+from tandem.protocol.worker import EngineStats
 
 
 def engine_stats(**overrides) -> dict:

@@ -130,7 +130,7 @@ def test_decode_every_alignment():
 
 
 def test_prefill_padded_as_the_mixed_step_graph_pads():
-    """The layout `workers.cuda_graphs.CudaGraphMixed` replays: the batch padded to a fixed
+    """The layout `engine.cuda_graphs.CudaGraphMixed` replays: the batch padded to a fixed
     sequence count (padded sequences: no query tokens, context 0, stale block-table rows) and a
     fixed token count (padded tokens in no sequence). The real rows must equal the unpadded
     kernel's and the reference's; the padded rows are never read."""

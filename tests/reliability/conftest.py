@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 from ray import serve
 
-from tandem.router.app import build_app
+from tandem.workers.app import build_app
 from tests.router.serve_harness import local_serve
-from tandem.workers.make_model import make_model
+from tandem.engine.make_model import make_model
 
 
 @pytest.fixture(scope="package")

@@ -11,13 +11,13 @@ import pytest
 import ray
 from ray import serve
 
-from tandem.router.app import AppArgs
+from tandem.workers.app import AppArgs
 from tandem.router.index_actor import INDEX_NAMESPACE, index_actor_name
 from tandem.router.openai_ingress import REPLICA_HEADER
 from tandem.cluster.apps import deploy_app, scale_app, status_report
 from tests.router.serve_harness import local_serve
-from tandem.workers.make_model import make_model
-from tandem.workers.prefix_hash import hash_full_blocks
+from tandem.engine.make_model import make_model
+from tandem.protocol.prefix_hash import hash_full_blocks
 
 BLOCK_SIZE = 16
 pytestmark = pytest.mark.timeout(180)
@@ -101,7 +101,7 @@ def test_app_args_are_checked():
 
 
 def test_ingress_settings_reach_the_ingress_config(tmp_path):
-    from tandem.router.app import ingress_config
+    from tandem.workers.app import ingress_config
 
     model_dir = str(make_model(tmp_path / "llama", "llama", seed=5))
     parsed = AppArgs.from_dict({"model": model_dir, "tokenize_cache_chars": 0, "max_n": 4, "api_key": "k"})

@@ -1,5 +1,5 @@
 """The OpenAI-compatible endpoint, end to end: the real `openai` client against a real local
-Serve app (`router.app.build_app`) running the real engine on a tiny random-weight Llama.
+Serve app (`workers.app.build_app`) running the real engine on a tiny random-weight Llama.
 Replies must carry the offline engine's greedy tokens; every bad input gets its 4xx and a JSON
 error while the server keeps serving; a client leaving mid-stream frees the engine's blocks.
 
@@ -16,10 +16,10 @@ import pytest
 import requests
 from ray import serve
 
-from tandem.router.app import build_app
-from tandem.workers import LLM, SamplingParams
+from tandem.workers.app import build_app
+from tandem import LLM, SamplingParams
 from tests.router.serve_harness import local_serve
-from tandem.workers.make_model import make_model
+from tandem.engine.make_model import make_model
 
 ENGINE_KWARGS = {"num_kv_blocks": 96, "max_model_len": 256, "max_num_seqs": 16}
 API_KEY = "tandem-test-key"

@@ -1,11 +1,12 @@
 """A pool's router without Ray: events in, load in, rankings out."""
 from __future__ import annotations
 
-from tandem.router.kv_events import BlocksStored, KVEventBatch
-from tandem.router.load import LoadTracker, ReplicaLoad
+from tandem.protocol.kv_events import BlocksStored, KVEventBatch
+from tandem.protocol.load import ReplicaLoad
+from tandem.router.load import LoadTracker
 from tandem.router.policy import RoutingConfig, RoutingRequest
 from tandem.router.pool import PoolRouter
-from tandem.workers.prefix_hash import hash_full_blocks
+from tandem.protocol.prefix_hash import hash_full_blocks
 
 BLOCK = 16
 IDS = ["r0", "r1", "r2", "r3"]
@@ -31,7 +32,7 @@ def test_shared_prefix_follows_the_replica_holding_it():
     pool = PoolRouter(RoutingConfig(block_size=BLOCK))
     document = list(range(1000, 1000 + 64 * BLOCK))
     chain = hash_full_blocks(document, BLOCK)
-    pool.publish(KVEventBatch("r2", 0, [BlocksStored("r2", chain, None)]))
+    pool.publish(KVEventBatch("r2", 0, [BlocksStored(chain, None)]))
     for i in range(5):
         tokens = document + [i] * 40
         ranked = pool.route(RoutingRequest(f"q{i}", hash_full_blocks(tokens, BLOCK), len(tokens)), IDS, now=float(i))
@@ -43,7 +44,7 @@ def test_hot_prefix_burst_spills_over_instead_of_piling_up():
     """Nothing finishes: the in-flight ledger alone must spread the burst."""
     pool = PoolRouter(RoutingConfig(block_size=BLOCK))
     document = list(range(64 * BLOCK))
-    pool.publish(KVEventBatch("r0", 0, [BlocksStored("r0", hash_full_blocks(document, BLOCK), None)]))
+    pool.publish(KVEventBatch("r0", 0, [BlocksStored(hash_full_blocks(document, BLOCK), None)]))
     chosen = []
     for i in range(40):
         tokens = document + [i] * 8
@@ -59,7 +60,7 @@ def test_hot_prefix_burst_spills_over_instead_of_piling_up():
 def test_route_ranks_every_candidate_once_and_tracks_a_changing_candidate_list():
     pool = PoolRouter(RoutingConfig(block_size=BLOCK))
     chain = hash_full_blocks(list(range(8 * BLOCK)), BLOCK)
-    pool.publish(KVEventBatch("r3", 0, [BlocksStored("r3", chain, None)]))
+    pool.publish(KVEventBatch("r3", 0, [BlocksStored(chain, None)]))
     ranked = pool.route(RoutingRequest("a", chain, 8 * BLOCK + 1), IDS, now=0.0)
     assert ranked[0] == "r3" and sorted(ranked) == IDS
     ranked = pool.route(RoutingRequest("b", chain, 8 * BLOCK + 1), ("r1", "r0"), now=0.0)  # r3 gone, a tuple
@@ -70,7 +71,7 @@ def test_route_ranks_every_candidate_once_and_tracks_a_changing_candidate_list()
 def test_removed_replicas_are_forgotten():
     pool = PoolRouter(RoutingConfig(block_size=BLOCK))
     chain = hash_full_blocks(list(range(4 * BLOCK)), BLOCK)
-    pool.publish(KVEventBatch("r1", 0, [BlocksStored("r1", chain, None)]))
+    pool.publish(KVEventBatch("r1", 0, [BlocksStored(chain, None)]))
     assert pool.match(chain) == {"r1": 4}
     pool.remove_replicas(["r1"])
     assert pool.match(chain) == {}

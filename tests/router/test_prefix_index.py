@@ -13,9 +13,9 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tandem.router.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEventBatch
+from tandem.protocol.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEventBatch
 from tandem.router.prefix_index import PrefixIndex
-from tandem.workers.prefix_hash import hash_full_blocks
+from tandem.protocol.prefix_hash import hash_full_blocks
 
 BLOCK_SIZE = 2
 REPLICAS = ["r0", "r1", "r2"]
@@ -41,7 +41,7 @@ def store_events(replica_id: str, held: set[int], chain: list[int]) -> list[Bloc
             run_start = i
         elif not missing and run_start is not None:
             parent = chain[run_start - 1] if run_start > 0 else None
-            events.append(BlocksStored(replica_id, chain[run_start:i], parent))
+            events.append(BlocksStored(chain[run_start:i], parent))
             run_start = None
     return events
 
@@ -67,15 +67,15 @@ def run_world(index: PrefixIndex, world: list[list[int]], ops, check) -> None:
         chain = chains[seq_index % len(chains)][:num_blocks]
         if kind == "store":
             for event in store_events(replica_id, held[replica_id], chain):
-                index.apply(event)
+                index.apply(replica_id, event)
             held[replica_id].update(chain)
         elif kind == "remove":
             gone = [h for h in chain if h in held[replica_id] and rng.random() < 0.5]
             rng.shuffle(gone)  # evictions come in any order
-            index.apply(BlocksRemoved(replica_id, gone))
+            index.apply(replica_id, BlocksRemoved(gone))
             held[replica_id].difference_update(gone)
         else:
-            index.apply(AllBlocksCleared(replica_id))
+            index.apply(replica_id, AllBlocksCleared())
             held[replica_id].clear()
         index.check_invariants()
         for full_chain in chains:
@@ -125,11 +125,11 @@ def test_malformed_event_streams_keep_the_tree_sound(events):
     index = PrefixIndex(max_blocks=8)
     for kind, replica_id, hashes, parent in events:
         if kind == "stored":
-            index.apply(BlocksStored(replica_id, hashes, parent))
+            index.apply(replica_id, BlocksStored(hashes, parent))
         elif kind == "removed":
-            index.apply(BlocksRemoved(replica_id, hashes))
+            index.apply(replica_id, BlocksRemoved(hashes))
         elif kind == "cleared":
-            index.apply(AllBlocksCleared(replica_id))
+            index.apply(replica_id, AllBlocksCleared())
         else:
             before = index.num_blocks
             evicted = index.evict(len(hashes))
@@ -182,16 +182,16 @@ def test_stored_blocks_under_an_unknown_parent_are_dropped():
 def test_sequence_gap_or_restart_drops_that_replicas_view():
     chain = hash_full_blocks(list(range(32)), 8)
     index = PrefixIndex()
-    index.apply_batch(KVEventBatch("a", 0, [BlocksStored("a", chain, None)]))
-    index.apply_batch(KVEventBatch("b", 0, [BlocksStored("b", chain[:2], None)]))
-    index.apply_batch(KVEventBatch("a", 1, [BlocksRemoved("a", chain[3:])]))
+    index.apply_batch(KVEventBatch("a", 0, [BlocksStored(chain, None)]))
+    index.apply_batch(KVEventBatch("b", 0, [BlocksStored(chain[:2], None)]))
+    index.apply_batch(KVEventBatch("a", 1, [BlocksRemoved(chain[3:])]))
     assert index.match(chain) == {"a": 3, "b": 2}
     # Batch 2 from "a" was lost: its view is gone, batch 3 applies on an empty view.
-    index.apply_batch(KVEventBatch("a", 3, [BlocksStored("a", chain[2:3], chain[1])]))
+    index.apply_batch(KVEventBatch("a", 3, [BlocksStored(chain[2:3], chain[1])]))
     assert index.match(chain) == {"b": 2}
     assert index.num_view_drops == 1
     # "b" restarts its publisher (seq back to 0).
-    index.apply_batch(KVEventBatch("b", 0, [BlocksStored("b", chain[:1], None)]))
+    index.apply_batch(KVEventBatch("b", 0, [BlocksStored(chain[:1], None)]))
     assert index.match(chain) == {"b": 1}
     assert index.num_view_drops == 2
 

@@ -20,7 +20,7 @@ def _tokenizer(pre_tokenizer=None):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from tandem.workers.make_model import _CORPUS, CHAT_TEMPLATE, SPECIAL_TOKENS
+    from tandem.engine.make_model import _CORPUS, CHAT_TEMPLATE, SPECIAL_TOKENS
 
     if pre_tokenizer == "llama3":  # Llama-3's regex split, then bytes
         pre_tokenizer = pre_tokenizers.Sequence([
@@ -114,7 +114,7 @@ def test_bad_text_raises_and_poisons_nothing():
 
 
 def test_router_block_hashes_equal_the_engines():
-    from tandem.workers.prefix_hash import hash_block, hash_full_blocks
+    from tandem.protocol.prefix_hash import hash_block, hash_full_blocks
 
     rng = random.Random(0)
     for length in (0, 15, 16, 17, 160, 8147):

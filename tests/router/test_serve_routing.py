@@ -12,11 +12,11 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from tandem.router.index_actor import INDEX_NAMESPACE, index_actor_name
-from tandem.router.kv_events import BlocksStored
-from tandem.router.load import ReplicaLoad
+from tandem.protocol.kv_events import BlocksStored
+from tandem.protocol.load import ReplicaLoad
 from tandem.router.publisher import KVEventPublisher
 from tandem.router.request_router import TandemRequestRouter
-from tandem.workers.prefix_hash import hash_full_blocks
+from tandem.protocol.prefix_hash import hash_full_blocks
 
 BLOCK_SIZE = 4
 TOTAL_KV_BLOCKS = 1024
@@ -40,7 +40,7 @@ class CachingWorker:
             self._cached.extend(new_blocks)
             self._cached_set.update(new_blocks)
             # Waiting for the index to take the batch keeps the test free of sleeps.
-            await self._publisher.publish([BlocksStored(self._publisher.replica_id, new_blocks, parent)])
+            await self._publisher.publish([BlocksStored(new_blocks, parent)])
         await self._publisher.report_load(
             ReplicaLoad(self._publisher.replica_id, 0, 0, 0, 0, TOTAL_KV_BLOCKS - len(self._cached), TOTAL_KV_BLOCKS, time.time())
         )

@@ -1,4 +1,4 @@
-"""The serving path's stage timing end to end, on a real local Serve app (`router.app.build_app`)
+"""The serving path's stage timing end to end, on a real local Serve app (`workers.app.build_app`)
 with the real engine on a tiny random Llama: `"tandem_timing": true` puts every stage stamp, in
 path order, on the first streamed token chunk (or the JSON body); without it no reply carries
 the field; the tokens are the same either way and the same as the offline engine's, also for a
@@ -13,11 +13,11 @@ import pytest
 import requests
 from ray import serve
 
-from tandem.router.app import build_app
+from tandem.workers.app import build_app
 from tandem.router.stage_timing import INTERVALS, STAMPS, TOTAL
 from tests.router.serve_harness import local_serve
-from tandem.workers import LLM, SamplingParams
-from tandem.workers.make_model import make_model
+from tandem import LLM, SamplingParams
+from tandem.engine.make_model import make_model
 
 ENGINE_KWARGS = {"num_kv_blocks": 128, "max_model_len": 1024, "max_num_seqs": 8}
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello world! How are you?"}]

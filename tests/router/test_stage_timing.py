@@ -22,7 +22,7 @@ from tandem.router.stage_timing import (
     route_stamps,
     timing_payload,
 )
-from tandem.workers.serve_worker import WorkerTiming
+from tandem.protocol.worker import WorkerTiming
 
 
 def _traced_request() -> IngressTrace:
@@ -115,9 +115,9 @@ def test_histograms_render_cumulative_buckets():
 
 
 def test_async_engine_stamps_a_request_in_order(tiny_model):
-    from tandem.workers import SamplingParams
-    from tandem.workers.async_engine import AsyncLLM, EngineTiming
-    from tandem.workers.config import EngineConfig
+    from tandem import SamplingParams
+    from tandem.engine.async_engine import AsyncLLM, EngineTiming
+    from tandem.engine.config import EngineConfig
 
     llm = AsyncLLM.from_config(EngineConfig(model=tiny_model, num_kv_blocks=64, max_model_len=256))
 
@@ -139,6 +139,6 @@ def test_async_engine_stamps_a_request_in_order(tiny_model):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
-    from tandem.workers.make_model import make_model
+    from tandem.engine.make_model import make_model
 
     return str(make_model(tmp_path_factory.mktemp("timing") / "llama", "llama", seed=0))

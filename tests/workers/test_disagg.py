@@ -18,10 +18,11 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from ray.serve.config import RequestRouterConfig  # noqa: E402
 
 from tandem.workers.decode_worker import DecodeWorker  # noqa: E402
-from tandem.workers.llm import LLM  # noqa: E402
+from tandem.engine.llm import LLM  # noqa: E402
 from tandem.workers.prefill_worker import PrefillWorker  # noqa: E402
-from tandem.workers.sampling_params import SamplingParams  # noqa: E402
-from tandem.workers.serve_worker import WorkerRequest  # noqa: E402
+from tandem.protocol.sampling_params import SamplingParams  # noqa: E402
+from tandem.protocol.worker import WorkerRequest  # noqa: E402
+from tests.ray_actors import actor_state, alive  # noqa: E402
 
 APP = "disagg"
 MAX_TOKENS = 8
@@ -37,7 +38,7 @@ def deploy(model: str, num_decode_replicas: int):
         num_replicas=1, max_ongoing_requests=64, health_check_period_s=1,
         ray_actor_options={"num_cpus": 0, "resources": {"prefill": 1}},
         request_router_config=RequestRouterConfig(
-            request_router_class="router.request_router.TandemRequestRouter",
+            request_router_class="tandem.router.request_router.TandemRequestRouter",
             request_router_kwargs={"policy": "prefix_aware", "block_size": ENGINE["block_size"]}),
     ).bind(model, ENGINE, "cpu", TRANSFER)
     decode = serve.deployment(DecodeWorker, name="DecodeWorker").options(
@@ -116,10 +117,7 @@ def run_batch(handle, prompts: list[list[int]], tag: str) -> list[list[int]]:
 
 
 def replica_actors(deployment: str) -> list:
-    from ray.util.state import list_actors
-
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-            if a.class_name == f"ServeReplica:{APP}:{deployment}"]
+    return alive(f"ServeReplica:{APP}:{deployment}")
 
 
 def decode_stats(handle):
@@ -160,7 +158,7 @@ def test_disaggregated_output_equals_colocated_and_kv_crossed(cluster, reference
     assert sent.engine.prompt_tokens_total <= sum(len(p) for p in long_all)
     assert stats.engine.prompt_tokens_total == sum(len(p) for p in [prompts[0]] + prompts)
     # Everything finished: no blocks held anywhere, nothing waiting for KV.
-    assert stats.num_remote_prefilling == 0 and stats.engine.num_running == 0
+    assert stats.num_waiting_for_kv == 0 and stats.engine.num_running == 0
     assert stats.engine.kv_usage == 0.0 and sent.engine.kv_usage == 0.0
 
     # The Ray metrics each replica exported (its publish loop ticks every 50 ms) say the same.
@@ -200,10 +198,10 @@ def settled_metrics(read, predicate, timeout_s: float = 10.0) -> dict[str, float
 
 @pytest.mark.timeout(240)
 def test_build_app_disaggregated_pools_serve_identical_tokens(cluster, reference):
-    """`router.app`'s disaggregated wiring (what `tandem serve --mode disaggregated` deploys):
+    """`workers.app`'s disaggregated wiring (what `tandem serve --mode disaggregated` deploys):
     its decode pool, fed by its own prefill pool pinned by custom resources, gives the
     colocated engine's tokens and really pulls KV from its prefill pool."""
-    from tandem.router.app import AppArgs, _decode_pool
+    from tandem.workers.app import AppArgs, _decode_pool
 
     args = AppArgs.from_dict({
         "model": cluster["model"], "mode": "disaggregated", "pool_resources": True, "worker_num_cpus": 0,
@@ -256,9 +254,7 @@ def test_killing_the_prefill_replica_mid_run_completes_every_request(cluster, re
     ray.kill(victim, no_restart=True)
     got = [collect(s) for s in streams]
     assert got == reference(prompts)
-    from ray.util.state import get_actor
-
-    assert get_actor(victim_id).state == "DEAD"  # the kill really happened mid-run
+    assert actor_state(victim_id) == "DEAD"  # the kill really happened mid-run
     # In-flight prefills either fell back to local prefill or were retried by Serve on the
     # replacement replica; which one depends on timing. Both complete every request.
     after = decode_stats(handle).disagg

@@ -21,17 +21,17 @@ import pytest
 import ray
 from ray import serve
 
-from tandem.router.app import AppArgs, _decode_pool, build_app
+from tandem.workers.app import AppArgs, _decode_pool, build_app
 from tandem.router.index_actor import INDEX_NAMESPACE, index_actor_name
 from tests.router.serve_harness import local_serve
-from tandem.workers.block_manager import CacheEvent
+from tandem.protocol.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored
 from tandem.workers.ep_replica import RANK_NAMESPACE, RankCaches, choose_rank, merge_stats
-from tandem.workers.llm import LLM
-from tandem.workers.llm_engine import EngineStats
-from tandem.workers.make_model import make_model
-from tandem.workers.prefix_hash import hash_full_blocks
-from tandem.workers.sampling_params import SamplingParams
-from tandem.workers.serve_worker import WorkerRequest
+from tandem.engine.llm import LLM
+from tandem.protocol.worker import EngineStats
+from tandem.engine.make_model import make_model
+from tandem.protocol.prefix_hash import hash_full_blocks
+from tandem.protocol.sampling_params import SamplingParams
+from tandem.protocol.worker import WorkerRequest
 
 BLOCK_SIZE = 16
 MAX_TOKENS = 6
@@ -50,8 +50,8 @@ def model_dir(tmp_path_factory) -> str:
 
 
 # ---------------------------------------------------------------------------- the parts alone
-def stored(*hashes: int, parent: int = 0) -> CacheEvent:
-    return CacheEvent("stored", list(hashes), parent)
+def stored(*hashes: int, parent: int | None = None) -> BlocksStored:
+    return BlocksStored(list(hashes), parent)
 
 
 def test_rank_caches_report_a_block_until_no_rank_holds_it():
@@ -61,11 +61,11 @@ def test_rank_caches_report_a_block_until_no_rank_holds_it():
     assert caches.cached_blocks([1, 2, 3]) == [3, 2]
     assert caches.cached_blocks([1, 2, 4]) == [2, 3]
     # Rank 1 drops 1, 2 and 4: only 4 leaves the replica (rank 0 still holds 1 and 2).
-    assert caches.apply(1, [CacheEvent("removed", [1, 2, 4, 99])]) == [CacheEvent("removed", [4])]
+    assert caches.apply(1, [BlocksRemoved([1, 2, 4, 99])]) == [BlocksRemoved([4])]
     # Rank 0's cache is reset: everything it held leaves the replica.
-    assert caches.apply(0, [CacheEvent("cleared")]) == [CacheEvent("removed", [1, 2, 3])]
+    assert caches.apply(0, [AllBlocksCleared()]) == [BlocksRemoved([1, 2, 3])]
     assert caches.cached_blocks([1, 2, 3]) == [0, 0]
-    assert caches.apply(0, [CacheEvent("removed", [1])]) == []
+    assert caches.apply(0, [BlocksRemoved([1])]) == []
 
 
 def test_choose_rank_prefers_the_cached_prefix_within_the_imbalance_limit():

@@ -9,9 +9,9 @@ import warnings
 
 import pytest
 
-from tandem.workers import SamplingParams
-from tandem.workers.llm_engine import LLMEngine
-from tandem.workers.config import EngineConfig
+from tandem import SamplingParams
+from tandem.engine.llm_engine import LLMEngine
+from tandem.engine.config import EngineConfig
 from tandem.workers.metrics import (
     ALL_SPECS,
     ENGINE_COUNTERS,
@@ -21,9 +21,10 @@ from tandem.workers.metrics import (
     QUEUED_PREFILL_TOKENS,
     _ray_metric,
 )
-from tandem.workers.serve_worker import LLMWorker, WorkerRequest, autoscaling_stats
+from tandem.protocol.worker import WorkerRequest
+from tandem.workers.serve_worker import LLMWorker, autoscaling_stats
 
-STAT_KEYS = ("queued_prefill_tokens", "num_running", "num_waiting", "kv_usage")  # tandem.cluster.autoscaling's
+STAT_KEYS = ("queued_prefill_tokens", "num_running", "num_waiting", "kv_usage")  # tandem.workers.autoscaling's
 
 
 def test_every_metric_name_is_legal_for_ray():

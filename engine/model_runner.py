@@ -1,0 +1,254 @@
+"""Loads the model and its KV cache onto a device, and turns a `SchedulerOutput` into one
+forward pass: packed token ids, positions, cache slots, block tables, then logits for the
+sequences whose chunk reaches their end.
+"""
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tandem.kernels import ops
+from tandem.engine.attention import ForwardContext
+from tandem.engine.config import EngineConfig
+from tandem.engine.models import model_class_for
+from tandem.engine.models.llama import head_dim_of
+from tandem.engine.scheduler import SchedulerOutput
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    ctx: ForwardContext
+    logits_indices: torch.Tensor  # rows of the packed batch whose logits are needed
+
+
+def load_hf_config(model_dir: str):
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"{model_dir!r} is not a Hugging Face model folder (no config.json)")
+    return AutoConfig.from_pretrained(model_dir)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config, weights=None) -> None:
+        self.config = config
+        self.hf_config = hf_config
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        self.block_size = config.block_size
+        self.model = self._load_model(weights)
+        self.num_kv_blocks = config.num_kv_blocks or self._num_blocks_from_memory()
+        self.kv_cache = torch.zeros(self.kv_cache_shape(self.num_kv_blocks), dtype=self.dtype, device=self.device)
+        # Host staging for step inputs: two pinned buffers used in turn, each with an event for
+        # its last copy, so preparing step N+1 never waits on step N's copy (overlap scheduling).
+        self._pinned: list[torch.Tensor | None] = [None, None]
+        self._copy_done: list = [None, None]
+        self._turn = 0
+        self.graphs = None
+        self.mixed_graphs = None
+        if self.device.type == "cuda":
+            self._warm_up()
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from tandem.engine.cuda_graphs import CudaGraphDecoder, CudaGraphMixed
+
+            max_blocks = -(-(config.max_model_len or hf_config.max_position_embeddings) // self.block_size)
+            self.graphs = CudaGraphDecoder(self.model, self.kv_cache, max_blocks, config.max_num_seqs)
+            self.graphs.capture()
+            if getattr(self.model, "mixed_step_graphs", False):
+                # One memory pool for all graphs: a graph's output is read before the next replay.
+                self.mixed_graphs = CudaGraphMixed(self.model, self.kv_cache, max_blocks, config.max_num_seqs,
+                                                   config.max_num_batched_tokens, pool=self.graphs.pool)
+                self.mixed_graphs.capture()
+
+    # ---------------------------------------------------------------- set-up
+    def _load_model(self, weights=None) -> torch.nn.Module:
+        """From the folder's safetensors, or from `weights` ((name, tensor) pairs in HF naming)
+        when given: benchmarks hand over an in-memory HF model's state dict that way."""
+        from safetensors import safe_open
+
+        cls = model_class_for(self.hf_config)
+        files = sorted(glob.glob(os.path.join(self.config.model, "*.safetensors")))
+        if not files and weights is None:
+            raise FileNotFoundError(f"no *.safetensors weights in {self.config.model!r}")
+        with torch.device("meta"):
+            model = self._build_model(cls)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.build_rope_table(self.device)
+
+        def from_files():
+            for path in files:
+                with safe_open(path, framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+
+        model.load_weights(from_files() if weights is None else weights)
+        if self.device.type == "cuda" and not ops.skinny_gemv_enabled():
+            # Column-major weights help cuBLAS (small batches, and 3-5% in mixed steps), but the
+            # batch-1 GEMV needs row-major ones and gains more (engine_nvidia_h100_80gb_hbm3.md).
+            model.use_column_major_weights()
+        return model.eval()
+
+    def _build_model(self, cls) -> torch.nn.Module:
+        """The model skeleton (on the meta device); subclasses add constructor arguments."""
+        return cls(self.hf_config)
+
+    def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        c = self.hf_config
+        return (c.num_hidden_layers, 2, num_blocks, self.block_size, c.num_key_value_heads, head_dim_of(c))
+
+    @property
+    def bytes_per_block(self) -> int:
+        shape = self.kv_cache_shape(1)
+        n = 1
+        for s in shape:
+            n *= s
+        return n * torch.tensor([], dtype=self.dtype).element_size()
+
+    def _num_blocks_from_memory(self) -> int:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = total * self.config.gpu_memory_utilization - used - 2 * 1024**3  # activations
+        else:
+            budget = self.config.cpu_kv_cache_gb * 1024**3
+        num = int(budget // self.bytes_per_block)
+        if num < 1:
+            raise RuntimeError("not enough memory for even one KV block; lower the model size or raise the "
+                               "memory setting")
+        return num
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """One throw-away prefill of two short sequences, so the prefill path's Triton kernels
+        compile here at start-up instead of stalling the first requests' step (1-2 s each).
+        Its slots are -1 (writes nowhere); it reads cache block 0, whatever that holds."""
+        bs = self.block_size
+        dev = self.device
+        ids = torch.zeros(2 * bs, dtype=torch.int64, device=dev)
+        positions = torch.arange(bs, device=dev).repeat(2)
+        ctx = ForwardContext(
+            slot_mapping=torch.full((2 * bs,), -1, dtype=torch.int64, device=dev),
+            block_tables=torch.zeros((2, 1), dtype=torch.int32, device=dev),
+            context_lens=torch.full((2,), bs, dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.tensor([0, bs, 2 * bs], dtype=torch.int32, device=dev),
+            is_decode=False,
+            kv_cache=self.kv_cache,
+        )
+        hidden = self.model(ids, positions, ctx)
+        self.model.compute_logits(hidden[[bs - 1, 2 * bs - 1]]).float()
+        torch.cuda.synchronize(dev)
+
+    # ------------------------------------------------------------------ steps
+    def prepare(self, sched: SchedulerOutput, prev_tokens: torch.Tensor | None = None) -> StepInputs:
+        """Build the step's index tensors on the host with numpy and ship them in ONE copy:
+        per-step host work is kept to a few vectorised passes.
+
+        Overlap scheduling: a sequence whose last token is a placeholder (sampled by the
+        previous step, still on the device) gets that input id from `prev_tokens[seq.pending_row]`
+        by a gather on the device, so no step waits for the host to read the previous tokens."""
+        bs = self.block_size
+        items = sched.scheduled
+        num_seqs = len(items)
+        starts = np.fromiter((it.seq.num_computed_tokens for it in items), dtype=np.int64, count=num_seqs)
+        counts = np.fromiter((it.num_new_tokens for it in items), dtype=np.int64, count=num_seqs)
+        is_decode = bool((counts == 1).all())
+        cu = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(counts, out=cu[1:])
+        num_tokens = int(cu[-1])
+        if is_decode:
+            input_ids = np.fromiter((it.seq.token_ids[-1] for it in items), dtype=np.int64, count=num_seqs)
+        else:
+            input_ids = np.fromiter(itertools.chain.from_iterable(
+                it.seq.token_ids[it.seq.num_computed_tokens : it.seq.num_computed_tokens + it.num_new_tokens]
+                for it in items), dtype=np.int64, count=num_tokens)
+        seq_of_token = np.repeat(np.arange(num_seqs), counts)
+        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(cu[:-1], counts) + np.repeat(starts, counts)
+        # Block tables, padded to the longest; filled with one scatter.
+        lens = np.fromiter((len(it.seq.block_ids) for it in items), dtype=np.int64, count=num_seqs)
+        width = int(lens.max()) if num_seqs else 0
+        tables = np.zeros((num_seqs, width), dtype=np.int64)
+        flat = np.fromiter(itertools.chain.from_iterable(it.seq.block_ids for it in items), dtype=np.int64,
+                           count=int(lens.sum()))
+        row_starts = np.zeros(num_seqs, dtype=np.int64)
+        np.cumsum(lens[:-1], out=row_starts[1:])
+        tables[np.repeat(np.arange(num_seqs), lens), np.arange(len(flat)) - np.repeat(row_starts, lens)] = flat
+        slots = tables[seq_of_token, positions // bs] * bs + positions % bs
+        context_lens = starts + counts
+        samples = (context_lens == np.fromiter((it.seq.num_tokens for it in items), dtype=np.int64, count=num_seqs))
+        logits_indices = (cu[1:] - 1)[samples]
+        # Placeholder inputs: only a one-token decode item can end in one (its seq sampled last step).
+        pending_rows = np.fromiter((it.seq.pending_row if it.seq.num_pending else -1 for it in items),
+                                   dtype=np.int64, count=num_seqs)
+        has_pending = pending_rows >= 0
+        fix_dst, fix_src = cu[:-1][has_pending], pending_rows[has_pending]
+        if len(fix_dst) and prev_tokens is None:
+            raise RuntimeError("a scheduled sequence ends in a placeholder but no previous step's tokens were given")
+        packed = np.concatenate([input_ids, positions, slots, context_lens, cu, logits_indices, fix_dst, fix_src,
+                                 tables.ravel()])
+        dev_buf = self._to_device(packed)
+        parts = np.cumsum([0, num_tokens, num_tokens, num_tokens, num_seqs, num_seqs + 1, len(logits_indices),
+                           len(fix_dst), len(fix_src)])
+        view = [dev_buf[parts[k] : parts[k + 1]] for k in range(8)]
+        if len(fix_dst):
+            view[0].index_copy_(0, view[6], prev_tokens.index_select(0, view[7]))
+        ctx = ForwardContext(
+            slot_mapping=view[2],
+            block_tables=dev_buf[parts[8]:].view(num_seqs, width).to(torch.int32),
+            context_lens=view[3].to(torch.int32),
+            cu_seqlens_q=view[4].to(torch.int32),
+            is_decode=is_decode,
+            kv_cache=self.kv_cache,
+        )
+        return StepInputs(view[0], view[1], ctx, view[5])
+
+    def _to_device(self, packed: np.ndarray) -> torch.Tensor:
+        """One host-to-device copy through a reused pinned buffer (pinning anew each step costs
+        more than the copy). The copy is ordered before the step's kernels on the same stream.
+        Two buffers alternate; before one is rewritten we wait for its previous copy (an event),
+        which ran two steps ago."""
+        host = torch.from_numpy(packed)
+        if self.device.type != "cuda":
+            return host
+        turn = self._turn
+        self._turn ^= 1
+        pinned = self._pinned[turn]
+        if pinned is None or pinned.numel() < host.numel():
+            pinned = self._pinned[turn] = torch.empty(max(host.numel(), 1 << 16), dtype=torch.int64).pin_memory()
+        if self._copy_done[turn] is not None:
+            self._copy_done[turn].synchronize()
+        staging = pinned[: host.numel()]
+        staging.copy_(host)
+        on_device = staging.to(self.device, non_blocking=True)
+        done = self._copy_done[turn] = torch.cuda.Event()
+        done.record()
+        return on_device
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, prev_tokens: torch.Tensor | None = None,
+                layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Launch one step; returns logits [num_sampling_seqs, vocab] (float32), not waited for.
+        `prev_tokens`: the previous step's sampled tokens, for placeholder inputs (see prepare).
+        `layer_done(i)`: called as each layer's KV is written; such a step runs eagerly."""
+        inputs = self.prepare(sched, prev_tokens)
+        ctx = inputs.ctx
+        if layer_done is not None:
+            ctx.layer_done = layer_done
+            hidden = self.model(inputs.input_ids, inputs.positions, ctx)
+            return self.model.compute_logits(hidden[inputs.logits_indices]).float()
+        if self.graphs is not None and ctx.is_decode and self.graphs.padded_size(len(sched.scheduled)):
+            return self.graphs.run(inputs.input_ids, inputs.positions, ctx.slot_mapping, ctx.context_lens,
+                                   ctx.block_tables, len(sched.scheduled))
+        mixed = self.mixed_graphs
+        if mixed is not None and not ctx.is_decode and mixed.padded_size(len(inputs.input_ids), len(sched.scheduled)):
+            hidden = mixed.run(inputs.input_ids, inputs.positions, ctx)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, ctx)
+        return self.model.compute_logits(hidden[inputs.logits_indices]).float()

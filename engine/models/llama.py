@@ -1,0 +1,217 @@
+"""The Llama family as plain PyTorch: Llama 2/3.x, Mistral, Qwen2/2.5 (q/k/v bias) and Qwen3
+(per-head q/k RMSNorm). Parameter names follow Hugging Face, except that q/k/v and gate/up are
+stored fused (one matmul each); `load_weights` maps the checkpoint's names onto them.
+
+Tokens of all sequences in a step are packed into one flat batch [T, hidden].
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from tandem.kernels import ops
+from tandem.kernels.rope import build_cos_sin_cache
+from tandem.engine.attention import ForwardContext, paged_attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (with Llama-3 / linear / yarn scaling) as transformers computes them."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if not params:  # transformers 4.x style config
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        dim = head_dim_of(config)
+        base = params["rope_theta"]
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.scale = self.head_dim**-0.5
+        self.qk_norm = config.model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor, ctx: ForwardContext):
+        qkv = ops.linear(x, self.qkv_proj)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = ops.rope(q, k, positions, cos_sin)
+        # v stays a strided view of qkv: the KV write takes strided rows (one copy kernel less per layer).
+        out = paged_attention(self.layer_idx, q, k, v, self.scale, ctx)
+        return ops.linear(out.reshape(-1, self.q_size), self.o_proj)
+
+
+class MLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(ops.linear(x, self.gate_up_proj), self.down_proj, silu_mul_input=True)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions, x, residual, cos_sin, ctx):
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, cos_sin, ctx)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name fragment -> (our parameter fragment, shard index in the fused weight)
+    fused_names = {
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    # Steps with prompt chunks may run as padded CUDA graphs (workers/cuda_graphs.CudaGraphMixed):
+    # padded token rows carry garbage, which is harmless only while no layer mixes rows.
+    mixed_step_graphs = True
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            if config.sliding_window < config.max_position_embeddings:
+                raise ValueError("sliding-window attention is not supported yet "
+                                 f"(sliding_window={config.sliding_window})")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.cos_sin: torch.Tensor | None = None  # float32 rope table, built by build_rope_table()
+
+    def build_rope_table(self, device: torch.device) -> None:
+        inv_freq, scaling = rope_inv_freq(self.config)
+        self.cos_sin = build_cos_sin_cache(inv_freq, self.config.max_position_embeddings, scaling).to(device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Returns hidden states [T, hidden] (logits are computed only where needed)."""
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(positions, x, residual, self.cos_sin, ctx)
+            if ctx.layer_done is not None:
+                ctx.layer_done(i)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return ops.linear(hidden, self.lm_head)
+
+    # Projections whose weight reads faster on an H100 stored column-major (the [out, in]
+    # parameter as a transposed view of a contiguous [in, out] tensor): F.linear then hands
+    # cuBLAS an NN problem, whose small-batch kernels read the weight at 2.4-3.0 TB/s instead
+    # of 2.0-2.9 (bench/probes/gemv_probe.py, bench/results/gemv_probe_h100.json); large-batch
+    # (prefill) rates are within +-3%. qkv is left as it is: slower that way at batch 1.
+    # Used only with TANDEM_SKINNY_GEMV=0: the batch-1 GEMV (kernels/gemv.py) reads row-major.
+    column_major_suffixes = ("o_proj", "gate_up_proj", "down_proj", "lm_head")
+
+    def use_column_major_weights(self) -> None:
+        """Re-lay the `column_major_suffixes` weights in place (after loading; GPU only)."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and name.endswith(self.column_major_suffixes):
+                if name == "lm_head" and module.weight is self.embed_tokens.weight:
+                    continue  # tied to the embedding, whose row gathers want row-major
+                with torch.no_grad():
+                    module.weight.data = module.weight.data.t().contiguous().t()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb.inv_freq" in name:
+                continue
+            for ckpt_frag, (our_frag, shard) in self.fused_names.items():
+                if f".{ckpt_frag}." in name:
+                    target = name.replace(ckpt_frag, our_frag)
+                    self._load_shard(params[target], tensor, our_frag, shard)
+                    loaded.add(f"{target}#{shard}")
+                    break
+            else:
+                if name not in params:
+                    raise ValueError(f"unexpected weight {name!r} in checkpoint")
+                with torch.no_grad():
+                    params[name].copy_(tensor)
+                loaded.add(name)
+        if self.tie_word_embeddings and "lm_head.weight" not in loaded:
+            self.lm_head.weight = self.embed_tokens.weight
+            loaded.add("lm_head.weight")
+        self._check_complete(params, loaded)
+
+    def _load_shard(self, param: nn.Parameter, tensor: torch.Tensor, fused: str, shard: int) -> None:
+        if fused == "qkv_proj":
+            attn = self.layers[0].self_attn
+            sizes = [attn.q_size, attn.kv_size, attn.kv_size]
+        else:
+            sizes = [self.config.intermediate_size] * 2
+        start = sum(sizes[:shard])
+        with torch.no_grad():
+            param[start : start + sizes[shard]].copy_(tensor)
+
+    def _check_complete(self, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
+        missing = []
+        for name in params:
+            if name in loaded:
+                continue
+            frag = next((f for f in ("qkv_proj", "gate_up_proj") if f in name), None)
+            n_shards = {"qkv_proj": 3, "gate_up_proj": 2}.get(frag, 0)
+            if frag and all(f"{name}#{i}" in loaded for i in range(n_shards)):
+                continue
+            missing.append(name)
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {missing[:8]}")
