@@ -1,16 +1,23 @@
 """What `tandem serve`, `tandem scale` and `tandem status` share: the running app's build args,
-kept in Ray's cluster KV store so any later process on the cluster can rebuild the same app with
-a pool resized. Scaling re-applies the app in place (`serve.run` with the same name): only the
-replica count changes, so Serve updates it without restarting the other deployments' replicas.
+kept in Ray's cluster KV store so any later process on the cluster can see how the app was built.
+
+Scaling uses Serve's external scaling API (the one behind the dashboard's
+`POST /api/v1/applications/{app}/deployments/{deployment}/scale`): the controller sets one
+deployment's target replica count and nothing else. Re-applying the app with `serve.run`
+instead (what `tandem scale` once did) restarts every replica of every deployment, whatever
+changed: an app deployed from Python gets a fresh random code version on each `serve.run`,
+and a replica of another code version is "outdated". So `deploy_app` turns external scaling
+on, and `scale_app` never redeploys.
 """
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 _KEY = "tandem/app/{name}"
-POOLS = ("decode", "prefill", "colocated")
+POOLS = ("decode", "prefill", "colocated")  # what `tandem scale` takes: router.app's POOL_DEPLOYMENTS
 REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"  # Serve's full replica ids (and replica actor names) start so
 
 
@@ -21,15 +28,23 @@ def _kv():
     return internal_kv
 
 
+def _record_app_args(name: str, args: dict[str, Any]) -> None:
+    _kv()._internal_kv_put(_KEY.format(name=name), json.dumps(args), overwrite=True)
+
+
 def deploy_app(name: str, args: dict[str, Any], route_prefix: str = "/", blocking: bool = False):
-    """Build and run the app, remembering its args for `scale`/`status`."""
+    """Build and run the app, remembering its args for `scale`/`status`. Redeploying restarts
+    every replica (Serve gives the deployments a new code version); resize with `scale_app`."""
     from ray import serve
 
     from tandem.workers.app import build_app
 
     app = build_app(args)  # bad args fail here, before anything is recorded
-    _kv()._internal_kv_put(_KEY.format(name=name), json.dumps(args), overwrite=True)
-    return serve.run(app, name=name, route_prefix=route_prefix, blocking=blocking)
+    _record_app_args(name, args)
+    # Serve allows external scaling only in an app that autoscales nothing (its config schema
+    # refuses both together): an autoscaled pool is sized by its policy alone.
+    return serve.run(app, name=name, route_prefix=route_prefix, blocking=blocking,
+                     external_scaler_enabled=not args.get("autoscaling"))
 
 
 def load_app_args(name: str) -> dict[str, Any]:
@@ -39,29 +54,81 @@ def load_app_args(name: str) -> dict[str, Any]:
     return json.loads(raw)
 
 
-def scale_app(name: str, pool: str, replicas: int) -> dict[str, Any]:
-    """Set one pool's replica count; returns the new args. An autoscaled pool is pinned at
-    `replicas` from then on (its autoscaling entry is dropped; `tandem serve` sets it again)."""
+def _serve_controller():
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        raise LookupError("Serve is not running on this cluster (use `tandem serve`)") from None
+
+
+def _replica_states(name: str, deployment: str) -> tuple[str, dict[str, int]]:
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    status = app.deployments.get(deployment) if app is not None else None
+    if status is None:
+        raise LookupError(f"the deployment {deployment!r} of app {name!r} is gone")
+    states = {str(getattr(k, "value", k)): v for k, v in status.replica_states.items() if v}
+    return str(getattr(status.status, "value", status.status)), states
+
+
+def scale_app(name: str, pool: str, replicas: int, timeout_s: float | None = 600.0) -> dict[str, Any]:
+    """Set one pool's replica count in place and return the app's args with the new count.
+
+    Only that deployment's target changes: the ingress, the other pool and the pool's existing
+    replicas keep running with their caches; a scale-down stops the newest replicas, each
+    draining first. A pool the running app does not have is a ValueError, and so is a pool of
+    an app that autoscales (its policies own its sizes). Waits up to `timeout_s` (None: does not
+    wait) until the pool runs exactly `replicas` replicas, else TimeoutError (Serve goes on)."""
+    import ray
+    from ray import serve
+    from ray.serve._private.common import DeploymentID
+
+    from tandem.router.app import POOL_DEPLOYMENTS
+
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     if replicas < 1:
         raise ValueError("replicas must be >= 1")
     args = load_app_args(name)
-    mode = args.get("mode", "colocated")
-    if pool == "prefill":
-        if mode != "disaggregated":
-            raise ValueError(f"app {name!r} is {mode}: it has no prefill pool")
-        args["prefill_replicas"] = replicas
-    elif pool == "colocated" and mode != "colocated":
-        raise ValueError(f"app {name!r} is {mode}: scale `decode` or `prefill`")
-    else:
-        args["num_replicas"] = replicas  # the decode pool, or the colocated one
-    autoscaling = args.get("autoscaling") or {}
-    for alias in (("decode", "colocated") if pool in ("decode", "colocated") else (pool,)):
-        autoscaling.pop(alias, None)
-    args["autoscaling"] = autoscaling
-    deploy_app(name, args)
+    controller = _serve_controller()
+    running = serve.status().applications.get(name)
+    if running is None:
+        raise LookupError(f"app {name!r} is not running on this cluster (use `tandem serve`)")
+    deployment = POOL_DEPLOYMENTS[pool]
+    if deployment not in running.deployments:
+        pools = [p for p, d in POOL_DEPLOYMENTS.items() if d in running.deployments]
+        raise ValueError(f"app {name!r} has no {pool} pool (it is {args.get('mode', 'colocated')}; "
+                         f"its pools: {', '.join(pools)})")
+    if args.get("autoscaling"):
+        raise ValueError(f"app {name!r} autoscales its {' and '.join(sorted(args['autoscaling']))} pool: its "
+                         "policies size the pools, and Serve's external scaling, which `tandem scale` uses, is "
+                         "off in an app that autoscales; restart it with `tandem serve` to change that")
+    if not ray.get(controller.get_external_scaler_enabled.remote(name)):
+        raise ValueError(f"app {name!r} was deployed without Serve's external scaling (by an older Tandem?): "
+                         "restart it with `tandem serve` to scale its pools in place")
+    ray.get(controller.update_deployment_replicas.remote(DeploymentID(name=deployment, app_name=name), replicas))
+    args["prefill_replicas" if pool == "prefill" else "num_replicas"] = replicas
+    _record_app_args(name, args)
+    if timeout_s is not None:
+        _wait_for_pool(name, deployment, replicas, timeout_s)
     return args
+
+
+def _wait_for_pool(name: str, deployment: str, replicas: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, states = _replica_states(name, deployment)
+        if states == {"RUNNING": replicas} and status == "HEALTHY":
+            return
+        if time.monotonic() > deadline:
+            now = ", ".join(f"{k.lower()}={v}" for k, v in sorted(states.items())) or "no replicas"
+            raise TimeoutError(f"{deployment} has not settled at {replicas} replicas after {timeout_s:g} s "
+                               f"(now {status}: {now}); Serve keeps at it, see `tandem status`")
+        time.sleep(0.5)
 
 
 @dataclass(frozen=True)

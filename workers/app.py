@@ -37,6 +37,9 @@ from tandem.router.request_router import REQUEST_ROUTER_CLASS
 from tandem.workers.serve_worker import LLMWorker
 
 MODES = ("colocated", "disaggregated")
+# Each engine pool's Serve deployment: a colocated app has the first, a disaggregated one the
+# other two. `tandem scale POOL` resizes exactly that deployment.
+POOL_DEPLOYMENTS = {"colocated": "LLMWorker", "prefill": "PrefillWorker", "decode": "DecodeWorker"}
 # A replica leaving (scale-down by hand or by the autoscaler) first stops taking requests and
 # finishes the ones it has, up to this long; a decode replica's sequences are long-lived.
 DRAIN_TIMEOUT_S = {"prefill": 120.0, "decode": 300.0}
@@ -175,16 +178,16 @@ def _decode_pool(args: AppArgs, model: str) -> Application:
 
     decode_ep, prefill_ep = args.expert_parallel_size, args.prefill_expert_parallel_size
     if args.mode == "colocated":
-        pool, ep_kwargs = deployment(LLMWorker, "LLMWorker", "decode", decode_ep,
+        pool, ep_kwargs = deployment(LLMWorker, POOL_DEPLOYMENTS["colocated"], "decode", decode_ep,
                                      args.pool_scaling("colocated", args.num_replicas))
         return pool.bind(model, dict(args.engine_kwargs), args.device, **ep_kwargs)
     from tandem.workers.decode_worker import DecodeWorker
     from tandem.workers.prefill_worker import PrefillWorker
 
-    pool, ep_kwargs = deployment(PrefillWorker, "PrefillWorker", "prefill", prefill_ep,
+    pool, ep_kwargs = deployment(PrefillWorker, POOL_DEPLOYMENTS["prefill"], "prefill", prefill_ep,
                                  args.pool_scaling("prefill", args.prefill_replicas))
     prefill = pool.bind(model, dict(args.engine_kwargs), args.device, dict(args.transfer), **ep_kwargs)
-    pool, ep_kwargs = deployment(DecodeWorker, "DecodeWorker", "decode", decode_ep,
+    pool, ep_kwargs = deployment(DecodeWorker, POOL_DEPLOYMENTS["decode"], "decode", decode_ep,
                                  args.pool_scaling("decode", args.num_replicas))
     return pool.bind(model, prefill, dict(args.engine_kwargs), args.device, dict(args.disagg), dict(args.transfer),
                      **ep_kwargs)

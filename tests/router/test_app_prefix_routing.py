@@ -143,12 +143,14 @@ def test_serve_cli_pool_flags():
 
 
 def test_scale_and_status_resize_a_running_pool(server):
-    """`tandem scale decode 1` / `tandem status` logic on the running app: the pool shrinks,
+    """`tandem scale colocated 1` / `tandem status` logic on the running app: the pool shrinks,
     the app keeps serving, and impossible requests are refused with a clear error."""
     report = status_report("prefix")
     assert report["deployments"]["LLMWorker"]["replicas"].get("RUNNING") == 2
     assert report["args"]["num_replicas"] == 2
-    assert scale_app("prefix", "decode", 1)["num_replicas"] == 1
+    with pytest.raises(ValueError, match="has no decode pool"):
+        scale_app("prefix", "decode", 1)  # a colocated app's pool is `colocated`
+    assert scale_app("prefix", "colocated", 1)["num_replicas"] == 1
     deadline = time.monotonic() + 90
     while status_report("prefix")["deployments"]["LLMWorker"]["replicas"] != {"RUNNING": 1}:
         assert time.monotonic() < deadline, status_report("prefix")
