@@ -87,7 +87,7 @@ def scale_app(name: str, pool: str, replicas: int, timeout_s: float | None = 600
     from ray import serve
     from ray.serve._private.common import DeploymentID
 
-    from tandem.router.app import POOL_DEPLOYMENTS
+    from tandem.workers.app import POOL_DEPLOYMENTS
 
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")

@@ -18,7 +18,7 @@ from tandem.cluster.apps import POOLS, deploy_app, status_report
 from tandem.cluster.cli import build_parser
 from tandem.cluster.serve_cli import app_args
 from tandem.router.openai_metrics import STATS_NAMESPACE, stats_board_name
-from tandem.workers.make_model import make_model
+from tandem.engine.make_model import make_model
 from tests.router.serve_harness import free_port
 
 DISAGG, COLOCATED = "scale-disagg", "scale-colo"
@@ -186,7 +186,7 @@ def test_a_pool_the_colocated_app_lacks_is_one_error_line(url, pool, capsys):
 def test_an_app_that_autoscales_is_not_scaled_by_hand(url, capsys):
     """Its policies size its pools (Serve turns external scaling off for such an app): `tandem
     scale` says so and changes nothing. (Redeploys the colocated app: keep this test last.)"""
-    from tandem.router.app import POOL_DEPLOYMENTS
+    from tandem.workers.app import POOL_DEPLOYMENTS
 
     args = dict(status_report(COLOCATED)["args"], autoscaling={"colocated": {"min_replicas": 1, "max_replicas": 1}})
     deploy_app(COLOCATED, args, route_prefix="/colocated")
