@@ -38,7 +38,7 @@ def make_bench_model(folder: Path, max_tokens: int) -> str:
     return str(path)
 
 
-def deploy(model: str, app: str, stream_layers: bool, engine: dict, device: str):
+def deploy(model: str, app: str, stream_layers: bool, engine: dict, device: str, transfer: dict):
     from ray import serve
 
     from tandem.workers.decode_worker import DecodeWorker
@@ -47,11 +47,11 @@ def deploy(model: str, app: str, stream_layers: bool, engine: dict, device: str)
     gpu = 1 if device == "cuda" else 0
     prefill = serve.deployment(PrefillWorker, name="PrefillWorker").options(
         num_replicas=1, ray_actor_options={"num_cpus": 0, "num_gpus": gpu, "resources": {"prefill": 1}},
-    ).bind(model, engine, device, None, stream_layers)
+    ).bind(model, engine, device, transfer, stream_layers)
     decode = serve.deployment(DecodeWorker, name="DecodeWorker").options(
         num_replicas=1, ray_actor_options={"num_cpus": 0, "num_gpus": gpu, "resources": {"decode": 1}},
     ).bind(model, prefill, engine, device, {"remote_prefill_min_tokens": 16, "prefill_timeout_s": 600.0,
-                                             "kv_wait_timeout_s": 60.0})
+                                             "kv_wait_timeout_s": 60.0}, transfer)
     return serve.run(decode, name=app, route_prefix=None)
 
 
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", default="2048,4096,8192", help="comma-separated prompt lengths")
     ap.add_argument("--repeats", type=int, default=3, help="requests per length and mode (median reported)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--min-message-mib", type=float, default=1.0,
+                    help="the sender coalesces layers up to this size (kvtransfer's default is 64 MiB, "
+                         "which for this small model would put every layer into one message)")
     ap.add_argument("--out", type=Path, help="folder for layer_stream_<device>.json and .md")
     args = ap.parse_args(argv)
     lengths = [int(n) for n in args.prompt_tokens.split(",")]
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         model = make_bench_model(Path(tempfile.mkdtemp()) / "model", max(lengths))
         engine = {"num_kv_blocks": 4 * (max(lengths) // 16 + 2), "max_num_batched_tokens": max(lengths) + 16,
                   "enable_prefix_caching": True}
-        handles = {app: deploy(model, app, stream, engine, args.device) for app, stream in APPS.items()}
+        transfer = {"min_message_bytes": int(args.min_message_mib * 2**20)}
+        handles = {app: deploy(model, app, stream, engine, args.device, transfer) for app, stream in APPS.items()}
         rng = random.Random(0)
         for app, handle in handles.items():  # warm-up: pair the transfer links, first forward
             ttft_ms(handle, f"warm-{app}", [rng.randrange(5, 600) for _ in range(64)])
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": {k: config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                          "num_key_value_heads", "head_dim")},
         "kv_bytes_per_token": kv_bytes_per_token,
+        "min_message_bytes": int(args.min_message_mib * 2**20),
         "rows": rows,
     }
     if args.out:

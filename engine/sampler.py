@@ -21,7 +21,7 @@ def greedy_argmax(logits: torch.Tensor, split: bool | None = None) -> torch.Tens
     """`logits.argmax(-1)`, the same index (the first maximum), faster for a few long rows.
 
     On the GPU, one 128k-vocab row is a single reduction that torch runs on few blocks: 27.5 us
-    per batch-1 decode step on an H100 (bench/results/step_profile_h100_colmajor.json), 14.0 us
+    per batch-1 decode step on an H100 (bench/results/probes/step_profile_h100_colmajor.json), 14.0 us
     in these two stages (step_profile_h100_session5_unmerged_fused_split_merge.json; batch 1 is
     the only size measured). Split into chunks, the first stage has many independent rows: max
     of each chunk, then the first chunk holding the row's maximum, then that chunk's own first

@@ -73,7 +73,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
 
 
 # (BLOCK_N, BLOCK_K, num_warps): among the best at every Llama-3-8B projection in the H100 sweep
-# (`bench/results/gemv_skinny_sweep_h100.json`, M = 1): within 4% of each shape's best tile (qkv
+# (`bench/results/probes/gemv_skinny_sweep_h100.json`, M = 1): within 4% of each shape's best tile (qkv
 # 18.4 vs 17.7 us), within 1% for the others.
 TILES = (8, 1024, 4)
 

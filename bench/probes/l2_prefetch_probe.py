@@ -19,7 +19,7 @@ projection's weight issued on a side stream as soon as the previous projection f
 (`prefetch.global.L2::evict_last` per 128-byte line, or plain loads with evict_last), with and
 without the projection waiting for its prefetch.
 
-Result on an H100 (`bench/results/l2_prefetch_probe_h100.json`, measured before kernels/pdl.py
+Result on an H100 (`bench/results/probes/l2_prefetch_probe_h100.json`, measured before kernels/pdl.py
 existed, so its small kernels ran without programmatic dependent launch): no gain. 170.2-170.7 us per
 layer without prefetch, 169.3 us at best with it (noise), and slower as the prefetch grows
 (182.8 us at 24 MB): the side stream's reads compete with the projection's own.

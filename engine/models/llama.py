@@ -155,7 +155,7 @@ class LlamaForCausalLM(nn.Module):
     # Projections whose weight reads faster on an H100 stored column-major (the [out, in]
     # parameter as a transposed view of a contiguous [in, out] tensor): F.linear then hands
     # cuBLAS an NN problem, whose small-batch kernels read the weight at 2.4-3.0 TB/s instead
-    # of 2.0-2.9 (bench/probes/gemv_probe.py, bench/results/gemv_probe_h100.json); large-batch
+    # of 2.0-2.9 (bench/probes/gemv_probe.py, bench/results/probes/gemv_probe_h100.json); large-batch
     # (prefill) rates are within +-3%. qkv is left as it is: slower that way at batch 1.
     # Used only with TANDEM_SKINNY_GEMV=0: the batch-1 GEMV (kernels/gemv.py) reads row-major.
     column_major_suffixes = ("o_proj", "gate_up_proj", "down_proj", "lm_head")
