@@ -291,7 +291,6 @@ class PrefillConnector(KVConnector):
             # there by its first decode step.
             save.session = self.sender.begin(seq.request_id, dest.receiver_address,
                                              seq.block_ids[dest.skip_blocks:], dest.dst_block_ids)
-            save.deadline = time.monotonic() + self._deadline_s
             self._in_step.append(save)
         except (TransferError, ValueError, RuntimeError) as error:
             save.error = f"send failed: {error}"
@@ -302,6 +301,11 @@ class PrefillConnector(KVConnector):
 
     def step_computed(self) -> None:
         self._send(None)
+        # The acknowledgement is bounded from here, when every layer is handed over (the forward
+        # itself may take longer than a transfer: a long prompt on a slow device).
+        deadline = time.monotonic() + self._deadline_s
+        for save in self._in_step:
+            save.deadline = deadline
         self._in_step.clear()
 
     def _send(self, up_to: int | None) -> None:
