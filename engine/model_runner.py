@@ -191,23 +191,26 @@ class ModelRunner:
         fix_dst, fix_src = cu[:-1][has_pending], pending_rows[has_pending]
         if len(fix_dst) and prev_tokens is None:
             raise RuntimeError("a scheduled sequence ends in a placeholder but no previous step's tokens were given")
-        packed = np.concatenate([input_ids, positions, slots, context_lens, cu, logits_indices, fix_dst, fix_src,
-                                 tables.ravel()])
-        dev_buf = self._to_device(packed)
-        parts = np.cumsum([0, num_tokens, num_tokens, num_tokens, num_seqs, num_seqs + 1, len(logits_indices),
-                           len(fix_dst), len(fix_src)])
-        view = [dev_buf[parts[k] : parts[k + 1]] for k in range(8)]
+        # The step's index arrays travel in ONE host-to-device copy, in this order, then are cut
+        # apart again by name on the device.
+        fields = {"input_ids": input_ids, "positions": positions, "slots": slots, "context_lens": context_lens,
+                  "cu_seqlens_q": cu, "logits_indices": logits_indices, "fix_dst": fix_dst, "fix_src": fix_src,
+                  "block_tables": tables.ravel()}
+        dev_buf = self._to_device(np.concatenate(list(fields.values())))
+        bounds = np.cumsum([0, *(len(a) for a in fields.values())])
+        on_device = {name: dev_buf[bounds[k]:bounds[k + 1]] for k, name in enumerate(fields)}
         if len(fix_dst):
-            view[0].index_copy_(0, view[6], prev_tokens.index_select(0, view[7]))
+            on_device["input_ids"].index_copy_(0, on_device["fix_dst"],
+                                               prev_tokens.index_select(0, on_device["fix_src"]))
         ctx = ForwardContext(
-            slot_mapping=view[2],
-            block_tables=dev_buf[parts[8]:].view(num_seqs, width).to(torch.int32),
-            context_lens=view[3].to(torch.int32),
-            cu_seqlens_q=view[4].to(torch.int32),
+            slot_mapping=on_device["slots"],
+            block_tables=on_device["block_tables"].view(num_seqs, width).to(torch.int32),
+            context_lens=on_device["context_lens"].to(torch.int32),
+            cu_seqlens_q=on_device["cu_seqlens_q"].to(torch.int32),
             is_decode=is_decode,
             kv_cache=self.kv_cache,
         )
-        return StepInputs(view[0], view[1], ctx, view[5])
+        return StepInputs(on_device["input_ids"], on_device["positions"], ctx, on_device["logits_indices"])
 
     def _to_device(self, packed: np.ndarray) -> torch.Tensor:
         """One host-to-device copy through a reused pinned buffer (pinning anew each step costs
