@@ -94,14 +94,17 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
 
+    def body(self) -> ErrorResponse:
+        """OpenAI's error object, the one shape of every error reply and in-stream error: `code`
+        is a string identifier or null (as OpenAI sends it), never the HTTP status."""
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
+
 
 REPLICA_DIED = "replica_died"
 
 
 def error_response(error: ApiError) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(message=error.message, type=error.type, param=error.param,
-                                         code=error.code if error.code is not None else error.status))
-    return JSONResponse(body.model_dump(), status_code=error.status, headers=error.headers)
+    return JSONResponse(error.body().model_dump(), status_code=error.status, headers=error.headers)
 
 
 app = FastAPI(title="Tandem OpenAI-compatible API")
@@ -608,13 +611,11 @@ class OpenAIIngress:
             raise
         except RayActorError:  # headers are sent: report in the stream; the client retries
             logger.warning("stream %s lost its engine replica", response_id)
-            died = self._replica_died()
-            yield pending + _sse_line(ErrorResponse(error=ErrorInfo(message=died.message, type=died.type,
-                                                                    code=died.code)).model_dump())
+            yield pending + _sse_line(self._replica_died().body().model_dump())
         except Exception as error:  # headers are sent: report in the stream, as vLLM does
             logger.exception("stream %s failed", response_id)
-            yield pending + _sse_line(ErrorResponse(error=ErrorInfo(message=f"internal error: {type(error).__name__}",
-                                                                    type="server_error", code=500)).model_dump())
+            failed = ApiError(500, f"internal error: {type(error).__name__}", "server_error")
+            yield pending + _sse_line(failed.body().model_dump())
         finally:
             if not finished:  # client disconnect: stop the engine work now
                 for s in started:
