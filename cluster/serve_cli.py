@@ -1,13 +1,20 @@
 """`tandem serve`: run the Tandem Serve app (OpenAI-compatible HTTP API in front of the engine
 pool) on a local Ray or the cluster named by RAY_ADDRESS, until interrupted. The flags are
-`workers.app.build_app`'s args; the Serve config (`cluster/serve.yaml`) builds the same app."""
+`workers.app.build_app`'s args; the Serve config (`cluster/serve.yaml`) builds the same app.
+It listens on loopback unless told otherwise, and warns on stderr when the port is open beyond
+this machine with no API key."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import sys
 
 from tandem.router.policy import POLICY_NAMES
+
+API_KEY_ENV = "TANDEM_API_KEY"
+LOOPBACK = "127.0.0.1"
 
 
 def _engine_arg(text: str) -> tuple[str, object]:
@@ -38,43 +45,50 @@ def _expert_parallel_arg(text: str) -> tuple[str, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="HF model folder (default: a tiny random Llama made on first use)")
     parser.add_argument("--served-model-name", help="the name clients send as `model` (default: --model)")
-    parser.add_argument("--mode", choices=("colocated", "disaggregated"), default="colocated")
+    parser.add_argument("--mode", choices=("colocated", "disaggregated"), default="colocated",
+                        help="one pool doing both phases, or a prefill and a decode pool")
     parser.add_argument("--num-replicas", type=int, default=1, help="engine replicas per pool")
-    parser.add_argument("--prefill", type=int, metavar="N", help="disaggregated: N prefill replicas (with --decode)")
-    parser.add_argument("--decode", type=int, metavar="M", help="disaggregated: M decode replicas (with --prefill)")
-    parser.add_argument("--colocated", type=int, metavar="N", help="colocated: N replicas doing both phases")
+    parser.add_argument("--prefill", type=int, metavar="N",
+                        help="disaggregated: N prefill replicas (with --decode; default: --num-replicas)")
+    parser.add_argument("--decode", type=int, metavar="M",
+                        help="disaggregated: M decode replicas (with --prefill; default: --num-replicas)")
+    parser.add_argument("--colocated", type=int, metavar="N",
+                        help="colocated: N replicas doing both phases (default: --num-replicas)")
     parser.add_argument("--autoscale", action="append", type=_autoscale_arg, default=[], metavar="POOL=MIN:MAX",
                         help="autoscale a pool between MIN and MAX replicas with its policy from "
-                             "workers/autoscaling.py (repeatable; overrides that pool's count)")
+                             "workers/autoscaling.py (repeatable; overrides that pool's count; default: none)")
     parser.add_argument("--expert-parallel", action="append", type=_expert_parallel_arg, default=[],
                         metavar="POOL=N",
                         help="MoE models: run each replica of POOL as an expert-parallel group of N GPUs "
                              "(attention data parallel over the N ranks, experts split); repeatable, each pool "
-                             "its own N (default 1)")
+                             "its own N (default: 1)")
     parser.add_argument("--pool-resources", action="store_true",
                         help="pin pools to nodes carrying the custom resources `prefill` / `decode`")
-    parser.add_argument("--ingress-replicas", type=int, default=1)
-    parser.add_argument("--routing-policy", choices=POLICY_NAMES, default="prefix_aware")
-    parser.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"),
-                        help="require `Authorization: Bearer KEY` (default: $TANDEM_API_KEY; none: open)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ingress-replicas", type=int, default=1, help="OpenAI ingress (HTTP) replicas")
+    parser.add_argument("--routing-policy", choices=POLICY_NAMES, default="prefix_aware",
+                        help="how the pools' request router picks a replica")
+    parser.add_argument("--api-key", help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV} if set, "
+                                          "else no key: anyone who reaches the port may use it)")
+    parser.add_argument("--device", default="cpu", help="the engines' device: cpu or cuda")
     parser.add_argument("--engine-arg", action="append", type=_engine_arg, default=[], metavar="KEY=VALUE",
-                        help="an EngineConfig field, e.g. max_model_len=4096 (repeatable; values parsed as JSON)")
+                        help="an EngineConfig field, e.g. max_model_len=4096 (repeatable; values parsed as JSON; "
+                             "default: the engine's defaults)")
     parser.add_argument("--max-in-flight", type=int, default=256, help="requests per ingress replica before 429")
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--app-name", default="tandem")
+    parser.add_argument("--host", default=LOOPBACK,
+                        help="the interface Serve's HTTP proxies listen on; 0.0.0.0 for all (see docs/CLUSTER.md)")
+    parser.add_argument("--port", type=int, default=8000, help="the HTTP port")
+    parser.add_argument("--app-name", default="tandem", help="the Serve application's name")
 
 
 def _pools(args: argparse.Namespace) -> tuple[str, int, int]:
     """(mode, decode-or-colocated replicas, prefill replicas) from the pool flags."""
     if args.colocated is not None and (args.prefill is not None or args.decode is not None):
-        raise SystemExit("tandem serve: --colocated cannot be combined with --prefill/--decode")
+        raise ValueError("--colocated cannot be combined with --prefill/--decode")
     if (args.prefill is None) != (args.decode is None):
-        raise SystemExit("tandem serve: --prefill and --decode go together")
+        raise ValueError("--prefill and --decode go together")
     counts = [c for c in (args.colocated, args.prefill, args.decode) if c is not None]
     if any(c < 1 for c in counts):
-        raise SystemExit("tandem serve: replica counts must be >= 1")
+        raise ValueError("replica counts must be >= 1")
     if args.prefill is not None:
         return "disaggregated", args.decode, args.prefill
     if args.colocated is not None:
@@ -96,33 +110,58 @@ def app_args(args: argparse.Namespace) -> dict:
         built["autoscaling"] = dict(args.autoscale)
     for pool, size in getattr(args, "expert_parallel", None) or []:
         if pool == "prefill" and mode != "disaggregated":
-            raise SystemExit("tandem serve: --expert-parallel prefill=N needs a prefill pool (--prefill/--decode)")
+            raise ValueError("--expert-parallel prefill=N needs a prefill pool (--prefill/--decode)")
         if pool == "colocated" and mode != "colocated":
-            raise SystemExit("tandem serve: --expert-parallel colocated=N needs colocated mode; use decode=N")
+            raise ValueError("--expert-parallel colocated=N needs colocated mode; use decode=N")
         built["prefill_expert_parallel_size" if pool == "prefill" else "expert_parallel_size"] = size
-    for key in ("model", "served_model_name", "api_key"):
+    for key in ("model", "served_model_name"):
         if getattr(args, key):
             built[key] = getattr(args, key)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV)
+    if api_key:
+        built["api_key"] = api_key
     return built
 
 
+def exposure_warning(host: str, port: int, api_key: str | None) -> str | None:
+    """The warning for an endpoint reachable beyond this machine with no key, else None."""
+    if api_key or _is_loopback(host):
+        return None
+    return (f"tandem serve: warning: listening on {_url_host(host)}:{port} (beyond this machine) with no API key: "
+            f"anyone who can reach the port can use the model; set --api-key or ${API_KEY_ENV}, "
+            f"or --host {LOOPBACK}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def run(args: argparse.Namespace) -> int:
-    import ray
     from ray import serve
 
     from tandem.cluster.apps import deploy_app
+    from tandem.cluster.ray_session import start_or_join
+    from tandem.engine.config import check_device
     from tandem.workers.app import build_app
 
     built = app_args(args)
     build_app(built)  # bad args fail here, before Ray starts
-    try:
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))  # join a running cluster (`ray up`)
-    except ConnectionError:
-        # None running: a local Ray. Its CPU count is a scheduling unit, not a core; ingress + two
-        # engine pools need more units than a small machine's core count (they share cores).
-        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False)
+    warning = exposure_warning(args.host, args.port, built.get("api_key"))
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    if start_or_join():  # a local Ray: cuda needs a GPU here (a joined cluster may have GPU nodes)
+        check_device(args.device)
     serve.start(http_options={"host": args.host, "port": args.port})
-    print(f"serving on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
+    print(f"serving on http://{_url_host(args.host)}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
     try:
         deploy_app(args.app_name, built, blocking=True)
     except KeyboardInterrupt:

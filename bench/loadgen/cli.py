@@ -43,32 +43,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                       description="Print two reports side by side with B/A ratios.")
     compare_parser.add_argument("report_a", type=Path, help="baseline report.json (A)")
     compare_parser.add_argument("report_b", type=Path, help="report.json to compare (B)")
-    compare_parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    compare_parser.add_argument("--out", type=Path, help="also write the table to this markdown file (default: none)")
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("target")
     target.add_argument("--url", required=True, help="server base URL, e.g. http://localhost:8000")
     target.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
-                        help="/v1/chat/completions or /v1/completions (default chat)")
+                        help="/v1/chat/completions or /v1/completions")
     target.add_argument("--model", help="model name (default: the first one /v1/models lists)")
-    target.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default $OPENAI_API_KEY)")
-    target.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
-    target.add_argument("--temperature", type=float, default=0.0)
+    target.add_argument("--api-key", help="bearer token (default: $OPENAI_API_KEY if set, else none)")
+    target.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    target.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every request")
     target.add_argument("--ignore-eos", action="store_true",
                         help="ask for exactly max_tokens (vLLM/SGLang/Tandem extension `ignore_eos`)")
     target.add_argument("--metrics-url", action="append", default=None,
-                        help="Prometheus endpoint(s) to scrape before/after each stage (repeatable; default URL/metrics)")
+                        help="Prometheus endpoint(s) to scrape before/after each stage (repeatable; default: URL/metrics)")
     target.add_argument("--no-metrics", action="store_true", help="do not scrape /metrics")
 
     workload = parser.add_argument_group("workload")
-    workload.add_argument("--workload", choices=WORKLOADS, default="random")
+    workload.add_argument("--workload", choices=WORKLOADS, default="random", help="what the sessions send")
     workload.add_argument("--tokenizer", help="local Hugging Face tokenizer folder for exact token counts "
                                               "(default: words approximate tokens)")
-    workload.add_argument("--seed", type=int, default=0)
+    workload.add_argument("--seed", type=int, default=0, help="seed of the prompts, lengths and arrivals")
     workload.add_argument("--input-tokens", type=int, default=512, help="mean prompt / user-turn length (random, chat, long-mix)")
     workload.add_argument("--output-tokens", type=int, default=128, help="mean max_tokens")
-    workload.add_argument("--length-dist", choices=LENGTH_DISTRIBUTIONS, default="fixed")
+    workload.add_argument("--length-dist", choices=LENGTH_DISTRIBUTIONS, default="fixed",
+                          help="distribution of prompt and output lengths around their means")
     workload.add_argument("--length-spread", type=float, default=0.0,
                           help="uniform half-width or normal/lognormal CV, as a fraction of the mean")
     workload.add_argument("--turns", default="3-6", help="chat: turns per conversation, N or MIN-MAX")
@@ -81,25 +82,28 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     workload.add_argument("--long-every", type=int, default=20, help="long-mix: every Nth request is long")
     workload.add_argument("--long-tokens", type=int, default=8000, help="long-mix: long prompt length")
     workload.add_argument("--long-output-tokens", type=int, default=16, help="long-mix: max_tokens of long prompts")
-    workload.add_argument("--dataset", type=Path, help="jsonl: ShareGPT-style or {\"prompt\": ...} JSONL file")
+    workload.add_argument("--dataset", type=Path,
+                          help="jsonl: ShareGPT-style or {\"prompt\": ...} JSONL file (default: none; jsonl needs it)")
     workload.add_argument("--max-turns", type=int, default=1, help="jsonl: user turns replayed per conversation")
 
     load = parser.add_argument_group("load")
-    load.add_argument("--arrival", choices=ARRIVALS, default="poisson")
+    load.add_argument("--arrival", choices=ARRIVALS, default="poisson",
+                      help="how sessions start: open loop (poisson, fixed, gamma) or closed loop")
     load.add_argument("--rate", default="inf", help="sessions/s (open loop); comma list sweeps, e.g. 1,2,4,8")
     load.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 = Poisson, <1 burstier")
     load.add_argument("--concurrency", default=None,
-                      help="closed loop: concurrent sessions (comma list sweeps); open loop: cap on sessions in flight")
-    load.add_argument("--num-requests", type=int, help="measured requests per stage (default 100 unless --duration)")
-    load.add_argument("--duration", type=float, help="seconds per stage (warm-up included)")
+                      help="closed loop: concurrent sessions (comma list sweeps); open loop: cap on sessions in flight "
+                           "(default: none; closed loop needs it)")
+    load.add_argument("--num-requests", type=int, help="measured requests per stage (default: 100 unless --duration)")
+    load.add_argument("--duration", type=float, help="seconds per stage, warm-up included (default: none)")
     load.add_argument("--warmup", type=int, default=0, help="requests sent first and left out of statistics")
 
     output = parser.add_argument_group("output")
     output.add_argument("--slo", action="append", default=[], type=Slo.parse, metavar="METRIC=MS",
-                        help="goodput SLO, repeatable: ttft_ms=500, tpot_ms=50, itl_ms=200, e2e_ms=10000")
-    output.add_argument("--out", type=Path, help="output folder (default tandem-bench/<time>-<workload>)")
-    output.add_argument("--label", help="name of this run in reports and comparisons")
-    output.add_argument("--no-plots", action="store_true")
+                        help="goodput SLO, repeatable: ttft_ms=500, tpot_ms=50, itl_ms=200, e2e_ms=10000 (default: none)")
+    output.add_argument("--out", type=Path, help="output folder (default: tandem-bench/<time>-<workload>)")
+    output.add_argument("--label", help="name of this run in reports and comparisons (default: WORKLOAD@URL)")
+    output.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     output.add_argument("--no-progress", action="store_true", help="no live progress line on stderr")
 
 
@@ -198,6 +202,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.bench_mode == "compare":
         return _run_compare(args)
+    args.api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     try:
         arrivals = stage_arrivals(args)
         _open_loop_cap(args)
