@@ -1,20 +1,32 @@
 """`tandem serve`: run the Tandem Serve app (OpenAI-compatible HTTP API in front of the engine
 pool) on a local Ray or the cluster named by RAY_ADDRESS, until interrupted. The flags are
 `workers.app.build_app`'s args; the Serve config (`cluster/serve.yaml`) builds the same app.
-It listens on loopback unless told otherwise, and warns on stderr when the port is open beyond
-this machine with no API key."""
+
+In order: the args are checked (before Ray starts); Ray is joined, or started locally; Serve's
+HTTP proxies start listening (on loopback unless told otherwise; a warning goes to stderr when
+they listen beyond this machine with no API key); the app is deployed; once `GET /health`
+answers 200 (every engine pool has a running engine; until then it answers 503) the ready line
+`serving on http://HOST:PORT/v1 (Ctrl-C to stop)` goes to stdout, and not before. Ctrl-C or
+SIGTERM stops Serve.
+"""
 from __future__ import annotations
 
 import argparse
 import ipaddress
 import json
 import os
+import signal
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 
 from tandem.router.policy import POLICY_NAMES
 
 API_KEY_ENV = "TANDEM_API_KEY"
 LOOPBACK = "127.0.0.1"
+READY_TIMEOUT_S = 300.0  # after Serve reports the app running, for its HTTP route to answer /health
 
 
 def _engine_arg(text: str) -> tuple[str, object]:
@@ -145,6 +157,45 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _probe_host(host: str) -> str:
+    """Where this machine reaches a proxy listening on `host`."""
+    return {"0.0.0.0": LOOPBACK, "": LOOPBACK, "::": "::1"}.get(host, host)
+
+
+def wait_until_answering(url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Poll `url` until it answers 200; TimeoutError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as response:
+                if response.status == 200:
+                    return
+                last = f"HTTP {response.status}"
+        except urllib.error.HTTPError as error:
+            last = f"HTTP {error.code}"
+        except (OSError, urllib.error.URLError) as error:
+            last = type(error).__name__
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s (last: {last})")
+
+
+def _listening(host: str, port: int) -> tuple[str, int]:
+    """Where Serve's proxies really listen: a cluster whose Serve was started before (`serve
+    start` in the cluster YAMLs) keeps its own HTTP options."""
+    from ray.serve.context import _get_global_client
+
+    try:
+        options = _get_global_client().http_config
+        return options.host, options.port
+    except Exception:  # a private accessor of Serve's: without it, what was asked for
+        return host, port
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     from ray import serve
 
@@ -155,17 +206,26 @@ def run(args: argparse.Namespace) -> int:
 
     built = app_args(args)
     build_app(built)  # bad args fail here, before Ray starts
-    warning = exposure_warning(args.host, args.port, built.get("api_key"))
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
-    if start_or_join():  # a local Ray: cuda needs a GPU here (a joined cluster may have GPU nodes)
-        check_device(args.device)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    print(f"serving on http://{_url_host(args.host)}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
+    started_local = start_or_join()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same clean stop as Ctrl-C
     try:
-        deploy_app(args.app_name, built, blocking=True)
+        if started_local:  # a joined cluster may have (or add) GPU nodes this machine lacks
+            check_device(args.device)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        host, port = _listening(args.host, args.port)
+        if (host, port) != (args.host, args.port):
+            print(f"tandem serve: note: Serve already runs on this cluster, listening on {_url_host(host)}:{port}; "
+                  "--host/--port do not apply", file=sys.stderr, flush=True)
+        warning = exposure_warning(host, port, built.get("api_key"))
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
+        deploy_app(args.app_name, built)  # returns once Serve runs every deployment
+        wait_until_answering(f"http://{_url_host(_probe_host(host))}:{port}/health")
+        print(f"serving on http://{_url_host(host)}:{port}/v1 (Ctrl-C to stop)", flush=True)
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        return 0
     finally:
         serve.shutdown()
-    return 0
