@@ -7,7 +7,7 @@ HTTP proxies start listening (on loopback unless told otherwise; a warning goes 
 they listen beyond this machine with no API key); the app is deployed; once `GET /health`
 answers 200 (every engine pool has a running engine; until then it answers 503) the ready line
 `serving on http://HOST:PORT/v1 (Ctrl-C to stop)` goes to stdout, and not before. Ctrl-C or
-SIGTERM stops Serve.
+SIGTERM deletes the app (its replicas drain) and, on a Ray this command started, stops that Ray.
 """
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ from tandem.router.policy import POLICY_NAMES
 API_KEY_ENV = "TANDEM_API_KEY"
 LOOPBACK = "127.0.0.1"
 READY_TIMEOUT_S = 300.0  # after Serve reports the app running, for its HTTP route to answer /health
+# Serve's controller and proxies: their INFO lines (deployments added, routes updated, one line
+# per request at the proxy) are not this command's output; warnings and errors still print.
+SERVE_SYSTEM_LOGGING = {"log_level": "WARNING"}
 
 
 def _engine_arg(text: str) -> tuple[str, object]:
@@ -197,6 +200,7 @@ def _interrupt(signum, frame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import ray
     from ray import serve
 
     from tandem.cluster.apps import deploy_app
@@ -209,10 +213,11 @@ def run(args: argparse.Namespace) -> int:
     started_local = start_or_join()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same clean stop as Ctrl-C
+    deployed = False
     try:
         if started_local:  # a joined cluster may have (or add) GPU nodes this machine lacks
             check_device(args.device)
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options={"host": args.host, "port": args.port}, logging_config=SERVE_SYSTEM_LOGGING)
         host, port = _listening(args.host, args.port)
         if (host, port) != (args.host, args.port):
             print(f"tandem serve: note: Serve already runs on this cluster, listening on {_url_host(host)}:{port}; "
@@ -220,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
         warning = exposure_warning(host, port, built.get("api_key"))
         if warning:
             print(warning, file=sys.stderr, flush=True)
+        deployed = True
         deploy_app(args.app_name, built)  # returns once Serve runs every deployment
         wait_until_answering(f"http://{_url_host(_probe_host(host))}:{port}/health")
         print(f"serving on http://{_url_host(host)}:{port}/v1 (Ctrl-C to stop)", flush=True)
@@ -228,4 +234,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        serve.shutdown()
+        try:
+            if deployed:
+                serve.delete(args.app_name)  # its replicas drain; Serve and other apps stay
+        finally:
+            if started_local:
+                ray.shutdown()  # the local Ray, Serve's controller and proxy with it
