@@ -39,8 +39,12 @@ def join_cluster(address: str = "auto", log_to_driver: bool = False) -> None:
         if where == "auto":
             raise ConnectionError("no Ray cluster is running on this machine (start one with `tandem serve`, "
                                   "or pass --address HOST:PORT)") from error
+        hint = ""
+        if not os.environ.get("RAY_AUTH_MODE") and os.path.isfile(os.path.expanduser("~/.ray/auth_token")):
+            # Ray turns token authentication on by itself only for a cluster it finds ("auto").
+            hint = " (if it uses token authentication, set RAY_AUTH_MODE=token)"
         raise ConnectionError(f"cannot reach the Ray cluster at {where}: "
-                              f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+                              f"{str(error).splitlines()[0] if str(error) else type(error).__name__}{hint}") from error
 
 
 def start_or_join(address: str | None = None, num_cpus: int | None = None) -> bool:

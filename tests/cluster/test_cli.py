@@ -120,6 +120,7 @@ def test_join_cluster_turns_rays_connection_error_into_what_to_do(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ConnectionError, match="no Ray cluster is running on this machine"):
         join_cluster("auto")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     with pytest.raises(ConnectionError, match="cannot reach the Ray cluster at 10.0.0.9:6379: Could not find"):
         join_cluster("10.0.0.9:6379")
 
