@@ -6,26 +6,32 @@ import argparse
 
 from tandem.engine.make_model import default_model
 
+DEFAULT_PROMPT = "Tandem serves large language models with"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="HF model folder (default: a tiny random Llama made on first use)")
-    parser.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--prompt", action="append", help=f"prompt text, repeat for a batch (default: {DEFAULT_PROMPT!r})")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: none, a fresh one)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (float32 on cpu, bfloat16 on cuda), float32, "
+                                                        "float16 or bfloat16")
 
 
 def run(args: argparse.Namespace) -> int:
     from tandem import LLM, SamplingParams
+    from tandem.engine.config import check_device
 
-    model = args.model or default_model()
-    prompts = args.prompt or ["Tandem serves large language models with"]
-    llm = LLM(model, device=args.device, dtype=args.dtype)
+    # Bad values fail here, before a model is made or loaded.
+    check_device(args.device)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
+    model = args.model or default_model()
+    prompts = args.prompt or [DEFAULT_PROMPT]
+    llm = LLM(model, device=args.device, dtype=args.dtype)
     for prompt, out in zip(prompts, llm.generate(prompts, params)):
         completion = out.outputs[0]
         print(f"prompt: {prompt!r}")

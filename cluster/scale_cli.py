@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from tandem.cluster.apps import POOLS
 
@@ -24,13 +25,14 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from tandem.cluster.apps import scale_app
+    from tandem.cluster.ray_session import join_cluster
 
     if not ray.is_initialized():
-        ray.init(address=args.address, log_to_driver=False)
+        join_cluster(args.address)
     try:
         new_args = scale_app(args.app_name, args.pool, args.replicas, timeout_s=args.timeout_s or None)
-    except (LookupError, ValueError, TimeoutError) as e:
-        print(f"tandem scale: {e}")
+    except (LookupError, ValueError, TimeoutError) as e:  # exit 2: the request cannot be done; 1: it timed out
+        print(f"tandem scale: {e}", file=sys.stderr)
         return 1 if isinstance(e, TimeoutError) else 2
     print(f"{args.app_name}: {args.pool} pool -> {args.replicas} replicas")
     print(json.dumps({k: new_args.get(k) for k in ("mode", "num_replicas", "prefill_replicas")}))

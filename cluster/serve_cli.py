@@ -1,13 +1,35 @@
 """`tandem serve`: run the Tandem Serve app (OpenAI-compatible HTTP API in front of the engine
 pool) on a local Ray or the cluster named by RAY_ADDRESS, until interrupted. The flags are
-`workers.app.build_app`'s args; the Serve config (`cluster/serve.yaml`) builds the same app."""
+`workers.app.build_app`'s args; the Serve config (`cluster/serve.yaml`) builds the same app.
+
+In order: the args are checked (before Ray starts); Ray is joined, or started locally; Serve's
+HTTP proxies start listening (on loopback unless told otherwise; a warning goes to stderr when
+they listen beyond this machine with no API key); the app is deployed; once `GET /health`
+answers 200 (every engine pool has a running engine; until then it answers 503) the ready line
+`serving on http://HOST:PORT/v1 (Ctrl-C to stop)` goes to stdout, and not before. Ctrl-C or
+SIGTERM deletes the app (its replicas drain) and, on a Ray this command started, stops that Ray.
+"""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 
 from tandem.router.policy import POLICY_NAMES
+
+API_KEY_ENV = "TANDEM_API_KEY"
+LOOPBACK = "127.0.0.1"
+READY_TIMEOUT_S = 300.0  # after Serve reports the app running, for its HTTP route to answer /health
+# Serve's controller and proxies: their INFO lines (deployments added, routes updated, one line
+# per request at the proxy) are not this command's output; warnings and errors still print.
+SERVE_SYSTEM_LOGGING = {"log_level": "WARNING"}
 
 
 def _engine_arg(text: str) -> tuple[str, object]:
@@ -38,43 +60,50 @@ def _expert_parallel_arg(text: str) -> tuple[str, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="HF model folder (default: a tiny random Llama made on first use)")
     parser.add_argument("--served-model-name", help="the name clients send as `model` (default: --model)")
-    parser.add_argument("--mode", choices=("colocated", "disaggregated"), default="colocated")
+    parser.add_argument("--mode", choices=("colocated", "disaggregated"), default="colocated",
+                        help="one pool doing both phases, or a prefill and a decode pool")
     parser.add_argument("--num-replicas", type=int, default=1, help="engine replicas per pool")
-    parser.add_argument("--prefill", type=int, metavar="N", help="disaggregated: N prefill replicas (with --decode)")
-    parser.add_argument("--decode", type=int, metavar="M", help="disaggregated: M decode replicas (with --prefill)")
-    parser.add_argument("--colocated", type=int, metavar="N", help="colocated: N replicas doing both phases")
+    parser.add_argument("--prefill", type=int, metavar="N",
+                        help="disaggregated: N prefill replicas (with --decode; default: --num-replicas)")
+    parser.add_argument("--decode", type=int, metavar="M",
+                        help="disaggregated: M decode replicas (with --prefill; default: --num-replicas)")
+    parser.add_argument("--colocated", type=int, metavar="N",
+                        help="colocated: N replicas doing both phases (default: --num-replicas)")
     parser.add_argument("--autoscale", action="append", type=_autoscale_arg, default=[], metavar="POOL=MIN:MAX",
                         help="autoscale a pool between MIN and MAX replicas with its policy from "
-                             "workers/autoscaling.py (repeatable; overrides that pool's count)")
+                             "workers/autoscaling.py (repeatable; overrides that pool's count; default: none)")
     parser.add_argument("--expert-parallel", action="append", type=_expert_parallel_arg, default=[],
                         metavar="POOL=N",
                         help="MoE models: run each replica of POOL as an expert-parallel group of N GPUs "
                              "(attention data parallel over the N ranks, experts split); repeatable, each pool "
-                             "its own N (default 1)")
+                             "its own N (default: 1)")
     parser.add_argument("--pool-resources", action="store_true",
                         help="pin pools to nodes carrying the custom resources `prefill` / `decode`")
-    parser.add_argument("--ingress-replicas", type=int, default=1)
-    parser.add_argument("--routing-policy", choices=POLICY_NAMES, default="prefix_aware")
-    parser.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"),
-                        help="require `Authorization: Bearer KEY` (default: $TANDEM_API_KEY; none: open)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ingress-replicas", type=int, default=1, help="OpenAI ingress (HTTP) replicas")
+    parser.add_argument("--routing-policy", choices=POLICY_NAMES, default="prefix_aware",
+                        help="how the pools' request router picks a replica")
+    parser.add_argument("--api-key", help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV} if set, "
+                                          "else no key: anyone who reaches the port may use it)")
+    parser.add_argument("--device", default="cpu", help="the engines' device: cpu or cuda")
     parser.add_argument("--engine-arg", action="append", type=_engine_arg, default=[], metavar="KEY=VALUE",
-                        help="an EngineConfig field, e.g. max_model_len=4096 (repeatable; values parsed as JSON)")
+                        help="an EngineConfig field, e.g. max_model_len=4096 (repeatable; values parsed as JSON; "
+                             "default: the engine's defaults)")
     parser.add_argument("--max-in-flight", type=int, default=256, help="requests per ingress replica before 429")
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--app-name", default="tandem")
+    parser.add_argument("--host", default=LOOPBACK,
+                        help="the interface Serve's HTTP proxies listen on; 0.0.0.0 for all (see docs/CLUSTER.md)")
+    parser.add_argument("--port", type=int, default=8000, help="the HTTP port")
+    parser.add_argument("--app-name", default="tandem", help="the Serve application's name")
 
 
 def _pools(args: argparse.Namespace) -> tuple[str, int, int]:
     """(mode, decode-or-colocated replicas, prefill replicas) from the pool flags."""
     if args.colocated is not None and (args.prefill is not None or args.decode is not None):
-        raise SystemExit("tandem serve: --colocated cannot be combined with --prefill/--decode")
+        raise ValueError("--colocated cannot be combined with --prefill/--decode")
     if (args.prefill is None) != (args.decode is None):
-        raise SystemExit("tandem serve: --prefill and --decode go together")
+        raise ValueError("--prefill and --decode go together")
     counts = [c for c in (args.colocated, args.prefill, args.decode) if c is not None]
     if any(c < 1 for c in counts):
-        raise SystemExit("tandem serve: replica counts must be >= 1")
+        raise ValueError("replica counts must be >= 1")
     if args.prefill is not None:
         return "disaggregated", args.decode, args.prefill
     if args.colocated is not None:
@@ -96,14 +125,78 @@ def app_args(args: argparse.Namespace) -> dict:
         built["autoscaling"] = dict(args.autoscale)
     for pool, size in getattr(args, "expert_parallel", None) or []:
         if pool == "prefill" and mode != "disaggregated":
-            raise SystemExit("tandem serve: --expert-parallel prefill=N needs a prefill pool (--prefill/--decode)")
+            raise ValueError("--expert-parallel prefill=N needs a prefill pool (--prefill/--decode)")
         if pool == "colocated" and mode != "colocated":
-            raise SystemExit("tandem serve: --expert-parallel colocated=N needs colocated mode; use decode=N")
+            raise ValueError("--expert-parallel colocated=N needs colocated mode; use decode=N")
         built["prefill_expert_parallel_size" if pool == "prefill" else "expert_parallel_size"] = size
-    for key in ("model", "served_model_name", "api_key"):
+    for key in ("model", "served_model_name"):
         if getattr(args, key):
             built[key] = getattr(args, key)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV)
+    if api_key:
+        built["api_key"] = api_key
     return built
+
+
+def exposure_warning(host: str, port: int, api_key: str | None) -> str | None:
+    """The warning for an endpoint reachable beyond this machine with no key, else None."""
+    if api_key or _is_loopback(host):
+        return None
+    return (f"tandem serve: warning: listening on {_url_host(host)}:{port} (beyond this machine) with no API key: "
+            f"anyone who can reach the port can use the model; set --api-key or ${API_KEY_ENV}, "
+            f"or --host {LOOPBACK}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _probe_host(host: str) -> str:
+    """Where this machine reaches a proxy listening on `host`."""
+    return {"0.0.0.0": LOOPBACK, "": LOOPBACK, "::": "::1"}.get(host, host)
+
+
+def wait_until_answering(url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Poll `url` until it answers 200; TimeoutError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as response:
+                if response.status == 200:
+                    return
+                last = f"HTTP {response.status}"
+        except urllib.error.HTTPError as error:
+            last = f"HTTP {error.code}"
+        except (OSError, urllib.error.URLError) as error:
+            last = type(error).__name__
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s (last: {last})")
+
+
+def _listening(host: str, port: int) -> tuple[str, int]:
+    """Where Serve's proxies really listen: a cluster whose Serve was started before (`serve
+    start` in the cluster YAMLs) keeps its own HTTP options."""
+    from ray.serve.context import _get_global_client
+
+    try:
+        options = _get_global_client().http_config
+        return options.host, options.port
+    except Exception:  # a private accessor of Serve's: without it, what was asked for
+        return host, port
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,22 +204,39 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     from tandem.cluster.apps import deploy_app
+    from tandem.cluster.ray_session import start_or_join
+    from tandem.engine.config import check_device
     from tandem.workers.app import build_app
 
     built = app_args(args)
     build_app(built)  # bad args fail here, before Ray starts
+    started_local = start_or_join()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same clean stop as Ctrl-C
+    deployed = False
     try:
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"))  # join a running cluster (`ray up`)
-    except ConnectionError:
-        # None running: a local Ray. Its CPU count is a scheduling unit, not a core; ingress + two
-        # engine pools need more units than a small machine's core count (they share cores).
-        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    print(f"serving on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
-    try:
-        deploy_app(args.app_name, built, blocking=True)
+        if started_local:  # a joined cluster may have (or add) GPU nodes this machine lacks
+            check_device(args.device)
+        serve.start(http_options={"host": args.host, "port": args.port}, logging_config=SERVE_SYSTEM_LOGGING)
+        host, port = _listening(args.host, args.port)
+        if (host, port) != (args.host, args.port):
+            print(f"tandem serve: note: Serve already runs on this cluster, listening on {_url_host(host)}:{port}; "
+                  "--host/--port do not apply", file=sys.stderr, flush=True)
+        warning = exposure_warning(host, port, built.get("api_key"))
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
+        deployed = True
+        deploy_app(args.app_name, built)  # returns once Serve runs every deployment
+        wait_until_answering(f"http://{_url_host(_probe_host(host))}:{port}/health")
+        print(f"serving on http://{_url_host(host)}:{port}/v1 (Ctrl-C to stop)", flush=True)
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        return 0
     finally:
-        serve.shutdown()
-    return 0
+        try:
+            if deployed:
+                serve.delete(args.app_name)  # its replicas drain; Serve and other apps stay
+        finally:
+            if started_local:
+                ray.shutdown()  # the local Ray, Serve's controller and proxy with it

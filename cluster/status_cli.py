@@ -9,22 +9,18 @@ from tandem.workers.autoscaling import pool_autoscaling_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--app-name", default="tandem")
-    parser.add_argument("--address", default="auto", help="Ray cluster address (default: the running one)")
+    parser.add_argument("--app-name", default="tandem", help="the Serve application's name")
+    parser.add_argument("--address", default="auto",
+                        help="Ray cluster address (default: auto, $RAY_ADDRESS or the one running on this machine)")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
     from tandem.cluster.apps import status_report
+    from tandem.cluster.ray_session import join_cluster
 
-    ray.init(address=args.address, log_to_driver=False)
-    try:
-        report = status_report(args.app_name)
-    except LookupError as e:
-        print(f"tandem status: {e}")
-        return 2
+    join_cluster(args.address)  # ConnectionError, one line from cluster/cli.py, when there is none
+    report = status_report(args.app_name)  # LookupError when the app is not running
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

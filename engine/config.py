@@ -6,6 +6,19 @@ from dataclasses import dataclass
 SCHEDULING_POLICIES = ("fcfs", "lof")
 
 
+def check_device(device: str) -> None:
+    """ValueError, saying why, unless torch can run on `device` here ("cpu", "cuda", "cuda:N")."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device {device!r}: {why} (torch {torch.__version__}); use device cpu")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
@@ -37,6 +50,7 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_batched_tokens < 1:

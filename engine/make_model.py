@@ -146,9 +146,9 @@ def make_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, size: st
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="folder to write (created if missing)")
-    parser.add_argument("--arch", choices=ARCHITECTURES, default="llama")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", choices=tuple(_SIZES), default="tiny")
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="llama", help="the model's architecture")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--size", choices=tuple(_SIZES), default="tiny", help="the model's shapes")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from tandem.router.openai_metrics import get_stats_board, render_prometheus
+from tandem.router.openai_metrics import get_stats_board, render_prometheus, replica_deployment
 from tandem.router.openai_protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -64,6 +64,7 @@ logger = logging.getLogger("ray.serve")
 
 REPLICA_HEADER = "x-tandem-replica"
 SESSION_HEADER = "x-session-id"
+HEALTH_PROBE_TIMEOUT_S = 1.0  # a /health before the engines are up asks the stats board this long at most
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,9 @@ class IngressConfig:
     # Chat prompts are tokenized piece by piece with an LRU of this many characters of text
     # (tandem.router.prompt_tokenizer: a follow-up turn tokenizes only its new messages); 0: off.
     tokenize_cache_chars: int = 64 << 20
+    # The app's engine deployments; `/health` answers 503 until each has a replica whose engine
+    # runs (it reports to the stats board), then 200.
+    engine_deployments: tuple[str, ...] = ()
 
 
 class ApiError(Exception):
@@ -94,14 +98,17 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
 
+    def body(self) -> ErrorResponse:
+        """OpenAI's error object, the one shape of every error reply and in-stream error: `code`
+        is a string identifier or null (as OpenAI sends it), never the HTTP status."""
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
+
 
 REPLICA_DIED = "replica_died"
 
 
 def error_response(error: ApiError) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(message=error.message, type=error.type, param=error.param,
-                                         code=error.code if error.code is not None else error.status))
-    return JSONResponse(body.model_dump(), status_code=error.status, headers=error.headers)
+    return JSONResponse(error.body().model_dump(), status_code=error.status, headers=error.headers)
 
 
 app = FastAPI(title="Tandem OpenAI-compatible API")
@@ -181,14 +188,38 @@ class OpenAIIngress:
             app_name = serve.get_replica_context().app_name
         except Exception:
             app_name = "default"
+        self._app_name = app_name
+        self._engines_ready = not config.engine_deployments
         self._board = get_stats_board(app_name)
         self._stage_histograms = StageHistograms()
         self._route_stamps = route_stamps()
 
     # ----------------------------------------------------------------- routes
     @app.get("/health")
-    async def health(self) -> Response:
-        return Response(status_code=200)
+    async def health(self) -> JSONResponse:
+        """200 once every engine pool has a running engine; until then 503 at once (no waiting
+        for an engine), saying which pools it waits for. Needs no API key."""
+        waiting = await self._engines_starting()
+        if not waiting:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "starting", "waiting_for": waiting,
+                             "message": f"the engines are starting: no running replica of {', '.join(waiting)} yet"},
+                            status_code=503, headers={"Retry-After": str(self._config.retry_after_s)})
+
+    async def _engines_starting(self) -> list[str]:
+        """The engine deployments none of whose replicas has reported to the stats board yet
+        (a worker reports once its engine runs); [] from the first time all have (a latch:
+        later, Serve replaces a replica that fails its health check)."""
+        if self._engines_ready:
+            return []
+        try:
+            snapshot = await asyncio.wait_for(self._board.snapshot.remote(), timeout=HEALTH_PROBE_TIMEOUT_S)
+        except Exception:  # the board did not answer in time: not ready yet, and say so quickly
+            snapshot = {}
+        reporting = {deployment for app, deployment in map(replica_deployment, snapshot) if app == self._app_name}
+        waiting = [name for name in self._config.engine_deployments if name not in reporting]
+        self._engines_ready = not waiting
+        return waiting
 
     @app.get("/metrics")
     async def metrics(self) -> PlainTextResponse:
@@ -608,13 +639,11 @@ class OpenAIIngress:
             raise
         except RayActorError:  # headers are sent: report in the stream; the client retries
             logger.warning("stream %s lost its engine replica", response_id)
-            died = self._replica_died()
-            yield pending + _sse_line(ErrorResponse(error=ErrorInfo(message=died.message, type=died.type,
-                                                                    code=died.code)).model_dump())
+            yield pending + _sse_line(self._replica_died().body().model_dump())
         except Exception as error:  # headers are sent: report in the stream, as vLLM does
             logger.exception("stream %s failed", response_id)
-            yield pending + _sse_line(ErrorResponse(error=ErrorInfo(message=f"internal error: {type(error).__name__}",
-                                                                    type="server_error", code=500)).model_dump())
+            failed = ApiError(500, f"internal error: {type(error).__name__}", "server_error")
+            yield pending + _sse_line(failed.body().model_dump())
         finally:
             if not finished:  # client disconnect: stop the engine work now
                 for s in started:

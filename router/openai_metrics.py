@@ -26,6 +26,15 @@ def stats_board_name(app_name: str) -> str:
     return f"tandem-stats:{app_name}"
 
 
+REPLICA_ID_PREFIX = "SERVE_REPLICA::"  # Serve's full replica id: SERVE_REPLICA::app#Deployment#id
+
+
+def replica_deployment(replica_id: str) -> tuple[str, str]:
+    """(app, deployment) of a board key (Serve's full replica id); deployment "" if it is not one."""
+    app, _, rest = replica_id.removeprefix(REPLICA_ID_PREFIX).partition("#")
+    return app, rest.rpartition("#")[0]
+
+
 @ray.remote(num_cpus=0, max_restarts=-1)
 class StatsBoard:
     """The latest stats dict per replica id."""

@@ -211,7 +211,7 @@ class ErrorInfo(_Response):
     message: str
     type: str
     param: str | None = None
-    code: str | int | None = None
+    code: str | None = None  # OpenAI's: an identifier such as "invalid_api_key", or null
 
 
 class ErrorResponse(_Response):

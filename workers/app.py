@@ -228,6 +228,8 @@ def ingress_config(parsed: AppArgs, model: str) -> IngressConfig:
         max_n=parsed.max_n,
         max_body_bytes=parsed.max_body_bytes,
         tokenize_cache_chars=parsed.tokenize_cache_chars,
+        engine_deployments=tuple(POOL_DEPLOYMENTS[pool] for pool in  # what /health waits for
+                                 (("colocated",) if parsed.mode == "colocated" else ("prefill", "decode"))),
     )
 
 

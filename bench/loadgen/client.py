@@ -242,14 +242,31 @@ class OpenAIClient:
         return has_token, finished
 
 
-async def discover_model(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
-    """The first model id the server lists at /v1/models."""
+@dataclass(frozen=True)
+class ServedModel:
+    """A model card from /v1/models: its id and, where the card says (vLLM's and Tandem's do),
+    the model's context length and the folder (or hub name) it was loaded from."""
+
+    id: str
+    max_model_len: int | None = None
+    root: str | None = None
+
+
+async def discover_model(base_url: str, api_key: str | None = None, timeout_s: float = 10.0,
+                         model: str | None = None) -> ServedModel:
+    """The card of `model` (default: the first model listed) at /v1/models; a model the list
+    does not name gets a card with its id only."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         async with session.get(root_url(base_url) + "/v1/models", headers=headers) as response:
             response.raise_for_status()
             listing = await response.json()
-    models = listing.get("data") or []
-    if not models:
+    cards = [card for card in listing.get("data") or [] if isinstance(card, dict) and "id" in card]
+    if not cards:
         raise RuntimeError(f"{base_url}/v1/models lists no model; pass --model")
-    return str(models[0]["id"])
+    card = cards[0] if model is None else next((c for c in cards if str(c["id"]) == model), {"id": model})
+    max_model_len = card.get("max_model_len")
+    root = card.get("root")
+    return ServedModel(str(card["id"]),
+                       max_model_len if isinstance(max_model_len, int) and max_model_len > 0 else None,
+                       root if isinstance(root, str) and root else None)

@@ -30,6 +30,7 @@ class RunInfo:
     warmup_requests: int
     started_at: str  # ISO 8601, UTC
     command: str
+    max_model_len: int | None = None  # the served model's context length (its /v1/models card), if known
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class StageReport:
     summary: StageSummary
     server: ServerMetricsDelta | None
     requests: tuple[RequestRecord, ...]
+    requests_over_context: int = 0  # not sent: prompt + max_tokens would not fit the model's context
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ def render_markdown(report: BenchReport, plot_files: Sequence[str] = ()) -> str:
         f"- endpoint: `{run.url}` ({run.endpoint}), model `{run.model}`",
         f"- workload: {run.workload}",
         f"- prompt lengths counted by: {run.token_counting}",
+        f"- the model's context: {run.max_model_len} tokens (from /v1/models)" if run.max_model_len
+        else "- the model's context: unknown (its /v1/models card has no max_model_len); requests are not sized to it",
         f"- arrivals: {run.arrival}; bound: {bound}; warm-up: {run.warmup_requests} requests (excluded); seed {run.seed}",
         f"- started {run.started_at}; command: `{run.command}`", "",
         "## Summary", "",
@@ -147,6 +151,10 @@ def render_markdown(report: BenchReport, plot_files: Sequence[str] = ()) -> str:
                          "unknown, so they are left out of token throughput and TPOT (not estimated).")
         if s.no_output:
             notes.append(f"{s.no_output} successful requests streamed no content.")
+        if stage.requests_over_context:
+            notes.append(f"{stage.requests_over_context} requests were not sent: their prompt and max_tokens would "
+                         f"not fit the model's context ({run.max_model_len} tokens); a conversation ends at its first "
+                         "such turn.")
         if s.input_tokens_from_usage < s.succeeded:
             notes.append(f"input tokens of {s.succeeded - s.input_tokens_from_usage} requests are our own estimate "
                          f"({run.token_counting}); the rest are the server's `usage.prompt_tokens`.")

@@ -78,3 +78,41 @@ def test_open_loop_concurrency_cap_and_closed_loop_concurrency(fake_server):
 def test_a_stage_needs_a_bound():
     with pytest.raises(ValueError):
         StageConfig(ClosedLoop(1))
+
+
+def test_a_conversation_ends_where_its_next_turn_would_not_fit_the_context(fake_server):
+    """With the model's context known, no request is sent that cannot fit: prompt (our count)
+    + max_tokens + the template margin. A conversation stops at that turn, not with an error."""
+    from tandem.bench.loadgen.runner import CONTEXT_MARGIN_TOKENS
+    from tandem.bench.loadgen.workloads import MultiTurnChat
+
+    server = fake_server(ttft_s=0.001, token_delay_s=0.001)
+    chat = MultiTurnChat(TokenCounter(), LengthDist(20), LengthDist(8), min_turns=6, max_turns=6, think_time_s=0.0)
+    context = 120
+    stage = run_against(server.url, chat, StageConfig(ClosedLoop(2), num_requests=12, max_model_len=context))
+    assert len(stage.results) == 12 and all(r.ok for r in stage.results)
+    assert stage.over_context > 0 and max(r.turn_index for r in stage.results) < 5  # cut before turn 6
+    assert all(r.input_tokens_estimate + r.max_tokens + CONTEXT_MARGIN_TOKENS <= context for r in stage.results)
+
+
+def test_a_workload_that_never_fits_stops_with_an_error(fake_server):
+    server = fake_server(ttft_s=0.001, token_delay_s=0.001)
+    too_long = RandomWorkload(TokenCounter(), LengthDist(500), LengthDist(8), seed=0)
+    with pytest.raises(ValueError, match="would not fit the served model's context of 100 tokens"):
+        run_against(server.url, too_long, StageConfig(ClosedLoop(2), num_requests=5, max_model_len=100))
+
+
+def test_an_estimate_learns_the_servers_tokens_per_word():
+    from tandem.bench.loadgen.request import BenchRequest, RequestResult
+    from tandem.bench.loadgen.runner import ContextGuard
+
+    guard = ContextGuard(max_model_len=1000, exact_counts=False)
+    request = BenchRequest(max_tokens=100, prompt="w " * 400, input_tokens=400)
+    assert guard.fits(request)
+    guard.learn(RequestResult(0, "chat", None, 0, False, 0.0, input_tokens_estimate=100, max_tokens=10,
+                              prompt_tokens=250))  # the server counted 2.5 tokens per word
+    assert guard.tokens_per_token == 2.5 and not guard.fits(request)
+    exact = ContextGuard(max_model_len=1000, exact_counts=True)
+    exact.learn(RequestResult(0, "chat", None, 0, False, 0.0, input_tokens_estimate=100, max_tokens=10,
+                              prompt_tokens=250))
+    assert exact.tokens_per_token == 1.0  # a tokenizer's count is not second-guessed

@@ -87,10 +87,33 @@ garbage line without value
 
 def test_prometheus_counters_parse_under_either_prefix():
     counters = counters_from_samples(parse_prometheus_text(METRICS_TEXT))
-    assert counters == ServerCounters(prefix_cache_hits=600.0, prefix_cache_queries=1500.0, kv_transfer_bytes=2.5e6)
+    assert (counters.prefix_cache_hits, counters.prefix_cache_queries, counters.kv_transfer_bytes) == (600.0, 1500.0, 2.5e6)
     tandem = counters_from_samples(parse_prometheus_text("tandem_prefix_cache_hits_total 5\ntandem_prefix_cache_queries_total 8\n"))
     assert (tandem.prefix_cache_hits, tandem.prefix_cache_queries, tandem.kv_transfer_bytes) == (5.0, 8.0, None)
     assert counters_from_samples(parse_prometheus_text("other_metric 1\n")) == ServerCounters()
+
+
+def test_one_quantity_exported_under_several_names_is_counted_once():
+    """Tandem's /metrics carries every counter as tandem_* and as vllm:* (same values); a sum
+    over both reported twice the server's numbers."""
+    text = """
+tandem_prefix_cache_queries_total{replica="a"} 700
+tandem_prefix_cache_queries_total{replica="b"} 300
+vllm:prefix_cache_queries_total{replica="a"} 700
+vllm:prefix_cache_queries_total{replica="b"} 300
+vllm:gpu_prefix_cache_queries_total{replica="a"} 700
+ray_tandem_prefix_cache_queries_total{replica="a"} 700
+tandem_prefix_cache_hits_total{replica="a"} 400
+vllm:prefix_cache_hits_total{replica="a"} 400
+"""
+    counters = counters_from_samples(parse_prometheus_text(text))
+    assert (counters.prefix_cache_queries, counters.prefix_cache_hits) == (1000.0, 400.0)
+    assert counters.names == ("tandem_prefix_cache_queries_total", "tandem_prefix_cache_hits_total")
+    vllm = counters_from_samples(parse_prometheus_text(
+        "vllm:prefix_cache_queries_total 10\nvllm:gpu_prefix_cache_queries_total 10\n"))
+    assert vllm.prefix_cache_queries == 10.0 and vllm.names == ("vllm:prefix_cache_queries_total",)
+    reexported = counters_from_samples(parse_prometheus_text("ray_tandem_prefix_cache_hits_total 3\n"))
+    assert reexported.prefix_cache_hits == 3.0  # a name of ours behind Ray's prefix still counts
 
 
 def test_counter_deltas_hit_rate_and_absence():
@@ -110,7 +133,8 @@ def test_counter_deltas_hit_rate_and_absence():
 def test_scrape_a_live_endpoint_and_tolerate_a_missing_one(fake_server):
     server = fake_server(metric_prefix="vllm:")
     live = asyncio.run(scrape([server.url + "/metrics", server.url + "/metrics"]))
-    assert live == ServerCounters(0.0, 0.0, 0.0)  # summed over both URLs; nothing served yet
+    # summed over both URLs; nothing served yet
+    assert (live.prefix_cache_hits, live.prefix_cache_queries, live.kv_transfer_bytes, live.error) == (0.0, 0.0, 0.0, None)
     missing = asyncio.run(scrape([server.url + "/nothing-here"]))
     assert missing.error and "404" in missing.error
     server.stop()

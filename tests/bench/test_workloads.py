@@ -175,3 +175,25 @@ def test_lengths_are_exact_under_a_real_tokenizer(tokenizer_dir):
     long_mix = LongPromptMix(counter, LengthDist(30), LengthDist(10), long_tokens=400, long_every=2, seed=0)
     for session in first(long_mix, 4):
         assert abs(counter.count(session.turns[0].user_text) - session.turns[0].user_tokens) <= 1
+
+
+def test_default_lengths_fit_the_served_models_context_and_given_ones_are_checked():
+    from tandem.bench.loadgen import cli as bench_cli
+    from tandem.cluster.cli import build_parser
+
+    def lengths(*argv: str, context: int | None) -> dict[str, int]:
+        args = build_parser().parse_args(["bench", "run", "--url", "http://x", *argv])
+        return bench_cli.resolve_lengths(args, context)
+
+    unknown = lengths(context=None)
+    assert unknown == bench_cli.DEFAULT_LENGTHS  # no context known: the documented defaults
+    assert lengths(context=2048)["input_tokens"] == 512 and lengths(context=2048)["output_tokens"] == 128
+    small = lengths("--workload", "long-mix", context=256)
+    assert small["input_tokens"] + small["output_tokens"] <= 256 - 16 and small["long_tokens"] + 16 + 16 <= 256
+    rag = lengths("--workload", "rag", context=2048)
+    assert rag["document_tokens"] + 32 + rag["output_tokens"] + 16 + 16 <= 2048
+    assert lengths("--input-tokens", "3000", context=None)["input_tokens"] == 3000  # nothing to check against
+    with pytest.raises(ValueError, match="does not fit the served model's context of 2048 tokens"):
+        lengths("--input-tokens", "3000", context=2048)
+    with pytest.raises(ValueError, match="--long-tokens"):
+        lengths("--workload", "long-mix", "--long-tokens", "8000", context=2048)

@@ -2,8 +2,8 @@
 
 Always checked (no helm needed): values.yaml against values.schema.json; every `.Values.x.y`
 a template names exists in values.yaml; the RayService the templates produce, built here in
-Python mirroring templates/rayservice.yaml, against the KubeRay RayService CRD schema in
-shared/schemas. Checked when Helm is at hand (the `helm` binary, or the helm-python-sdk
+Python mirroring templates/rayservice.yaml, against the KubeRay RayService CRD's schema (kept in
+tests/cluster/schemas, with its source). Checked when Helm is at hand (the `helm` binary, or the helm-python-sdk
 package, which embeds Helm's Go SDK): `helm lint --strict`, `helm template`, the rendered
 objects against the CRD, and that the Python mirror equals Helm's rendering.
 """
@@ -22,7 +22,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm"
-CRD_PATH = ROOT.parent / "shared" / "schemas" / "kuberay_rayservices_crd.yaml"
+RAYSERVICE_SCHEMA = Path(__file__).resolve().parent / "schemas" / "kuberay_rayservice_v1.schema.json"
 RELEASE, NAMESPACE = "demo", "llm"
 
 
@@ -44,11 +44,7 @@ _CRD_SCHEMA: dict | None = None
 def rayservice_schema() -> dict:
     global _CRD_SCHEMA
     if _CRD_SCHEMA is None:
-        if not CRD_PATH.is_file():
-            pytest.skip(f"KubeRay CRD not found at {CRD_PATH}")
-        crd = yaml.safe_load(CRD_PATH.read_text())
-        (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-        _CRD_SCHEMA = v1["schema"]["openAPIV3Schema"]
+        _CRD_SCHEMA = json.loads(RAYSERVICE_SCHEMA.read_text())
     return _CRD_SCHEMA
 
 

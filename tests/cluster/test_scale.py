@@ -176,7 +176,7 @@ def test_scale_colocated_at_its_count_restarts_nothing(url):
 def test_a_pool_the_colocated_app_lacks_is_one_error_line(url, pool, capsys):
     before = replica_actors(COLOCATED)
     assert tandem_scale(pool, "2", "--app-name", COLOCATED) != 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tandem scale: ") and f"has no {pool} pool" in lines[0], lines
     assert "colocated" in lines[0]
     assert replica_actors(COLOCATED) == before
@@ -193,7 +193,7 @@ def test_an_app_that_autoscales_is_not_scaled_by_hand(url, capsys):
     before = replica_actors(COLOCATED)
     capsys.readouterr()
     assert tandem_scale("colocated", "2", "--app-name", COLOCATED) == 2
-    [line] = capsys.readouterr().out.strip().splitlines()
+    [line] = capsys.readouterr().err.strip().splitlines()
     assert "autoscales its colocated pool" in line and "tandem serve" in line
     assert replica_actors(COLOCATED) == before
     assert status_report(COLOCATED)["args"]["autoscaling"] == args["autoscaling"]

@@ -27,6 +27,7 @@ def assert_openai_error(response: requests.Response, status: int | None = None) 
     assert response.headers.get("content-type", "").startswith("application/json"), response.headers
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["type"], error
+    assert error["code"] is None or isinstance(error["code"], str), error  # OpenAI's: an identifier or null
     return error
 
 

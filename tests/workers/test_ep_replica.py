@@ -136,7 +136,7 @@ def test_serve_cli_expert_parallel_flags():
     assert (parsed.expert_parallel_size, parsed.prefill_expert_parallel_size) == (4, 2)
     parsed = AppArgs.from_dict(serve_cli.app_args(parser.parse_args(["--expert-parallel", "colocated=2"])))
     assert parsed.expert_parallel_size == 2
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError):
         serve_cli.app_args(parser.parse_args(["--expert-parallel", "prefill=2"]))  # colocated app
     with pytest.raises(SystemExit):
         parser.parse_args(["--expert-parallel", "decode=0"])
