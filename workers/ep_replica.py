@@ -53,8 +53,8 @@ from tandem.protocol.worker import EngineStats
 from tandem.workers.metrics import WorkerMetrics
 from tandem.workers.prefill_worker import PrefillWorker
 from tandem.protocol.prefix_hash import hash_full_blocks
-from tandem.workers.serve_worker import (EngineReading, LLMWorker, WorkerDelta, WorkerRequest, autoscaling_stats,
-                                  read_engine)
+from tandem.protocol.worker import WorkerDelta, WorkerRequest
+from tandem.workers.serve_worker import EngineReading, LLMWorker, autoscaling_stats, read_engine
 
 logger = logging.getLogger("ray.serve")
 
