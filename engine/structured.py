@@ -35,14 +35,27 @@ from tandem.protocol.sampling_params import StructuredOutput
 
 logger = logging.getLogger(__name__)
 
-# JSON strings with minLength/maxLength: xgrammar (<= 0.2.9) emits their characters as
-# [^"\\\r\n], which admits raw control characters (U+0000-U+001F), invalid in JSON (RFC 8259 §7;
-# Python's json.loads refuses them). Its other strings use [^\0-\x1f"\\]. Upstream:
-# https://github.com/mlc-ai/xgrammar/issues/800 (open; fixes proposed in PRs 822 and 880). We
-# rewrite that class in the grammar's EBNF before compiling; once xgrammar stops emitting it the
-# rewrite finds nothing and does nothing (tests/engine/test_structured_output.py checks both).
+# Two holes in xgrammar's (0.2.9) character classes, patched in each grammar's EBNF text before
+# compiling (`grammar_fixed`; tests/engine/test_structured_output.py checks both, and that a patch
+# does nothing once xgrammar no longer needs it):
+# - JSON strings with minLength/maxLength take their characters from [^"\\\r\n], which admits
+#   raw control characters (U+0000-U+001F), invalid in JSON (RFC 8259 §7; Python's json.loads
+#   refuses them); its other strings use [^\0-\x1f"\\]. Upstream: xgrammar issue 800 (open;
+#   fixes proposed in its PRs 822 and 880).
+# - A negated class ([^...]) admits the surrogate code points U+D800-U+DFFF, whose 3-byte
+#   encodings (ED A0-BF xx) are not UTF-8 (RFC 3629 §3): a byte-level model could write them, and
+#   the text then decodes to U+FFFD triples (a maxLength 8 string came back 12 characters long).
 _LENGTH_BOUNDED_CHAR = r'[^\"\\\r\n]'
 _JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
+_NO_SURROGATES = r"\uD800-\uDFFF"
+# JSON Schema keywords xgrammar (0.2.9) accepts but does not enforce (checked by comparing the
+# grammars it builds with and without each): an output could break them, so they are refused.
+UNENFORCED_KEYWORDS = ("uniqueItems", "contains", "minContains", "maxContains", "dependentRequired",
+                       "dependentSchemas", "dependencies")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMA = ("items", "additionalItems", "additionalProperties", "unevaluatedItems", "unevaluatedProperties",
+              "propertyNames", "not", "if", "then", "else")
+_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
 # xgrammar's C++ errors begin with "[hh:mm:ss] /path/file.cc:123: " and sometimes a failed check.
 _ERROR_PREFIX = re.compile(r"^\[[\d:]+\] \S+?:\d+: (Check failed: \(.*?\) is false: )?")
 
@@ -116,21 +129,27 @@ def build_grammar(spec: StructuredOutput):
     try:
         if spec.json_schema is not None:
             try:
-                json.loads(spec.json_schema)
+                schema = json.loads(spec.json_schema)
             except ValueError as error:
                 raise ValueError(f"invalid JSON schema: not valid JSON ({error})") from None
-            return json_strings_fixed(xgr.Grammar.from_json_schema(spec.json_schema, any_whitespace=False,
-                                                                   strict_mode=True))
+            _refuse_unenforced([schema])
+            return grammar_fixed(xgr.Grammar.from_json_schema(spec.json_schema, any_whitespace=False,
+                                                              strict_mode=True))
         if spec.json_object:
-            return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
+            return grammar_fixed(xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False))
         if spec.regex is not None:
-            return xgr.Grammar.from_regex(spec.regex)
+            return grammar_fixed(xgr.Grammar.from_regex(spec.regex))
         if spec.choice is not None:
             # JSON string literals are EBNF string literals (escapes included).
             return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in spec.choice))
         if spec.grammar is not None:
-            return xgr.Grammar.from_ebnf(spec.grammar)
-        return json_strings_fixed(xgr.Grammar.from_structural_tag(spec.structural_tag))
+            return grammar_fixed(xgr.Grammar.from_ebnf(spec.grammar))
+        try:
+            tag = json.loads(spec.structural_tag)
+        except ValueError as error:
+            raise ValueError(f"invalid structural tag: not valid JSON ({error})") from None
+        _refuse_unenforced(list(_tag_schemas(tag)))
+        return grammar_fixed(xgr.Grammar.from_structural_tag(spec.structural_tag))
     except ValueError as error:
         if str(error).startswith("invalid "):
             raise
@@ -139,15 +158,85 @@ def build_grammar(spec: StructuredOutput):
         raise ValueError(f"invalid {_describe(spec)}: {clean_error(error)}") from None
 
 
-def json_strings_fixed(grammar):
-    """`grammar` with its length-bounded JSON string characters restricted to what JSON allows
-    (see `_LENGTH_BOUNDED_CHAR`); the same object when there are none."""
+def unenforced_keyword(schema) -> str | None:
+    """The first keyword of `UNENFORCED_KEYWORDS` a JSON schema uses (walking subschemas only,
+    so a property named "contains" is fine), or None. `uniqueItems: false` constrains nothing."""
+    if isinstance(schema, list):  # old-style tuple `items`
+        return next((k for k in map(unenforced_keyword, schema) if k), None)
+    if not isinstance(schema, dict):
+        return None
+    for key, value in schema.items():
+        if key in UNENFORCED_KEYWORDS and not (key == "uniqueItems" and value is False):
+            return key
+        found = None
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            found = next((k for k in map(unenforced_keyword, value.values()) if k), None)
+        elif key in _SUBSCHEMA or key in _SUBSCHEMA_LISTS:
+            found = unenforced_keyword(value)
+        if found:
+            return found
+    return None
+
+
+def _tag_schemas(node):
+    """The JSON schemas inside a structural tag (its `json_schema` formats)."""
+    if isinstance(node, dict):
+        if node.get("type") == "json_schema" and "json_schema" in node:
+            yield node["json_schema"]
+        for value in node.values():
+            yield from _tag_schemas(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _tag_schemas(value)
+
+
+def _refuse_unenforced(schemas) -> None:
+    try:
+        keyword = next((k for k in map(unenforced_keyword, schemas) if k), None)
+    except RecursionError:
+        raise ValueError("invalid JSON schema: nested too deeply") from None
+    if keyword is not None:
+        raise ValueError(f"invalid JSON schema: the keyword {keyword!r} is not supported for structured output")
+
+
+def grammar_fixed(grammar):
+    """`grammar` with the two character-class holes above closed: length-bounded JSON string
+    characters as JSON allows them, and no surrogates in negated classes. The same object when
+    there is nothing to close."""
     import xgrammar as xgr
 
     text = str(grammar)
-    if _LENGTH_BOUNDED_CHAR not in text:
-        return grammar
-    return xgr.Grammar.from_ebnf(text.replace(_LENGTH_BOUNDED_CHAR, _JSON_STRING_CHAR))
+    fixed = negated_classes_without_surrogates(text.replace(_LENGTH_BOUNDED_CHAR, _JSON_STRING_CHAR))
+    return grammar if fixed == text else xgr.Grammar.from_ebnf(fixed)
+
+
+def negated_classes_without_surrogates(ebnf: str) -> str:
+    """Every negated character class of an EBNF text (outside string literals, such as a
+    `Regex("...")` pattern) also excludes U+D800-U+DFFF, unless it already does."""
+    out: list[str] = []
+    i, n = 0, len(ebnf)
+    in_string = in_class = False
+    while i < n:
+        ch = ebnf[i]
+        if ch == "\\":  # an escape: keep it and the character it escapes
+            out.append(ebnf[i : i + 2])
+            i += 2
+            continue
+        if in_string:
+            in_string = ch != '"'
+        elif in_class:
+            in_class = ch != "]"
+        elif ch == '"':
+            in_string = True
+        elif ch == "[":
+            in_class = True
+            if ebnf.startswith("[^", i) and not ebnf.startswith("[^" + _NO_SURROGATES, i):
+                out.append("[^" + _NO_SURROGATES)
+                i += 2
+                continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
 
 
 def clean_error(error: BaseException) -> str:

@@ -195,11 +195,23 @@ def test_a_token_the_grammar_refuses_aborts_the_request(make_engine):
     (StructuredOutput(grammar="root ::= "), "invalid grammar"),
     (StructuredOutput(structural_tag='{"type": "structural_tag", "format": {"type": "nope"}}'),
      "invalid structural tag"),
+    # xgrammar accepts these keywords without enforcing them: refused rather than ignored.
+    (StructuredOutput(json_schema='{"type": "array", "items": {"type": "integer"}, "uniqueItems": true}'),
+     "the keyword 'uniqueItems' is not supported"),
+    (StructuredOutput(json_schema='{"type": "object", "properties": {"a": {"type": "array", "contains": {}}}}'),
+     "the keyword 'contains' is not supported"),
 ])
 def test_bad_specs_are_value_errors(llm, spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         llm.generate("hi", SamplingParams(structured_output=spec))
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_keyword_names_as_property_names_are_fine(llm):
+    schema = {"type": "object", "properties": {"contains": {"type": "boolean"}, "uniqueItems": {"enum": [1]}},
+              "required": ["contains", "uniqueItems"], "additionalProperties": False}
+    (out,) = llm.generate("hi", constrained(1, StructuredOutput(json_schema=json.dumps(schema))))
+    assert json.loads(out.outputs[0].text).keys() == {"contains", "uniqueItems"}
 
 
 def test_specs_and_params_validate_themselves():
@@ -215,25 +227,38 @@ def test_specs_and_params_validate_themselves():
             SamplingParams(structured_output=JSON_SPEC, **extra)
 
 
-def test_length_bounded_strings_exclude_control_characters():
-    """xgrammar's grammar for a string with maxLength admits raw control characters (invalid
-    JSON; https://github.com/mlc-ai/xgrammar/issues/800); ours does not, and still admits the
-    rest."""
+@pytest.mark.parametrize("string_schema", [{"type": "string", "maxLength": 4}, {"type": "string"}])
+def test_json_strings_admit_only_valid_json_text(string_schema):
+    """Two holes in xgrammar's grammars, closed by ours: a string with maxLength admits raw
+    control characters (invalid JSON; xgrammar issue 800), and any string admits the UTF-8-style
+    encoding of a surrogate (not UTF-8). Valid text still passes, and where xgrammar no longer
+    has a hole our patch changes nothing."""
     xgr = pytest.importorskip("xgrammar")
-    from tandem.engine.structured import _LENGTH_BOUNDED_CHAR
+    from tandem.engine.structured import _LENGTH_BOUNDED_CHAR, _NO_SURROGATES
 
-    schema = json.dumps({"type": "object", "properties": {"s": {"type": "string", "maxLength": 4}}, "required": ["s"]})
+    schema = json.dumps({"type": "object", "properties": {"s": string_schema}, "required": ["s"]})
     raw = xgr.Grammar.from_json_schema(schema, any_whitespace=False)
     fixed = build_grammar(StructuredOutput(json_schema=schema))
-    if _LENGTH_BOUNDED_CHAR not in str(raw):  # fixed upstream: our rewrite is a no-op
-        assert str(fixed) == str(raw)
     assert _LENGTH_BOUNDED_CHAR not in str(fixed)
-    tokenizer_info = xgr.TokenizerInfo([chr(c) for c in range(32, 127)] + ["\x01", "\t"])
+    if _LENGTH_BOUNDED_CHAR not in str(raw) and "[^" + _NO_SURROGATES in str(raw):  # fixed upstream
+        assert str(fixed) == str(raw)
+    vocab = [bytes([c]) for c in range(32, 127)] + [b"\x01", "é".encode(), "\ud7ff".encode(), b"\xed\xa0\x80"]
+    tokenizer_info = xgr.TokenizerInfo(vocab)
     compiled = xgr.GrammarCompiler(tokenizer_info).compile_grammar(fixed)
-    good, control = '{"s": "ab~"}', '{"s": "a\x01"}'
-    for text, ok in ((good, True), (control, False)):
+    cases = [(b'{"s": "a~"}', True), ('{"s": "é\ud7ff"}'.encode(), True), (b'{"s": "a\x01"}', False),
+             (b'{"s": "\xed\xa0\x80"}', False)]
+    for text, ok in cases:
         matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
-        assert matcher.accept_string(text) == ok, repr(text)
+        assert matcher.accept_string(text) == ok, text
+
+
+def test_surrogate_patch_reaches_only_character_classes():
+    from tandem.engine.structured import negated_classes_without_surrogates as patch
+
+    ebnf = r'root ::= "[^a]" [^b] [a-z] x\n ::= Regex("[^c]", json_string=true) [^\"\]]'
+    assert patch(ebnf) == r'root ::= "[^a]" [^\uD800-\uDFFFb] [a-z] x\n ::= Regex("[^c]", json_string=true) ' \
+                          r'[^\uD800-\uDFFF\"\]]'
+    assert patch(patch(ebnf)) == patch(ebnf)
 
 
 def test_async_engine_compiles_off_the_event_loop(llama_dir):
