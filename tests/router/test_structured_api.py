@@ -209,10 +209,12 @@ def test_auto_tool_choice_and_a_conversation_with_tool_results(client):
     for seed in range(3):
         reply = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, tool_choice="auto",
                                                max_tokens=30, temperature=1.0, seed=seed)
-        message = reply.choices[0].message
+        message, finish = reply.choices[0].message, reply.choices[0].finish_reason
         if message.tool_calls:
-            _check_calls(message.tool_calls)
-        else:
+            complete = message.tool_calls if finish != "length" else message.tool_calls[:-1]  # the last may be cut
+            if complete:
+                _check_calls(complete)
+        elif finish == "stop":  # (a call cut off before its name stays text)
             assert message.content is not None and "<tool_call>" not in message.content
     none = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, tool_choice="none",
                                           max_tokens=8, temperature=0)
