@@ -40,10 +40,12 @@ DEFAULT_RAY_PIN = "ray==2.60.0"
 
 # Companions Ray Serve needs that the GPU hosts lack (OFFLINE_GPU_HOST.md, step 2). Pins that
 # matter: grpcio-reflection must not be newer than the host's grpcio (1.84.0 there); fastapi
-# 0.16x imports opentelemetry-api; Serve imports grpc_reflection at start.
+# 0.16x imports opentelemetry-api; Serve imports grpc_reflection at start. Tandem's own: xgrammar
+# (its torch, transformers, numpy and triton requirements are met by the host's).
 DEFAULT_COMPANION_PINS: tuple[str, ...] = (
     "aiohttp_cors==0.8.1",
     "annotated_types==0.8.0",
+    "apache_tvm_ffi==0.1.15.post2",  # xgrammar's runtime
     "colorful==0.5.8",
     "fastapi==0.165.0",
     "grpcio_reflection==1.84.0",
@@ -59,6 +61,7 @@ DEFAULT_COMPANION_PINS: tuple[str, ...] = (
     "starlette==1.10.0",
     "typing_inspection==0.4.5",
     "uvicorn==0.54.0",
+    "xgrammar==0.2.9",  # structured output (engine/structured.py): 1.3 MB, with apache_tvm_ffi 4.6 MB
 )
 
 # Folders of Ray's wheel that serving never imports (OFFLINE_GPU_HOST.md, step 1).

@@ -4,6 +4,6 @@ detokenizer, model runner (CUDA graphs), async engine, the offline `LLM`, the ex
 group and the `KVConnector` port. Imports no Ray, Serve, router or `workers/` code."""
 from tandem.engine.llm import LLM
 from tandem.engine.outputs import CompletionOutput, RequestOutput
-from tandem.protocol.sampling_params import SamplingParams
+from tandem.protocol.sampling_params import SamplingParams, StructuredOutput
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutput", "RequestOutput", "CompletionOutput"]

@@ -2,7 +2,8 @@
 callers on an asyncio loop submit requests and read their outputs as streams.
 
 The engine is touched only by its thread; `generate()` validates the request in the caller
-(so bad input raises there, at once) and hands it over through a queue. Leaving the stream
+(so bad input raises there, at once; a structured-output request's grammar is compiled in a
+worker thread) and hands it over through a queue. Leaving the stream
 early (client gone, task cancelled) aborts the request and frees its blocks.
 """
 from __future__ import annotations
@@ -120,7 +121,12 @@ class AsyncLLM:
         `timing`, when given, is filled in by the engine thread before the first output arrives."""
         if self._error is not None:
             raise EngineDeadError(f"the engine loop died: {self._error!r}")
-        validated = self.engine.validate(prompt, sampling_params)  # pure: safe outside the engine thread
+        # `validate` is pure: safe outside the engine thread. Compiling a request's grammar takes
+        # milliseconds (first time per schema): not on the caller's event loop either.
+        if getattr(sampling_params, "structured_output", None) is not None:
+            validated = await asyncio.to_thread(self.engine.validate, prompt, sampling_params)
+        else:
+            validated = self.engine.validate(prompt, sampling_params)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")

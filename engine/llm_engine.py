@@ -11,6 +11,9 @@ runner fills it on the device from step N's token tensor. A sequence that turns 
 finished at step N (EOS, stop string) wastes its slot in N+1; its result there is dropped. Steps
 that need the known tokens on the host first (penalties, min_tokens, logprobs, KV export,
 expert-parallel groups) run without overlap: the step in flight is finished before scheduling.
+A step with grammar-constrained rows (`engine/structured.py`) keeps the overlap of its forward
+pass: it reads the step in flight after launching its forward and before its sampling, since
+the grammar's mask for the next token depends on the previous one.
 
 Disaggregation goes through the `KVConnector` handed to the constructor (`engine.kv_connector`):
 sequences whose KV is loaded from another worker wait off the batch; a sequence whose KV is
@@ -38,6 +41,7 @@ from tandem.engine.sampler import Sampler
 from tandem.protocol.sampling_params import SamplingParams
 from tandem.engine.scheduler import Scheduler
 from tandem.engine.sequence import Sequence
+from tandem.engine.structured import GrammarCompiler, StructuredOutputs
 
 PromptType = Union[str, dict, list]
 
@@ -45,10 +49,11 @@ PromptType = Union[str, dict, list]
 @dataclass(frozen=True)
 class ValidatedPrompt:
     """A request `LLMEngine.validate` accepted: the prompt's text (if given as text), its token
-    ids and the sampling params."""
+    ids and the sampling params; with structured output, its compiled grammar."""
     text: str | None
     token_ids: list[int]
     params: SamplingParams
+    grammar: object | None = None  # xgrammar.CompiledGrammar of params.structured_output
 
 
 @dataclass
@@ -107,6 +112,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or self.hf_config.max_position_embeddings,
                                  self.hf_config.max_position_embeddings)
         self.vocab_size = self.hf_config.vocab_size
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)  # any thread
+        self.structured = StructuredOutputs(self.runner.device, self.vocab_size)  # engine thread
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -174,7 +181,10 @@ class LLMEngine:
                              f"{self.block_manager.num_blocks}")
         if any(t >= self.vocab_size for t in params.stop_token_ids):
             raise ValueError("stop_token_ids contains ids outside the vocabulary")
-        return ValidatedPrompt(text, ids, params)
+        grammar = None
+        if params.structured_output is not None:  # compiled here, on the caller's thread; cached
+            grammar = self.grammars.compile(params.structured_output)
+        return ValidatedPrompt(text, ids, params, grammar)
 
     # -------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
@@ -187,6 +197,9 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids, params = request.text, request.token_ids, request.params
+        grammar = request.grammar
+        if grammar is None and params.structured_output is not None:
+            grammar = self.grammars.compile(params.structured_output)
         now = arrival_time if arrival_time is not None else time.monotonic()
         seqs, detoks = [], []
         max_tokens = params.max_tokens or (self.max_model_len - len(ids))
@@ -194,6 +207,8 @@ class LLMEngine:
             seq = Sequence(request_id, ids, params, arrival_time=now, output_index=i,
                            max_num_tokens=len(ids) + max_tokens)
             seqs.append(seq)
+            if grammar is not None:
+                self.structured.add(seq, grammar)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
                                                  params.stop_list, params.include_stop_str_in_output))
             self.scheduler.add(seq)
@@ -211,8 +226,7 @@ class LLMEngine:
                 self._saving.remove(seq)
                 self.kv_connector.cancel_save(seq)
             if not seq.is_finished:
-                self.scheduler.finish(seq, "abort")
-                self.sampler.forget(seq)
+                self._finish(seq, "abort", None)
         return self._emit(req)
 
     def has_unfinished_requests(self) -> bool:
@@ -245,7 +259,7 @@ class LLMEngine:
             elif self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("the scheduler cannot admit any waiting request (KV cache too small)")
             return self._outputs(touched)
-        launched = self._launch(sched)
+        launched = self._launch(sched, touched)
         self._finish_in_flight(touched)  # the previous step, read while this one runs
         for item in sched.scheduled:
             # After the previous step's tokens are known: every computed position is resolved.
@@ -259,8 +273,9 @@ class LLMEngine:
         return (self.config.async_scheduling and not self._num_sync_requests and not self.kv_connector.saves
                 and not self.collective)
 
-    def _launch(self, sched) -> _LaunchedStep:
-        """Queue the step's forward pass and sampling on the device; no wait for the GPU."""
+    def _launch(self, sched, touched: dict[str, _Request]) -> _LaunchedStep:
+        """Queue the step's forward pass and sampling on the device; no wait for the GPU, except
+        that a step with grammar-constrained rows reads the step in flight between the two."""
         prev = self._in_flight
         connector = self.kv_connector
         saving = [item.seq for item in sched.scheduled if item.samples and connector.wants_save(item.seq)]
@@ -277,7 +292,17 @@ class LLMEngine:
             return _LaunchedStep([], logits.new_empty(0, dtype=torch.int64), None, None, None, _keys(saving))
         want_logprobs = any(s.sampling_params.logprobs is not None for s in sampling)
         raw = self.sampler.raw_logprobs(logits) if want_logprobs else None
-        tokens = self.sampler.sample(logits, sampling)
+        mask = None
+        if self.structured.any_constrained(sampling):
+            # The masks need the previous step's tokens: read them now, while the GPU runs this
+            # step's forward pass (sequences that stopped there are skipped; their rows dropped).
+            self._finish_in_flight(touched)
+            result = self.structured.token_mask(sampling)
+            for seq in result.rejected:
+                self._finish(seq, "abort", None)
+                touched[seq.request_id] = self.requests[seq.request_id]
+            mask = result.mask
+        tokens = self.sampler.sample(logits, sampling, mask)
         host, copied = None, None
         if tokens.is_cuda:
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -371,6 +396,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         self.scheduler.finish(seq, reason, stop_reason)
         self.sampler.forget(seq)
+        self.structured.forget(seq)
 
     def _emit(self, req: _Request) -> RequestOutput:
         outputs = []

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from tandem.engine.sequence import Sequence
+from tandem.engine.structured import TokenMask
+from tandem.kernels import ops
 from tandem.protocol.logprob import Logprob
 
 
@@ -57,9 +59,13 @@ class Sampler:
         or reports logprobs: the engine runs such steps without overlap."""
         return params.logprobs is not None or params.has_penalties or params.min_tokens > 0
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], mask: TokenMask | None = None) -> torch.Tensor:
         """Next token per row as an int64 tensor on the logits' device. No host sync (the
-        overlap scheduler relies on it) except for penalties, which read the token history."""
+        overlap scheduler relies on it) except for penalties, which read the token history.
+        `mask`: grammar masks for some rows, applied to `logits` in place first (one launch)."""
+        if mask is not None:
+            with torch.inference_mode():  # the runner's logits are inference tensors
+                ops.apply_token_bitmask(logits, mask.bitmask, mask.rows)
         params = [s.sampling_params for s in seqs]
         if all(p.greedy and not p.has_penalties and p.min_tokens == 0 for p in params):
             return greedy_argmax(logits)

@@ -10,7 +10,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.nn.functional as torch_F
 
-from tandem.kernels import activation, block_copy, fused_moe as fused_moe_mod, gemv as gemv_mod, paged_attention, rmsnorm, rope as rope_mod, write_kv as write_kv_mod
+from tandem.kernels import activation, block_copy, fused_moe as fused_moe_mod, gemv as gemv_mod, paged_attention, rmsnorm, rope as rope_mod, token_bitmask, write_kv as write_kv_mod
 
 F = TypeVar("F", bound=Callable)
 
@@ -43,6 +43,7 @@ fused_add_rms_norm = _dispatch(rmsnorm.fused_add_rms_norm, rmsnorm.fused_add_rms
 rope = _dispatch(rope_mod.rope, rope_mod.rope_ref)
 silu_and_mul = _dispatch(activation.silu_and_mul, activation.silu_and_mul_ref)
 fused_moe = _dispatch(fused_moe_mod.fused_moe, fused_moe_mod.fused_moe_ref)
+apply_token_bitmask = _dispatch(token_bitmask.apply_token_bitmask, token_bitmask.apply_token_bitmask_ref)
 
 
 def skinny_gemv_enabled() -> bool:

@@ -1,7 +1,44 @@
-"""What a request asks of generation: vLLM's SamplingParams, validated at construction."""
+"""What a request asks of generation: vLLM's SamplingParams, validated at construction, and the
+structured-output constraint it may carry."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the text a request generates, enforced token by token by a grammar in the
+    engine (`engine/structured.py`). Exactly one field is set. Plain text, so it crosses processes
+    as it is (to a prefill worker inside `PrefillRequest`, whose first sampled token obeys it too)
+    and hashes (the engine caches compiled grammars by it)."""
+
+    json_schema: str | None = None  # a JSON Schema, as JSON text
+    json_object: bool = False  # any JSON object
+    regex: str | None = None  # the whole output matches this regular expression
+    choice: tuple[str, ...] | None = None  # the output is exactly one of these strings
+    grammar: str | None = None  # an EBNF grammar (xgrammar's GBNF dialect, start rule `root`)
+    structural_tag: str | None = None  # an xgrammar structural tag, as JSON text (tool calls)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        chosen = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        if len(chosen) != 1:
+            raise ValueError("structured output: exactly one of json_schema, json_object, regex, choice, grammar, "
+                             f"structural_tag must be set, got {chosen or 'none'}")
+        for name in ("json_schema", "regex", "grammar", "structural_tag"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured output: {name} must be a non-empty string")
+        if not isinstance(self.json_object, bool):
+            raise ValueError("structured output: json_object must be a bool")
+        if self.choice is not None and (not self.choice or any(not isinstance(c, str) or not c for c in self.choice)):
+            raise ValueError("structured output: choice must be a non-empty list of non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        """The name of the field that is set."""
+        return next(f.name for f in fields(self) if getattr(self, f.name) not in (None, False))
 
 
 @dataclass
@@ -25,6 +62,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # accepted for API compatibility; not computed
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only (text stays empty; stop strings need text)
+    structured_output: StructuredOutput | None = None  # a grammar the output must follow
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +106,15 @@ class SamplingParams:
             bad("stop strings need detokenize=True")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids must be non-negative integers")
+        if self.structured_output is not None:
+            if not isinstance(self.structured_output, StructuredOutput):
+                bad(f"structured_output must be a StructuredOutput, got {type(self.structured_output).__name__}")
+            # A finished grammar allows only its stop (EOS) token: banning EOS then (min_tokens,
+            # ignore_eos) would leave no token to sample.
+            if self.min_tokens:
+                bad("min_tokens cannot be combined with structured output")
+            if self.ignore_eos:
+                bad("ignore_eos cannot be combined with structured output")
 
     @property
     def greedy(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from tandem.protocol.sampling_params import SamplingParams
+from tandem.protocol.sampling_params import SamplingParams, StructuredOutput
 
 
 @dataclass
@@ -48,6 +48,7 @@ class WorkerRequest:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_output: StructuredOutput | None = None  # the grammar the output must follow
 
     def sampling_params(self) -> SamplingParams:
         names = [f.name for f in dataclasses.fields(SamplingParams) if f.init]

@@ -41,7 +41,6 @@ from tandem.router.openai_protocol import (
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
-    ChatResponseMessage,
     ChatTokenLogprob,
     CompletionChoice,
     CompletionLogprobs,
@@ -58,6 +57,10 @@ from tandem.router.openai_protocol import (
 )
 from tandem.router.prompt_tokenizer import PromptTokenizer
 from tandem.router.stage_timing import IngressTrace, StageHistograms, route_stamps, timing_payload
+from tandem.router.structured_output import StructuredOutputError, requested_structured_output
+from tandem.router.tool_calls import (StreamedChoices, ToolCallError, ToolPlan, chat_message, chat_messages,
+                                      plan_tools, template_tools, tool_call_format)
+from tandem.protocol.sampling_params import StructuredOutput
 from tandem.protocol.worker import TokenLogprob, WorkerDelta, WorkerRequest
 
 logger = logging.getLogger("ray.serve")
@@ -178,6 +181,7 @@ class OpenAIIngress:
         self._pool = decode_pool.options(stream=True)
         self._tokenizer = AutoTokenizer.from_pretrained(config.model)
         self._prompt_tokenizer = PromptTokenizer(self._tokenizer, config.tokenize_cache_chars)
+        self._tool_format = tool_call_format(self._tokenizer.chat_template)  # router/tool_calls.py
         self._vocab_size = len(self._tokenizer)
         self._model_names = {config.served_model_name, config.model}
         self._in_flight = 0
@@ -344,7 +348,8 @@ class OpenAIIngress:
             raise ApiError(400, "stop_token_ids must be token ids of this model", param="stop_token_ids")
 
     def _worker_request(self, req: SamplingFields, prompt_token_ids: list[int], max_tokens: int | None,
-                        logprobs: int | None, session_id: str | None, prompt_param: str) -> WorkerRequest:
+                        logprobs: int | None, session_id: str | None, prompt_param: str,
+                        structured_output: StructuredOutput | None = None) -> WorkerRequest:
         max_model_len = self._config.max_model_len
         if not prompt_token_ids:
             raise ApiError(400, "the prompt is empty", param=prompt_param)
@@ -369,7 +374,7 @@ class OpenAIIngress:
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             max_tokens=max_tokens, min_tokens=req.min_tokens, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos, include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
-            skip_special_tokens=req.skip_special_tokens,
+            skip_special_tokens=req.skip_special_tokens, structured_output=structured_output,
         )
         try:
             worker_request.sampling_params()  # the engine's own checks, here, as a 400
@@ -382,6 +387,20 @@ class OpenAIIngress:
             return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
         except (TypeError, ValueError):  # e.g. a lone surrogate, sent as "\ud800" in the JSON
             raise ApiError(400, "the text is not valid Unicode (lone surrogate?)", param=param) from None
+
+    @staticmethod
+    def _structured_output(req: SamplingFields) -> StructuredOutput | None:
+        """The request's structured-output constraint (router/structured_output.py); 400 if bad."""
+        try:
+            return requested_structured_output(req)
+        except StructuredOutputError as error:
+            raise ApiError(400, str(error), param=error.param) from None
+
+    def _tool_plan(self, req: ChatCompletionRequest) -> ToolPlan | None:
+        try:
+            return plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, self._tool_format)
+        except ToolCallError as error:
+            raise ApiError(400, str(error), param=error.param) from None
 
     @staticmethod
     def _session_id(req: SamplingFields, request: Request) -> str | None:
@@ -412,18 +431,26 @@ class OpenAIIngress:
             raise ApiError(400, f"prompts × n must be at most {self._config.max_n}", param="n")
         trace.mark("tokenized")
         session_id = self._session_id(req, request)
-        work = [self._worker_request(req, ids, req.max_tokens, req.logprobs, session_id, "prompt") for ids in prompts]
+        structured = self._structured_output(req)
+        work = [self._worker_request(req, ids, req.max_tokens, req.logprobs, session_id, "prompt", structured)
+                for ids in prompts]
         return await self._run(work, req, request, release, trace, chat=False, top_logprobs=req.logprobs)
 
     async def _chat(self, req: ChatCompletionRequest, request: Request, release, trace: IngressTrace) -> Response:
         self._check_common(req)
-        if req.tools:
-            raise ApiError(400, "tools are not supported", param="tools")
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        tools = self._tool_plan(req)
+        structured = self._structured_output(req)
+        if tools is not None:
+            if structured is not None:
+                raise ApiError(400, "response_format and guided decoding cannot be combined with tools "
+                                    "(unless tool_choice is none)", param="response_format")
+            structured = tools.structural_tag()
+        messages = chat_messages(req.messages, self._tool_format, tools)
         try:
-            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+            text = self._tokenizer.apply_chat_template(messages, tools=template_tools(self._tool_format, tools),
+                                                       add_generation_prompt=req.add_generation_prompt,
                                                        tokenize=False)
         except Exception as error:  # template errors are the request's fault (roles, order)
             raise ApiError(400, f"could not apply the chat template: {error}", param="messages") from None
@@ -434,8 +461,9 @@ class OpenAIIngress:
         trace.mark("tokenized")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        work = [self._worker_request(req, ids, max_tokens, logprobs, self._session_id(req, request), "messages")]
-        return await self._run(work, req, request, release, trace, chat=True, top_logprobs=logprobs)
+        work = [self._worker_request(req, ids, max_tokens, logprobs, self._session_id(req, request), "messages",
+                                     structured)]
+        return await self._run(work, req, request, release, trace, chat=True, top_logprobs=logprobs, tools=tools)
 
     # ---------------------------------------------------------------- running
     async def _start(self, work: list[WorkerRequest], trace: IngressTrace) -> list[_Started]:
@@ -511,10 +539,11 @@ class OpenAIIngress:
                 task.cancel()
 
     async def _run(self, work: list[WorkerRequest], req: SamplingFields, request: Request, release,
-                   trace: IngressTrace, *, chat: bool, top_logprobs: int | None) -> Response:
+                   trace: IngressTrace, *, chat: bool, top_logprobs: int | None, tools: ToolPlan | None = None) -> Response:
         for attempt in range(self._config.replica_retries + 1):
             try:
-                return await self._run_once(work, req, release, trace, chat=chat, top_logprobs=top_logprobs)
+                return await self._run_once(work, req, release, trace, chat=chat, top_logprobs=top_logprobs,
+                                            tools=tools)
             except ApiError as error:
                 if error.code != REPLICA_DIED or attempt == self._config.replica_retries:
                     raise
@@ -524,7 +553,7 @@ class OpenAIIngress:
         raise AssertionError("unreachable")
 
     async def _run_once(self, work: list[WorkerRequest], req: SamplingFields, release, trace: IngressTrace, *,
-                        chat: bool, top_logprobs: int | None) -> Response:
+                        chat: bool, top_logprobs: int | None, tools: ToolPlan | None = None) -> Response:
         started = await self._start(work, trace)
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         replicas = ",".join(dict.fromkeys(s.first.replica_id for s in started))
@@ -534,7 +563,7 @@ class OpenAIIngress:
         if req.stream:
             body = self._sse(started, response_id, model, n, chat, top_logprobs,
                              bool(req.stream_options and req.stream_options.include_usage), release,
-                             trace, req.tandem_timing)
+                             trace, req.tandem_timing, tools)
             return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
         choices = [_Choice() for _ in range(len(work) * n)]
@@ -558,11 +587,11 @@ class OpenAIIngress:
                 for s in started:
                     s.stream.cancel()
         if chat:
+            messages = [chat_message(c.text, c.finish_reason, tools) for c in choices]  # (message, finish reason)
             body = ChatCompletionResponse(id=response_id, model=model, usage=usage.usage(), choices=[
-                ChatChoice(index=i, message=ChatResponseMessage(content=c.text), finish_reason=c.finish_reason,
-                           stop_reason=c.stop_reason,
+                ChatChoice(index=i, message=message, finish_reason=finish_reason, stop_reason=c.stop_reason,
                            logprobs=self._chat_logprobs(c.logprobs) if top_logprobs is not None else None)
-                for i, c in enumerate(choices)])
+                for i, (c, (message, finish_reason)) in enumerate(zip(choices, messages))])
         else:
             body = CompletionResponse(id=response_id, model=model, usage=usage.usage(), choices=[
                 CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
@@ -583,8 +612,9 @@ class OpenAIIngress:
 
     async def _sse(self, started: list[_Started], response_id: str, model: str, n: int, chat: bool,
                    top_logprobs: int | None, include_usage: bool, release, trace: IngressTrace,
-                   want_timing: bool) -> AsyncIterator[str]:
+                   want_timing: bool, tools: ToolPlan | None = None) -> AsyncIterator[str]:
         created = int(time.time())
+        streamed = StreamedChoices(tools, len(started) * n)  # content, or content and tool-call deltas
         sent_token = False
         usage = _UsageTotals(len(started))
         text_offsets = [0] * (len(started) * n)
@@ -608,9 +638,9 @@ class OpenAIIngress:
                     index = prompt_index * n + out.index
                     want_logprobs = top_logprobs is not None
                     if chat:
+                        delta_body, finish_reason = streamed.delta(index, out.text, out.finish_reason)
                         chunk = ChatCompletionChunk(id=response_id, created=created, model=model, choices=[
-                            ChatChunkChoice(index=index, delta=ChatDelta(content=out.text),
-                                            finish_reason=out.finish_reason,
+                            ChatChunkChoice(index=index, delta=delta_body, finish_reason=finish_reason,
                                             logprobs=self._chat_logprobs(out.logprobs or []) if want_logprobs else None)])
                     else:
                         chunk = CompletionResponse(id=response_id, created=created, model=model, choices=[

@@ -3,8 +3,9 @@ vLLM's sampling extras. Pydantic at the HTTP edge only: the ingress turns a vali
 into a `protocol.worker.WorkerRequest` before anything crosses a process boundary.
 
 Unknown fields are ignored (as vLLM does); fields we cannot honour (`echo`, `suffix`,
-`logit_bias`, `best_of` > n, tools) are refused with a 400 by the ingress rather than
-silently dropped.
+`logit_bias`, `best_of` > n) are refused with a 400 by the ingress rather than silently dropped.
+Structured output (`response_format`, vLLM's `guided_*` / `structured_outputs`) and tools are
+turned into the engine's constraint by `router/structured_output.py` and `router/tool_calls.py`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,64 @@ SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1 - 64
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+# ------------------------------------------------------------ structured output and tools
+class JsonSchemaSpec(_Request):
+    """`response_format.json_schema`: OpenAI's named schema."""
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class StructuredOutputsField(_Request):
+    """vLLM's `structured_outputs` (the newer spelling of its `guided_*` fields)."""
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ToolCallFunction(_Request):
+    name: str
+    arguments: str = ""
+
+
+class MessageToolCall(_Request):
+    """A tool call of an earlier assistant turn, sent back by the client."""
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class SamplingFields(_Request):
@@ -51,6 +110,13 @@ class SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Structured output: OpenAI's response_format; vLLM's guided_* and structured_outputs
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsField | None = None
     # Tandem's: the reply carries `tandem_timing` (the serving path's stage stamps,
     # router.stage_timing), on the first chunk with a token when streaming
     tandem_timing: bool = False
@@ -74,6 +140,8 @@ class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -90,7 +158,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 # ------------------------------------------------------------------ responses
@@ -150,9 +220,35 @@ class ChatLogprobs(_Response):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionCallDelta(_Response):
+    name: str | None = Field(None, exclude_if=lambda v: v is None)
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Response):
+    """A streamed piece of a tool call: the first carries id, type and name; the rest carry
+    further characters of `function.arguments` (OpenAI's stream format)."""
+    index: int
+    id: str | None = Field(None, exclude_if=lambda v: v is None)
+    type: Literal["function"] | None = Field(None, exclude_if=lambda v: v is None)
+    function: FunctionCallDelta
+
+
 class ChatResponseMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda v: v is None)  # absent without tools
 
 
 class ChatChoice(_Response):
@@ -175,6 +271,7 @@ class ChatCompletionResponse(_Response):
 class ChatDelta(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(_Response):

@@ -14,7 +14,7 @@ _checkout = _Path(__file__).resolve().parent.parent
 if not (_Path(__file__).parent / "kernels").is_dir() and (_checkout / "kernels" / "paged_attention.py").is_file():
     __path__.append(str(_checkout))  # noqa: F821 (a package's __path__)
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutput", "RequestOutput", "CompletionOutput"]
 
 
 def __getattr__(name: str):

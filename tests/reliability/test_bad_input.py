@@ -61,6 +61,12 @@ FIELDS = {
     "stream_options": json_values,
     "logit_bias": json_values, "echo": scalars, "suffix": scalars, "best_of": scalars, "tools": json_values,
     "user": scalars, "ignore_eos": scalars,
+    # structured output and tools (docs/STRUCTURED.md): the engine compiles what passes the ingress
+    "response_format": st.one_of(json_values, st.fixed_dictionaries(
+        {"type": st.sampled_from(["json_object", "json_schema", "text", "xml"]),
+         "json_schema": st.fixed_dictionaries({"name": bad_text, "schema": json_values})})),
+    "guided_json": json_values, "guided_regex": bad_text, "guided_grammar": bad_text,
+    "guided_choice": st.one_of(st.lists(bad_text, max_size=3), scalars), "tool_choice": json_values,
 }
 request_bodies = st.one_of(json_values, st.dictionaries(st.sampled_from(sorted(FIELDS)), st.nothing(), max_size=0)
                            .flatmap(lambda _: st.fixed_dictionaries({}, optional=FIELDS)))
