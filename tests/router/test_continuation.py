@@ -196,3 +196,22 @@ def test_migrations_are_bounded_and_a_refused_first_attempt_is_sent_again(models
             await collect(stream, first)
 
     asyncio.run(main())
+
+
+def test_migration_settings_reach_the_ingress_and_the_pools(models):
+    from tandem.workers.app import AppArgs, _decode_pool, ingress_config
+
+    for bad in ({"max_migrations": -1}, {"max_migrations": 1.5}, {"drain_timeout_s": {"decode": 0}},
+                {"drain_timeout_s": {"gpu": 3}}):
+        with pytest.raises(ValueError, match="max_migrations|drain_timeout_s"):
+            AppArgs.from_dict(bad)
+    with pytest.raises(ValueError, match="max_migrations"):
+        MigrationPolicy(max_migrations=-1)
+    parsed = AppArgs.from_dict({"model": models, "max_migrations": 2})
+    assert ingress_config(parsed, models).max_migrations == 2
+    assert ingress_config(AppArgs.from_dict({"model": models}), models).max_migrations == 3
+    parsed = AppArgs.from_dict({"model": models, "mode": "disaggregated", "drain_timeout_s": {"decode": 7}})
+    decode = _decode_pool(parsed, models)._bound_deployment
+    prefill = decode.init_args[1]._bound_deployment
+    assert decode._deployment_config.graceful_shutdown_timeout_s == 7.0
+    assert prefill._deployment_config.graceful_shutdown_timeout_s == 120.0  # the default, DRAIN_TIMEOUT_S
