@@ -1,9 +1,10 @@
 """No stream lost: decode (engine) replicas SIGKILLed mid-stream, again and again, under a real
 local Serve app (two `LLMWorker` replicas behind the OpenAI ingress) and the `openai` client
-streaming chat and completions, greedy and seeded. Every stream completes, with the text, the
-finish and the usage of an undisturbed run of the same requests: the ingress continued each
-stream on the live replica from the tokens it had already sent (`router.continuation`). At the
-end every surviving replica runs nothing and has every KV block free.
+streaming chat and completions, greedy and seeded (and some requests not streamed). Every
+request completes, with the text, the finish and the usage of an undisturbed run of the same
+requests: the ingress continued each stream on the live replica from the tokens it had already
+sent (`router.continuation`). At the end every surviving replica runs nothing and has every KV
+block free.
 
 The engine side of a continuation (seeded draws, penalties, stop strings across the seam) is
 `tests/engine/test_continuation.py`; the ingress's wrapper without Ray is
@@ -56,10 +57,12 @@ class Spec:
     prompt: str
     max_tokens: int
     sampling: dict
+    stream: bool = True
 
     def create(self, client: openai.OpenAI):
-        common = dict(model="tiny", max_tokens=self.max_tokens, stream=True, stream_options={"include_usage": True},
-                      **self.sampling)
+        common = dict(model="tiny", max_tokens=self.max_tokens, **self.sampling)
+        if self.stream:
+            common.update(stream=True, stream_options={"include_usage": True})
         if self.chat:
             return client.chat.completions.with_raw_response.create(
                 messages=[{"role": "user", "content": self.prompt}], **common)
@@ -81,7 +84,8 @@ def specs() -> list[Spec]:
                         "extra_body": {"ignore_eos": True, "repetition_penalty": 1.2}}
         else:  # may stop early, at a stop string or EOS
             sampling = {"temperature": 0.0, "stop": [rng.choice(["ing", " the", "er"])]}
-        out.append(Spec(i, chat=i % 2 == 1, prompt=prompt, max_tokens=rng.randrange(40, 120), sampling=sampling))
+        out.append(Spec(i, chat=i % 2 == 1, prompt=prompt, max_tokens=rng.randrange(40, 120), sampling=sampling,
+                        stream=i % 8 < 7))  # and some non-streamed: nothing sent until the end
     return out
 
 
@@ -101,9 +105,18 @@ class Result:
 def run_one(client: openai.OpenAI, spec: Spec) -> Result:
     result = Result()
     try:
+        result.started_at = time.monotonic()
         raw = spec.create(client)
         result.replica = raw.headers.get("x-tandem-replica", "")
-        result.started_at = time.monotonic()
+        if not spec.stream:
+            reply = raw.parse()
+            choice = reply.choices[0]
+            result.text = choice.message.content if spec.chat else choice.text
+            result.finish_reason = choice.finish_reason
+            result.usage = {"prompt": reply.usage.prompt_tokens, "completion": reply.usage.completion_tokens,
+                            "total": reply.usage.total_tokens}
+            result.ended_at = time.monotonic()
+            return result
         for chunk in raw.parse():
             if chunk.usage is not None:
                 result.usage = {"prompt": chunk.usage.prompt_tokens, "completion": chunk.usage.completion_tokens,
@@ -243,6 +256,6 @@ def test_streams_survive_decode_replicas_killed_mid_stream(base_url, client):
     assert kinds["chat"] and len(hit) - kinds["chat"] and kinds["seeded"] and len(hit) - kinds["seeded"], kinds
     stats = wait_until_idle(base_url)
     blocks = {name.rsplit("#", 1)[-1]: f"{s['num_free_blocks']}/{s['num_total_blocks']}" for name, s in stats.items()}
-    print(f"\nmigration: {len(disturbed)} streams ({len(mix)} distinct), {len(killer.kills)} SIGKILLs in "
+    print(f"\nmigration: {len(disturbed)} requests ({len(mix)} distinct), {len(killer.kills)} SIGKILLs in "
           f"{elapsed:.1f} s, {len(hit)} streams hit mid-stream ({kinds['chat']} chat, {kinds['seeded']} seeded), "
           f"{int(migrations)} continuations, 0 lost; blocks free {blocks}")
