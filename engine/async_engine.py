@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_connector import KVConnector
 from tandem.engine.llm_engine import LLMEngine, PromptType
-from tandem.protocol.worker import EngineStats
+from tandem.protocol.worker import Continuation, EngineStats
 from tandem.engine.outputs import RequestOutput
 from tandem.protocol.sampling_params import SamplingParams
 
@@ -115,18 +115,19 @@ class AsyncLLM:
 
     # -------------------------------------------------------------- public
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
-                       request_id: str | None = None,
-                       timing: EngineTiming | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, timing: EngineTiming | None = None,
+                       continuation: Continuation | None = None) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs (each carries the text/tokens so far and the delta).
-        `timing`, when given, is filled in by the engine thread before the first output arrives."""
+        `timing`, when given, is filled in by the engine thread before the first output arrives.
+        `continuation`: the prompt ends with the request's earlier output (`LLMEngine.validate`)."""
         if self._error is not None:
             raise EngineDeadError(f"the engine loop died: {self._error!r}")
         # `validate` is pure: safe outside the engine thread. Compiling a request's grammar takes
         # milliseconds (first time per schema): not on the caller's event loop either.
         if getattr(sampling_params, "structured_output", None) is not None:
-            validated = await asyncio.to_thread(self.engine.validate, prompt, sampling_params)
+            validated = await asyncio.to_thread(self.engine.validate, prompt, sampling_params, continuation)
         else:
-            validated = self.engine.validate(prompt, sampling_params)
+            validated = self.engine.validate(prompt, sampling_params, continuation)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")

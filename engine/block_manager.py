@@ -87,7 +87,8 @@ class BlockManager:
         seq.num_computed_tokens = len(hit_ids) * self.block_size
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = seq.num_computed_tokens
-            self.prefix_queries += seq.num_prompt_tokens
+            # all its tokens: a continuation's earlier output is looked up (and may hit) too
+            self.prefix_queries += seq.num_tokens
             self.prefix_hits += seq.num_computed_tokens
         return seq.num_computed_tokens
 

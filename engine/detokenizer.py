@@ -48,6 +48,15 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)
         return self._check_stop(len(added))
 
+    def resume(self, output_token_ids: list[int], num_streamed_chars: int) -> None:
+        """Continue an output whose first tokens were generated elsewhere (a continuation after
+        its replica died): replay them, so the decode window and the stop-string check see the
+        same text as where they were generated (a stop string split across the seam is found),
+        and take the first `num_streamed_chars` characters as already streamed."""
+        for token_id in output_token_ids:
+            self.add_token(token_id)
+        self.streamed_upto = min(num_streamed_chars, len(self.text))
+
     def _check_stop(self, num_new_chars: int) -> str | None:
         if not self.stop or num_new_chars <= 0:
             return None

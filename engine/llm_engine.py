@@ -36,7 +36,7 @@ from tandem.engine.kv_connector import KVConnector
 from tandem.engine.model_runner import ModelRunner, load_hf_config
 from tandem.engine.outputs import CompletionOutput, RequestOutput
 from tandem.protocol.kv_events import KVEvent
-from tandem.protocol.worker import EngineStats
+from tandem.protocol.worker import Continuation, EngineStats
 from tandem.engine.sampler import Sampler
 from tandem.protocol.sampling_params import SamplingParams
 from tandem.engine.scheduler import Scheduler
@@ -49,11 +49,22 @@ PromptType = Union[str, dict, list]
 @dataclass(frozen=True)
 class ValidatedPrompt:
     """A request `LLMEngine.validate` accepted: the prompt's text (if given as text), its token
-    ids and the sampling params; with structured output, its compiled grammar."""
+    ids and the sampling params; with structured output, its compiled grammar; for a
+    continuation, the last `continuation.num_output_tokens` of `token_ids` are its earlier output
+    (`prompt_token_ids` is the prompt without them)."""
     text: str | None
     token_ids: list[int]
     params: SamplingParams
     grammar: object | None = None  # xgrammar.CompiledGrammar of params.structured_output
+    continuation: Continuation | None = None
+
+    @property
+    def num_resumed_tokens(self) -> int:
+        return self.continuation.num_output_tokens if self.continuation is not None else 0
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: len(self.token_ids) - self.num_resumed_tokens]
 
 
 @dataclass
@@ -156,10 +167,13 @@ class LLMEngine:
         raise ValueError("a prompt must be a string, a list of token ids, or a dict with "
                          "'prompt_token_ids' or 'prompt'")
 
-    def validate(self, prompt: PromptType, params: SamplingParams) -> ValidatedPrompt:
+    def validate(self, prompt: PromptType, params: SamplingParams,
+                 continuation: Continuation | None = None) -> ValidatedPrompt:
         """Check a request without touching engine state; raises ValueError with the reason.
         Pure, so callers on other threads validate first and hand the result to `add_validated`
-        (an 8k-token prompt's checks cost ~0.5 ms: done once, not again in the engine thread)."""
+        (an 8k-token prompt's checks cost ~0.5 ms: done once, not again in the engine thread).
+        `continuation`: the prompt's last tokens are the request's earlier output (see
+        `protocol.worker.Continuation`); the limits below then apply to the original prompt."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         text, ids = self.tokenize_prompt(prompt)
@@ -168,14 +182,26 @@ class LLMEngine:
         bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]!r} is out of the vocabulary [0, {self.vocab_size})")
+        resumed = 0
+        if continuation is not None:
+            resumed = continuation.num_output_tokens
+            if params.n != 1:
+                raise ValueError("a continuation continues one output: n must be 1")
+            if not 0 < resumed < len(ids):
+                raise ValueError(f"a continuation's {resumed} earlier output tokens must leave a prompt "
+                                 f"(the prompt has {len(ids)} tokens)")
+        prompt_len = len(ids) - resumed
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this model's context length is "
                              f"{self.max_model_len}, and at least one token must be generated")
-        max_tokens = params.max_tokens or (self.max_model_len - len(ids))
-        if len(ids) + max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context "
+        max_tokens = params.max_tokens or (self.max_model_len - prompt_len)
+        if prompt_len + max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context "
                              f"length {self.max_model_len}")
-        need = self.block_manager.blocks_needed(len(ids) + max_tokens)
+        if resumed >= max_tokens:
+            raise ValueError(f"a continuation of {resumed} output tokens has nothing left to generate "
+                             f"(max_tokens {max_tokens})")
+        need = self.block_manager.blocks_needed(prompt_len + max_tokens)
         if need > self.block_manager.num_blocks:
             raise ValueError(f"the request needs {need} KV blocks but the cache has only "
                              f"{self.block_manager.num_blocks}")
@@ -184,35 +210,43 @@ class LLMEngine:
         grammar = None
         if params.structured_output is not None:  # compiled here, on the caller's thread; cached
             grammar = self.grammars.compile(params.structured_output)
-        return ValidatedPrompt(text, ids, params, grammar)
+        return ValidatedPrompt(text, ids, params, grammar, continuation)
 
     # -------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                    arrival_time: float | None = None, stream: bool = True) -> None:
-        self.add_validated(request_id, self.validate(prompt, params), arrival_time, stream)
+                    arrival_time: float | None = None, stream: bool = True,
+                    continuation: Continuation | None = None) -> None:
+        self.add_validated(request_id, self.validate(prompt, params, continuation), arrival_time, stream)
 
     def add_validated(self, request_id: str, request: ValidatedPrompt, arrival_time: float | None = None,
                       stream: bool = True) -> None:
         """Admit a request that `validate` (of this engine) accepted."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids, params = request.text, request.token_ids, request.params
+        text, params = request.text, request.params
+        ids, prompt = request.token_ids, request.prompt_token_ids
         grammar = request.grammar
         if grammar is None and params.structured_output is not None:
             grammar = self.grammars.compile(params.structured_output)
         now = arrival_time if arrival_time is not None else time.monotonic()
         seqs, detoks = [], []
-        max_tokens = params.max_tokens or (self.max_model_len - len(ids))
+        max_tokens = params.max_tokens or (self.max_model_len - len(prompt))
         for i in range(params.n):
-            seq = Sequence(request_id, ids, params, arrival_time=now, output_index=i,
-                           max_num_tokens=len(ids) + max_tokens)
+            # A continuation's earlier output is in `token_ids` past the prompt, as a preempted
+            # sequence's is: recomputed, counted as output, not reported again.
+            seq = Sequence(request_id, prompt, params, arrival_time=now, output_index=i, token_ids=list(ids),
+                           max_num_tokens=len(prompt) + max_tokens)
             seqs.append(seq)
             if grammar is not None:
                 self.structured.add(seq, grammar)
-            detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
-                                                 params.stop_list, params.include_stop_str_in_output))
+            detok = IncrementalDetokenizer(self.tokenizer, prompt, params.skip_special_tokens,
+                                           params.stop_list, params.include_stop_str_in_output)
+            if request.continuation is not None and params.detokenize:
+                detok.resume(ids[len(prompt):], request.continuation.num_text_chars)
+            detoks.append(detok)
             self.scheduler.add(seq)
-        self.requests[request_id] = _Request(request_id, text, ids, params, seqs, detoks, [0] * params.n, stream)
+        self.requests[request_id] = _Request(request_id, text, prompt, params, seqs, detoks,
+                                             [request.num_resumed_tokens] * params.n, stream)
         self._num_sync_requests += Sampler.needs_known_tokens(params)
         self.prompt_tokens_total += len(ids)
 
@@ -404,8 +438,8 @@ class LLMEngine:
             token_ids = seq.output_token_ids
             logprobs = list(seq.output_logprobs) if req.params.logprobs is not None else None
             cumulative = None
-            if logprobs is not None:
-                cumulative = sum(lp[t].logprob for lp, t in zip(logprobs, token_ids))
+            if logprobs is not None:  # a continuation has none for its earlier output: align at the end
+                cumulative = sum(lp[t].logprob for lp, t in zip(logprobs, token_ids[len(token_ids) - len(logprobs):]))
             outputs.append(CompletionOutput(
                 index=i, text=detok.text, token_ids=token_ids,
                 delta_text=detok.take_stream_delta(seq.is_finished),

@@ -97,7 +97,7 @@ class Sampler:
         else:
             picked = torch.empty(len(random_rows), dtype=torch.int64, device=dev)
         for j in seeded:
-            gen = self._generator(seqs[random_rows[j]])
+            gen = self._generator(seqs[random_rows[j]], probs[j])
             picked[j : j + 1] = torch.multinomial(probs[j], 1, generator=gen)
         return tokens.index_copy_(0, rows, picked)
 
@@ -137,7 +137,11 @@ class Sampler:
         filtered = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
         return filtered / filtered.sum(dim=-1, keepdim=True)
 
-    def _generator(self, seq: Sequence) -> torch.Generator | None:
+    def _generator(self, seq: Sequence, probs_row: torch.Tensor) -> torch.Generator | None:
+        """The sequence's own generator, made at its first draw here. A sequence that already
+        has output tokens then (a continuation: they were sampled on another replica, one draw
+        each) starts where that generator stood: the same draws are replayed first, on a row of
+        `probs_row`'s shape, so a seeded stream continues exactly as it would have."""
         seed = seq.sampling_params.seed
         if seed is None:
             return None
@@ -145,6 +149,10 @@ class Sampler:
         if gen is None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(seed + seq.output_index)  # n > 1: distinct but reproducible outputs
+            if seq.num_output_tokens:
+                uniform = torch.ones_like(probs_row)
+                for _ in range(seq.num_output_tokens):
+                    torch.multinomial(uniform, 1, generator=gen)
             self.generators[seq.seq_key] = gen
         return gen
 

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -57,6 +58,17 @@ class ReceiveHandle:
         """True once the transfer succeeded or failed (never blocks)."""
         return self._request.finished.is_set()
 
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """Calls `fn()` once the transfer succeeded or failed: at once (here) if it already has,
+        else on the receiver's thread that ends it, so `fn` must be quick and must not block
+        (hand the news to your own thread or event loop). Exceptions it raises are dropped."""
+        request = self._request
+        with request.lock:
+            if not request.finished.is_set():
+                request.callbacks.append(fn)
+                return
+        _call(fn)
+
     def wait(self, timeout: float | None = None) -> None:
         """Returns when all layers landed; raises TransferError on failure, abort or timeout.
 
@@ -84,6 +96,15 @@ class _Request:
     error: TransferError | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     finished: threading.Event = field(default_factory=threading.Event)
+    callbacks: list = field(default_factory=list)  # ReceiveHandle.add_done_callback's, run once at the end
+
+    def set_finished(self) -> None:
+        """The transfer ended (state ok or failed): wake `wait`, run the callbacks."""
+        self.finished.set()
+        with self.lock:
+            callbacks, self.callbacks = self.callbacks, []
+        for fn in callbacks:
+            _call(fn)
 
 
 @dataclass(eq=False)
@@ -474,7 +495,7 @@ class KVReceiver:
         if complete:
             self._metrics.add(transfers_ok=1, transfer_seconds=time.monotonic() - request.t_begin)
             self._release(request)
-            request.finished.set()
+            request.set_finished()
             self._outbox.put((request.sender, Done(request.request_id)))
 
     # ---- failure ------------------------------------------------------------------------------
@@ -493,7 +514,7 @@ class KVReceiver:
             request.error = TransferError(request.request_id, reason)
         self._release(request)
         self._metrics.add(transfers_failed=1)
-        request.finished.set()
+        request.set_finished()
         if notify_sender and request.sender is not None:
             self._outbox.put((request.sender, Error(request.request_id, reason[:2048])))
 
@@ -528,6 +549,13 @@ def _listen(host: str, port: int) -> tuple[int, int]:
     except BaseException:
         sock.close()
         raise
+
+
+def _call(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except Exception:  # a caller's callback must not take down a receiver thread
+        pass
 
 
 def _itemsize(dtype: str) -> int:

@@ -1,5 +1,6 @@
 """What the ingress and a worker exchange through Serve handles: the request (token ids and
-plain sampling fields), the streamed deltas, the first-token timing, and a replica's counters."""
+plain sampling fields, and for a continuation which of the tokens are its earlier output), the
+streamed deltas, the first-token timing, and a replica's counters."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,6 +23,29 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """A request continued here after the replica streaming it died (`router.continuation`).
+
+    The last `num_output_tokens` of the request's `prompt_token_ids` are its own output so far,
+    sampled elsewhere; the client already has the first `num_text_chars` characters of that
+    output's text. The engine treats those tokens as output, not prompt: penalties see them, they
+    count towards `max_tokens` and `min_tokens` (which keep their original values), a seeded
+    generator starts past their draws, stop strings are checked across the seam, and the
+    reported counts (prompt tokens, output tokens) are the whole request's."""
+
+    num_output_tokens: int
+    num_text_chars: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_output_tokens", "num_text_chars"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"continuation: {name} must be an integer >= 0, got {value!r}")
+        if self.num_output_tokens < 1:
+            raise ValueError("continuation: num_output_tokens must be >= 1 (nothing generated: send the request itself)")
 
 
 @dataclass
@@ -49,6 +73,7 @@ class WorkerRequest:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     structured_output: StructuredOutput | None = None  # the grammar the output must follow
+    continuation: Continuation | None = None  # None: a new request
 
     def sampling_params(self) -> SamplingParams:
         names = [f.name for f in dataclasses.fields(SamplingParams) if f.init]

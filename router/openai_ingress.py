@@ -32,6 +32,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from tandem.router.continuation import MigrationPolicy, ResumableStream
 from tandem.router.openai_metrics import get_stats_board, render_prometheus, replica_deployment
 from tandem.router.openai_protocol import (
     ChatChoice,
@@ -86,6 +87,9 @@ class IngressConfig:
     # A request whose engine replica dies before any byte of the reply was sent is sent again
     # (Serve routes it to a live replica) this many times, then answered 503.
     replica_retries: int = 1
+    # A stream whose engine replica dies after its first delta is continued on another replica
+    # from the tokens already sent (router.continuation), at most this many times per prompt.
+    max_migrations: int = 3
     # Chat prompts are tokenized piece by piece with an LRU of this many characters of text
     # (tandem.router.prompt_tokenizer: a follow-up turn tokenizes only its new messages); 0: off.
     tokenize_cache_chars: int = 64 << 20
@@ -195,6 +199,8 @@ class OpenAIIngress:
         self._app_name = app_name
         self._engines_ready = not config.engine_deployments
         self._board = get_stats_board(app_name)
+        self._migration = MigrationPolicy(config.max_migrations)
+        self._counters["tandem_ingress_migrations_total"] = 0
         self._stage_histograms = StageHistograms()
         self._route_stamps = route_stamps()
 
@@ -498,7 +504,15 @@ class OpenAIIngress:
             for stream in streams:
                 stream.cancel()
             raise ApiError(400, refused)
-        return started
+        return [_Started(s.prompt_index, s.first, self._resumable(work[s.prompt_index], s)) for s in started]
+
+    def _resumable(self, request: WorkerRequest, started: _Started) -> ResumableStream:
+        """The prompt's stream, continued on another replica if its replica dies (router.continuation)."""
+        def migrated() -> None:
+            self._counters["tandem_ingress_migrations_total"] += 1
+
+        return ResumableStream(self._pool.generate.remote, request, started.first, started.stream, self._migration,
+                               migrated)
 
     def _replica_died(self) -> ApiError:
         return ApiError(503, "the engine replica serving this request died; retry the request", "server_error",

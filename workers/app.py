@@ -82,6 +82,13 @@ class AppArgs:
     expert_parallel_size: int = 1
     prefill_expert_parallel_size: int = 1
     health_check_period_s: float = 5.0  # Serve's health check of each engine replica (3 misses: replaced)
+    # A stream whose engine replica dies is continued on another replica this many times at most
+    # (router.continuation; 0: the stream ends with an error event).
+    max_migrations: int = 3
+    # pool ("prefill", "decode") -> seconds a leaving replica may finish its requests before it is
+    # stopped (Serve's graceful_shutdown_timeout_s; default DRAIN_TIMEOUT_S). The streams still on
+    # it then continue on another replica.
+    drain_timeout_s: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, args: dict[str, Any] | None) -> "AppArgs":
@@ -102,6 +109,12 @@ class AppArgs:
         pools = ("prefill", "decode") if parsed.mode == "disaggregated" else ("decode", "colocated")
         if len(set(parsed.autoscaling) & {"decode", "colocated"}) > 1 or set(parsed.autoscaling) - set(pools):
             raise ValueError(f"autoscaling: a {parsed.mode} app has the pools {pools}, got {sorted(parsed.autoscaling)}")
+        if not isinstance(parsed.max_migrations, int) or parsed.max_migrations < 0:
+            raise ValueError(f"max_migrations must be an integer >= 0, got {parsed.max_migrations!r}")
+        if set(parsed.drain_timeout_s) - set(DRAIN_TIMEOUT_S) or not all(
+                isinstance(v, (int, float)) and v > 0 for v in parsed.drain_timeout_s.values()):
+            raise ValueError(f"drain_timeout_s maps pools {tuple(DRAIN_TIMEOUT_S)} to seconds > 0, "
+                             f"got {parsed.drain_timeout_s!r}")
         for name in ("expert_parallel_size", "prefill_expert_parallel_size"):
             size = getattr(parsed, name)
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
@@ -152,7 +165,8 @@ def _decode_pool(args: AppArgs, model: str) -> Application:
         opts: dict[str, Any] = {"num_cpus": args.worker_num_cpus, "num_gpus": num_gpus}
         if args.pool_resources:
             opts["resources"] = {pool: 1}
-        options = {"ray_actor_options": opts, "graceful_shutdown_timeout_s": DRAIN_TIMEOUT_S[pool],
+        drain_s = args.drain_timeout_s.get(pool, DRAIN_TIMEOUT_S[pool])
+        options = {"ray_actor_options": opts, "graceful_shutdown_timeout_s": drain_s,
                    "graceful_shutdown_wait_loop_s": 1.0}
         if ep_size > 1 and args.device.startswith("cuda") and num_gpus < 1:
             raise ValueError(f"an expert-parallel {pool} pool needs one whole GPU per rank (NCCL cannot put two ranks "
@@ -230,6 +244,7 @@ def ingress_config(parsed: AppArgs, model: str) -> IngressConfig:
         tokenize_cache_chars=parsed.tokenize_cache_chars,
         engine_deployments=tuple(POOL_DEPLOYMENTS[pool] for pool in  # what /health waits for
                                  (("colocated",) if parsed.mode == "colocated" else ("prefill", "decode"))),
+        max_migrations=parsed.max_migrations,
     )
 
 

@@ -47,9 +47,12 @@ class DisaggConfig:
     """An uncached prompt suffix at least this long is prefilled by the prefill pool; a shorter
     one is prefilled here."""
     prefill_timeout_s: float = 60.0
-    """Bound on one prefill call (queueing + compute + transfer); then recompute locally."""
+    """Bound on one prefill call (queueing + compute + transfer); then recompute locally. A
+    transfer the receiver fails (the sender went silent for the transfer config's
+    `peer_timeout_s`, its pair broke, a bad chunk) ends the wait at once."""
     kv_wait_timeout_s: float = 10.0
-    """Bound on the KV landing after the prefill worker answered (it answers after the ack)."""
+    """Bound on the KV landing after the prefill worker answered, and on its answer (the first
+    token) after the KV landed: it answers once the receiver acknowledged the KV."""
 
     def __post_init__(self) -> None:
         if self.remote_prefill_min_tokens < 1:
@@ -176,23 +179,47 @@ class DecodeConnector(KVConnector):
 
     # event loop ---------------------------------------------------------------------------
     async def _run(self, load: _Load, request: PrefillRequest) -> None:
-        response = None
+        """Ask for the prefill and wait for both its answer and the KV. The blocks stay reserved
+        for the transfer until whichever comes first of: both arrived (resume with the prompt
+        computed); the call failed (the prefill replica died, refused, timed out); the receiver
+        failed the transfer (sender silent or gone: `peer_timeout_s`); the KV landed but no
+        answer came within `kv_wait_timeout_s`, or an answer came but no KV within it. In
+        every failure the transfer is aborted first, so the rest of the prompt can be
+        recomputed into the same blocks."""
+        loop = asyncio.get_running_loop()
+        config = self.config
+        kv_ended = loop.create_future()  # the receiver ended the transfer (landed or failed)
+        load.handle.add_done_callback(lambda: _set_soon(loop, kv_ended))
+        response = answer = None
         try:
             response = self._prefill.prefill.remote(request)
-            result: PrefillResult = await asyncio.wait_for(_awaited(response), self.config.prefill_timeout_s)
+            answer = asyncio.ensure_future(_awaited(response))
+            done, _ = await asyncio.wait({answer, kv_ended}, timeout=config.prefill_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise TimeoutError(f"no prefill within prefill_timeout_s={config.prefill_timeout_s:g}s")
+            if answer not in done:  # the KV ended first: failed (raises here), or landed
+                load.handle.wait(0)
+                done, _ = await asyncio.wait({answer}, timeout=config.kv_wait_timeout_s)
+                if not done:
+                    raise TimeoutError(f"the KV landed but the prefill worker did not answer within "
+                                       f"kv_wait_timeout_s={config.kv_wait_timeout_s:g}s")
+            result: PrefillResult = answer.result()
             if result.error is not None:
                 raise RuntimeError(f"prefill worker: {result.error}")
             if result.transfer_id != load.transfer_id or result.first_token is None:
                 raise RuntimeError("prefill worker answered for another transfer")
-            await asyncio.to_thread(load.handle.wait, self.config.kv_wait_timeout_s)
+            done, _ = await asyncio.wait({kv_ended}, timeout=config.kv_wait_timeout_s)
+            if not done:
+                raise TimeoutError(f"the KV did not land within kv_wait_timeout_s={config.kv_wait_timeout_s:g}s "
+                                   "of the prefill worker's answer")
+            load.handle.wait(0)  # raises if the transfer failed
             outcome = LoadResult(True, result.first_token, result.logprobs)
         except asyncio.CancelledError:
-            if response is not None:
-                response.cancel()
+            _cancel(response, answer)
             raise
         except Exception as error:  # prefill died, timed out, refused, or the transfer failed
-            if response is not None:
-                response.cancel()
+            _cancel(response, answer)
             # After this returns nothing more lands in the blocks: safe to recompute into them.
             self.receiver.abort(load.transfer_id, f"prefill failed: {error!r}"[:1000])
             outcome = LoadResult(False, reason=repr(error))
@@ -209,6 +236,25 @@ class DecodeConnector(KVConnector):
 
 async def _awaited(response):
     return await response
+
+
+def _set_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+    """From any thread: resolve `future` on `loop` (a closed loop: nobody waits any more)."""
+    def resolve() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    try:
+        loop.call_soon_threadsafe(resolve)
+    except RuntimeError:
+        pass
+
+
+def _cancel(response, answer: asyncio.Future | None) -> None:
+    if answer is not None:
+        answer.cancel()
+    if response is not None:
+        response.cancel()
 
 
 # ----------------------------------------------------------------------------- prefill side

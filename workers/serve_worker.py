@@ -173,7 +173,7 @@ class LLMWorker:
         try:
             params = request.sampling_params()
             stream = self._engine.generate({"prompt_token_ids": list(request.prompt_token_ids)}, params,
-                                           request.request_id, engine_timing)
+                                           request.request_id, engine_timing, request.continuation)
             first = await stream.__anext__()
         except ValueError as error:  # bad input: refused before it touched the engine
             yield WorkerDelta(request.request_id, [], True, len(request.prompt_token_ids),

@@ -1,8 +1,10 @@
 """Faults on a real local Serve app (two `LLMWorker` replicas behind the OpenAI ingress): an
-engine replica killed while it streams. Its streaming clients get a clean SSE error at once
-(never a hang); its non-streamed clients get a full completion, sent again to the live replica
-(nothing had been sent to them yet); the other replica's clients never notice; Serve brings a
-new replica up and it serves.
+engine replica killed while it streams, with stream migration off (`max_migrations=0`), which is
+also what a stream gets once its migrations are used up. Its streaming clients get a clean SSE
+error at once (never a hang); its non-streamed clients get a full completion, sent again to the
+live replica (nothing had been sent to them yet); the other replica's clients never notice;
+Serve brings a new replica up and it serves. With migration on (the default), the streams
+continue instead: `test_migration.py`.
 
 Killing a prefill replica mid-run is `tests/workers/test_disagg.py::
 test_killing_the_prefill_replica_mid_run_completes_every_request`; a dead or stalled KV peer is
@@ -29,7 +31,8 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture(scope="module")
 def base_url(ray_serve):
-    with app_at(ray_serve, APP, num_replicas=2, routing_policy="round_robin", engine_kwargs=ENGINE) as url:
+    with app_at(ray_serve, APP, num_replicas=2, routing_policy="round_robin", engine_kwargs=ENGINE,
+                max_migrations=0) as url:
         yield url
 
 

@@ -5,6 +5,7 @@ sockets speaking the control channel's msgpack. A sender process killed mid-tran
 `tests/kvtransfer/test_transfer_processes.py::test_killed_sender_fails_request_in_bounded_time_and_receiver_keeps_serving`."""
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 
@@ -79,6 +80,8 @@ def test_receiver_fails_a_transfer_whose_sender_went_silent_within_peer_timeout(
     """A paired sender that opens a transfer and then stops (no data, no heartbeat)."""
     with KVReceiver(_cache(5), FAST) as receiver, KVSender(_cache(6), FAST) as sender:
         handle = receiver.expect("silent", [2, 3], SHAPE[0])
+        ended = threading.Event()  # add_done_callback: how the decode worker's event loop hears of it
+        handle.add_done_callback(ended.set)
         peer = zmq_context.socket(zmq.DEALER)
         peer.setsockopt(zmq.IDENTITY, b"silent-sender")
         peer.connect(receiver.address)
@@ -92,6 +95,10 @@ def test_receiver_fails_a_transfer_whose_sender_went_silent_within_peer_timeout(
         with pytest.raises(TransferError):
             handle.wait(30)  # the heartbeat check, not this 30 s wait, ends it
         assert time.monotonic() - started < max(FAST.peer_timeout_s, FAST.connect_timeout_s) + SLACK_S
+        assert ended.is_set()
+        late = []
+        handle.add_done_callback(lambda: late.append(True))  # already ended: called at once
+        assert late == [True]
         before = receiver.kv_cache.clone()
         assert receiver.metrics().transfers_failed == 1
         _assert_transfers(sender, receiver, "after-silent")  # the same blocks, from a live sender
