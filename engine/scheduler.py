@@ -150,8 +150,9 @@ class Scheduler:
                 self.running.append(seq)
                 out.scheduled.append(ScheduledSeq(seq, num_new))
                 budget -= num_new
-        if self.host_tier is not None:
-            # Copy out what the next allocations will evict, sparing what the next step may need.
+        if self.host_tier is not None and out.scheduled:
+            # Copy out what the next allocations will evict, sparing what the next step may need
+            # (beside a step: an idle engine evicts nothing).
             self.host_tier.offload(reserve=bm.blocks_needed(self.max_num_batched_tokens) + len(self.running))
         return out
 
