@@ -24,7 +24,7 @@ from ray import serve
 from tandem.workers.app import AppArgs, _decode_pool, build_app
 from tandem.router.index_actor import INDEX_NAMESPACE, index_actor_name
 from tests.router.serve_harness import local_serve
-from tandem.protocol.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored
+from tandem.protocol.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, Tier
 from tandem.workers.ep_replica import RANK_NAMESPACE, RankCaches, choose_rank, merge_stats
 from tandem.engine.llm import LLM
 from tandem.protocol.worker import EngineStats
@@ -66,6 +66,18 @@ def test_rank_caches_report_a_block_until_no_rank_holds_it():
     assert caches.apply(0, [AllBlocksCleared()]) == [BlocksRemoved([1, 2, 3])]
     assert caches.cached_blocks([1, 2, 3]) == [0, 0]
     assert caches.apply(0, [BlocksRemoved([1])]) == []
+
+
+def test_rank_caches_keep_the_tiers_apart():
+    caches = RankCaches(2)
+    host = BlocksStored([1, 2], None, Tier.HOST)
+    assert caches.apply(0, [host]) == [host]
+    assert caches.apply(1, [stored(1, 2)]) == [stored(1, 2)]
+    assert caches.cached_blocks([1, 2]) == [0, 2]  # the device tier only
+    # Rank 0's host tier drops block 2: rank 1's device copy is another tier, so it leaves.
+    assert caches.apply(0, [BlocksRemoved([2], Tier.HOST)]) == [BlocksRemoved([2], Tier.HOST)]
+    assert caches.apply(1, [AllBlocksCleared()]) == [BlocksRemoved([1, 2])]
+    assert caches.apply(0, [AllBlocksCleared()]) == [BlocksRemoved([1], Tier.HOST)]
 
 
 def test_choose_rank_prefers_the_cached_prefix_within_the_imbalance_limit():
