@@ -2,7 +2,9 @@
 
 Nobody else changes a block's ref count. A block's ref count covers running sequences; a
 block whose count drops to zero but holds a full, hashed block of tokens stays in the prefix
-cache (and in the free list, least-recently-freed first) until a new allocation evicts it.
+cache (and in the free list, least-recently-freed first) until a new allocation evicts it. The
+free list is two queues: worthless blocks (nothing cached), handed out first, then cached ones
+in LRU order.
 Every change to the set of cached blocks is recorded as a KV event (`protocol.kv_events`) for
 the router's prefix index.
 
@@ -36,8 +38,10 @@ class BlockManager:
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
         self.block_parent: list[int | None] = [None] * num_blocks  # hash of the block before (None: first)
         self.cached: dict[int, int] = {}  # hash -> block id
-        # Free blocks, oldest first. Cached ones are evicted from the front when reused.
-        self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        # Free blocks: worthless ones (nothing cached) are handed out first; then cached ones,
+        # least recently freed first, evicted from the front when reused.
+        self.free_uncached: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.free_cached: OrderedDict[int, None] = OrderedDict()
         self.events: list[KVEvent] = []
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # prompt tokens found cached
@@ -45,7 +49,10 @@ class BlockManager:
     # ----------------------------------------------------------------- queries
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_queue)
+        return len(self.free_uncached) + len(self.free_cached)
+
+    def is_free(self, b: int) -> bool:
+        return b in self.free_uncached or b in self.free_cached
 
     @property
     def usage(self) -> float:
@@ -81,7 +88,7 @@ class BlockManager:
         hit_tokens = len(hit_ids) * self.block_size
         num_new_tokens = min(num_new_tokens, seq.num_tokens - hit_tokens)
         new_blocks = self.blocks_needed(hit_tokens + num_new_tokens) - len(hit_ids)
-        reclaimed = sum(1 for b in hit_ids if b in self.free_queue)  # leave the free list
+        reclaimed = sum(1 for b in hit_ids if b in self.free_cached)  # leave the free list
         return new_blocks + reclaimed <= self.num_free_blocks
 
     def admit(self, seq: Sequence) -> int:
@@ -139,9 +146,7 @@ class BlockManager:
             self.ref_counts[b] -= 1
             assert self.ref_counts[b] >= 0, f"block {b} double freed"
             if self.ref_counts[b] == 0 and self.pins[b] == 0:
-                self.free_queue[b] = None
-                if self.block_hash[b] is None:
-                    self.free_queue.move_to_end(b, last=False)  # worthless: reuse first
+                self._to_free_list(b)
         seq.block_ids = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
@@ -161,6 +166,9 @@ class BlockManager:
         for h, b in list(self.cached.items()):
             if self.ref_counts[b] == 0:
                 self._evict(b)
+                if b in self.free_cached:  # free, and now worthless
+                    del self.free_cached[b]
+                    self.free_uncached[b] = None
         self.events.append(AllBlocksCleared())
 
     def drain_events(self) -> list[KVEvent]:
@@ -176,37 +184,54 @@ class BlockManager:
     def pin(self, b: int) -> None:
         """A copy will read or write block `b`: it leaves the free list until `unpin`."""
         if self.ref_counts[b] == 0 and self.pins[b] == 0:
-            del self.free_queue[b]
+            self._from_free_list(b)
         self.pins[b] += 1
 
     def unpin(self, b: int) -> None:
-        """A copy of block `b` is done. Unheld, it returns to the front of the free list: it is
-        either worthless or (a block copied out) next to be evicted anyway, and now backed up."""
+        """A copy of block `b` is done. Unheld, it returns to the free list where it was taken
+        from: a copied-out block was among the next to be evicted, so it goes back to the front
+        of the cached queue (now backed up), keeping the LRU order."""
         self.pins[b] -= 1
         assert self.pins[b] >= 0, f"block {b} unpinned twice"
         if self.pins[b] == 0 and self.ref_counts[b] == 0:
-            self.free_queue[b] = None
-            self.free_queue.move_to_end(b, last=False)
+            self._to_free_list(b)
+            if self.block_hash[b] is not None:
+                self.free_cached.move_to_end(b, last=False)
 
     def eviction_candidates(self, window: int) -> list[int]:
-        """Cached blocks among the first `window` of the free list: the next to be evicted."""
+        """Cached free blocks among the next `window` the allocator hands out: the next to be
+        evicted, in order."""
         found = []
-        for i, b in enumerate(self.free_queue):
+        for i, b in enumerate(self.free_cached, start=len(self.free_uncached)):
             if i >= window:
                 break
-            if self.block_hash[b] is not None:
-                found.append(b)
+            found.append(b)
         return found
 
     # --------------------------------------------------------------- internals
     def _incref(self, b: int) -> None:
         if self.ref_counts[b] == 0 and self.pins[b] == 0:
-            del self.free_queue[b]
+            self._from_free_list(b)
         self.ref_counts[b] += 1
 
+    def _to_free_list(self, b: int) -> None:
+        if self.block_hash[b] is None:
+            self.free_uncached[b] = None
+            self.free_uncached.move_to_end(b, last=False)  # worthless: reuse first
+        else:
+            self.free_cached[b] = None
+
+    def _from_free_list(self, b: int) -> None:
+        if b in self.free_cached:
+            del self.free_cached[b]
+        else:
+            del self.free_uncached[b]
+
     def _take_free_block(self) -> int:
-        b, _ = self.free_queue.popitem(last=False)
-        if self.block_hash[b] is not None:
+        if self.free_uncached:
+            b, _ = self.free_uncached.popitem(last=False)
+        else:
+            b, _ = self.free_cached.popitem(last=False)
             self._evict(b)
         self.ref_counts[b] = 1
         return b
@@ -236,7 +261,10 @@ class BlockManager:
         assert expected_pins == self.pins, "copy pins disagree with the copies in flight"
         for b in range(self.num_blocks):
             free = self.ref_counts[b] == 0 and self.pins[b] == 0
-            assert (b in self.free_queue) == free, f"block {b} free-list state"
+            assert self.is_free(b) == free, f"block {b} free-list state"
+            assert not (b in self.free_cached and b in self.free_uncached), f"block {b} free twice"
+        assert all(self.block_hash[b] is not None for b in self.free_cached), "a worthless block in the cached queue"
+        assert all(self.block_hash[b] is None for b in self.free_uncached), "a cached block in the worthless queue"
         for h, b in self.cached.items():
             assert self.block_hash[b] == h
         assert sum(h is not None for h in self.block_hash) == len(self.cached)

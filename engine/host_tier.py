@@ -69,6 +69,7 @@ class CopyHandle(Protocol):
 
 class BlockCopier(Protocol):
     bytes_per_block: int
+    synchronous: bool  # every copy has landed when copy_out / copy_in returns (the CPU device)
 
     def copy_out(self, device_ids: list[int], host_ids: list[int]) -> CopyHandle:
         """Device blocks -> host blocks (same order), after everything queued on the device so far."""
@@ -132,6 +133,7 @@ class TorchBlockCopier:
         self.host_cache = torch.empty((num_host_blocks, *self.block_shape), dtype=kv_cache.dtype,
                                       pin_memory=self.cuda)
         self.bytes_per_block = self.host_cache[0].numel() * self.host_cache.element_size()
+        self.synchronous = not self.cuda
         self.chunk_blocks = max(1, STAGING_BYTES // self.bytes_per_block)
         if self.cuda:
             self._out_stream = torch.cuda.Stream(kv_cache.device)
@@ -288,8 +290,12 @@ class HostTier:
     # ------------------------------------------------------------------------ out
     def offload(self, reserve: int) -> int:
         """Start copying the device blocks next in line for eviction that the host tier lacks;
-        leaves at least `reserve` device blocks free. Returns how many blocks it started."""
+        leaves at least `reserve` device blocks free while the copy is in flight (a synchronous
+        copier's copies have landed before the next step allocates, so it pins none across a
+        step and the reserve does not apply). Returns how many blocks it started."""
         bm = self.bm
+        if self.copier.synchronous:
+            reserve = 0
         candidates = bm.eviction_candidates(self.lookahead_blocks)
         todo = [b for b in candidates if bm.block_hash[b] not in self._ready and bm.block_hash[b] not in self._storing]
         if not todo:

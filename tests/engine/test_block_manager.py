@@ -132,6 +132,7 @@ class GatedCopier:
     a block that someone else owns by then shows up as a wrong content."""
 
     bytes_per_block = 64
+    synchronous = False
 
     def __init__(self, device_content: dict[int, int]) -> None:
         self.device = device_content  # device block -> the block hash its KV is for

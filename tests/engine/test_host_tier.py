@@ -13,6 +13,7 @@ from tandem.engine.block_manager import BlockManager
 from tandem.engine.host_tier import HostTier
 from tandem.engine.sequence import Sequence
 from tandem.protocol.kv_events import BlocksRemoved, BlocksStored, Tier
+from tandem.protocol.prefix_hash import hash_full_blocks
 from tests.engine.hf_oracle import hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
@@ -25,6 +26,7 @@ class HeldCopier:
     def __init__(self, inner) -> None:
         self.inner = inner
         self.bytes_per_block = inner.bytes_per_block
+        self.synchronous = False
         self.held: list[HeldCopy] = []
 
     def copy_out(self, device_ids, host_ids):
@@ -163,7 +165,7 @@ def test_cancel_during_reload_frees_everything(llama_dir):
     # The copy still writes those blocks: none is free until it lands.
     pinned = set(host.device_pins())
     assert pinned and pinned <= set(reload_blocks)
-    assert not pinned & set(bm.free_queue)
+    assert not any(bm.is_free(b) for b in pinned)
     bm.check_invariants([], host.device_pins())
     host.check_invariants()
     held.release()
@@ -197,6 +199,7 @@ def test_events_name_the_tier_and_follow_each_blocks_stay(llama_dir):
 # ---------------------------------------------------------------------------- the tier alone
 class _InstantCopier:
     bytes_per_block = 100
+    synchronous = False  # pins held until `poll`, as on a GPU
 
     def copy_out(self, device_ids, host_ids):
         return host_tier_module._Done(0.001)
@@ -215,7 +218,7 @@ def _cached_and_freed(bm: BlockManager, tokens: list[int]) -> Sequence:
     return seq
 
 
-def test_host_lru_evicts_the_least_recently_used_and_busy_tier_drops():
+def test_host_lru_evicts_the_least_recently_used():
     bm = BlockManager(8, 4)
     host = HostTier(bm, _InstantCopier(), num_blocks=2, lookahead_blocks=8)
     _cached_and_freed(bm, [1] * 9)  # 2 full blocks
@@ -229,20 +232,32 @@ def test_host_lru_evicts_the_least_recently_used_and_busy_tier_drops():
     host.poll()
     events = [e for e in bm.drain_events() if e.tier is Tier.HOST]
     assert [type(e) for e in events] == [BlocksRemoved, BlocksStored]
-    assert events[0].block_hashes[0] in first_two and events[1].block_hashes[0] not in first_two
+    # The chain's tail went first (a sequence frees its tail first), so its head outlives it.
+    head, tail = hash_full_blocks([1] * 9, 4)
+    assert events[0].block_hashes == [tail] and events[1].block_hashes[0] not in first_two
+    assert head in host._ready
     assert host.stats.blocks_evicted == 1
-    # Busy: with the maximum of batches in flight, the next candidates are not copied (no wait).
-    held = host.copier = HeldCopier(_InstantCopier())
-    held.inner.copy_out = lambda d, h: host_tier_module._Done(0.0)
-    for n in range(host_tier_module.MAX_OFFLOADS_IN_FLIGHT):
+    host.check_invariants()
+    bm.check_invariants([], host.device_pins())
+
+
+def test_a_busy_host_tier_drops_instead_of_waiting():
+    bm = BlockManager(16, 4)
+    held = HeldCopier(_InstantCopier())
+    host = HostTier(bm, held, num_blocks=16, lookahead_blocks=16)
+    for n in range(host_tier_module.MAX_OFFLOADS_IN_FLIGHT):  # that many batches in flight, none landed
         _cached_and_freed(bm, [10 + n] * 5)
         assert host.offload(reserve=0) == 1
     _cached_and_freed(bm, [20] * 5)
     assert host.offload(reserve=0) == 0 and host.stats.offloads_skipped_busy == 1
     held.release()
     host.poll()
+    assert host.offload(reserve=0) == 1  # landed: the tier takes the next one
+    held.release()
+    host.poll()
     host.check_invariants()
     bm.check_invariants([], host.device_pins())
+    assert host.num_ready_blocks == host_tier_module.MAX_OFFLOADS_IN_FLIGHT + 1
 
 
 def test_offload_spares_the_reserve():
