@@ -39,6 +39,7 @@ per direction, CUDA events; CPU device: a second pool of CPU tensors, copied at 
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -51,8 +52,10 @@ from tandem.engine.sequence import Sequence
 from tandem.protocol.kv_events import BlocksRemoved, BlocksStored, Tier
 from tandem.protocol.prefix_hash import ROOT_HASH, hash_block
 
+logger = logging.getLogger(__name__)
+
 MAX_OFFLOADS_IN_FLIGHT = 2  # offload batches; beyond this the tier is busy and evictions are dropped
-STAGING_BYTES = 64 * 1024**2  # device staging per copy chunk (bounds the side stream's extra memory)
+STAGING_BYTES = 32 * 1024**2  # device staging per copy chunk (bounds a copy's extra device memory)
 
 
 # --------------------------------------------------------------------------------------- copies
@@ -130,14 +133,23 @@ class TorchBlockCopier:
         self.block_shape = (layers, two, block_size, heads, head_dim)
         self.cuda = kv_cache.is_cuda
         # Never read before written, so not zeroed (pinning tens of GB is slow enough already).
-        self.host_cache = torch.empty((num_host_blocks, *self.block_shape), dtype=kv_cache.dtype,
-                                      pin_memory=self.cuda)
+        self.host_cache = torch.empty((num_host_blocks, *self.block_shape), dtype=kv_cache.dtype)
+        self._registered = self.cuda and _pin_exactly(self.host_cache)
+        if self.cuda and not self._registered:
+            self.host_cache = self.host_cache.pin_memory()
         self.bytes_per_block = self.host_cache[0].numel() * self.host_cache.element_size()
         self.synchronous = not self.cuda
         self.chunk_blocks = max(1, STAGING_BYTES // self.bytes_per_block)
         if self.cuda:
             self._out_stream = torch.cuda.Stream(kv_cache.device)
             self._in_stream = torch.cuda.Stream(kv_cache.device)
+
+    def __del__(self) -> None:
+        if getattr(self, "_registered", False):
+            try:
+                torch.cuda.cudart().cudaHostUnregister(self.host_cache.data_ptr())
+            except Exception:  # interpreter shutdown: the process's memory goes with it
+                pass
 
     def copy_out(self, device_ids: list[int], host_ids: list[int]) -> CopyHandle:
         if not self.cuda:
@@ -183,6 +195,24 @@ class TorchBlockCopier:
                     self.kv_cache.index_copy_(2, index[lo:hi], part.movedim(0, 2))
             end.record()
         return _CudaCopy(start, end, keep)
+
+
+def _pin_exactly(tensor: torch.Tensor) -> bool:
+    """Page-lock a host tensor where it is (cudaHostRegister). `pin_memory()` goes through
+    torch's caching host allocator, which rounds a request up to a power of two: a 40 GiB host
+    tier would lock 64 GiB."""
+    try:
+        error = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+    except Exception as exc:  # no such binding in this build
+        logger.warning("cudaHostRegister unavailable (%r): the host tier uses torch's pinned allocator", exc)
+        return False
+    if int(error) != 0:
+        clear = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+        if clear is not None:
+            clear()  # else a later kernel launch check reports this error as its own
+        logger.warning("cudaHostRegister failed (%s): the host tier uses torch's pinned allocator", error)
+        return False
+    return True
 
 
 def _runs(host_ids: list[int], lo: int, hi: int):
