@@ -162,7 +162,7 @@ def choose_rank(cached_blocks: Sequence[int], outstanding: Sequence[int], first:
 # ------------------------------------------------------------------------------- merging ranks
 def merge_stats(parts: Sequence[Any]) -> Any:
     """The group's stats from its ranks' (same dataclass each): counts summed, `timestamp` the
-    latest, text the first non-empty, `kv_usage` recomputed from the summed blocks."""
+    latest, text the first non-empty, `kv_usage` (and the host tier's) recomputed from the summed blocks."""
     first = parts[0]
     values = {}
     for f in dataclasses.fields(first):
@@ -185,6 +185,8 @@ def merge_stats(parts: Sequence[Any]) -> Any:
     if isinstance(first, EngineStats):
         total = values["num_total_blocks"]
         values["kv_usage"] = 1.0 - values["num_free_blocks"] / total if total else 0.0
+        host_total = values["host_kv_total_blocks"]
+        values["host_kv_usage"] = values["host_kv_used_blocks"] / host_total if host_total else 0.0
     return dataclasses.replace(first, **values)
 
 

@@ -105,6 +105,19 @@ def test_greedy_tokens_identical_with_host_tier_on_and_off(llama_dir, kw):
     assert on.engine.block_manager.num_free_blocks == on.engine.block_manager.num_blocks
 
 
+@pytest.mark.gpu
+def test_greedy_tokens_identical_with_host_tier_on_and_off_on_a_gpu(llama_dir):
+    """The same on a GPU: pinned host memory, copies on side streams beside the steps (and
+    CUDA graphs), float32 so that equal KV gives equal tokens."""
+    conversations = _conversations(4)
+    kw = dict(TINY_POOL, device="cuda", dtype="float32")
+    answers_off = _chat(LLM(llama_dir, **kw), conversations, turns=3)
+    on = LLM(llama_dir, **kw, host_kv_cache_gb=0.002)
+    assert _chat(on, conversations, turns=3) == answers_off
+    stats = on.engine.stats()
+    assert stats.host_cache_hits > 0 and stats.host_reload_seconds > 0 and stats.host_offload_seconds > 0
+
+
 def _engine_with_host_prefix(llama_dir):
     """An engine whose host tier, and not its device pool, holds `prefix`'s full blocks."""
     llm = LLM(llama_dir, **TINY_POOL, host_kv_cache_gb=0.002)

@@ -12,6 +12,8 @@ cancelling frees the ranks' blocks, and killing a rank actor fails the replica's
 """
 from __future__ import annotations
 
+import dataclasses
+
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -95,6 +97,9 @@ def test_merge_stats_sums_ranks_and_recomputes_kv_usage():
     merged = merge_stats([engine(90, 7), engine(50, 4)])
     assert (merged.num_running, merged.num_free_blocks, merged.num_total_blocks) == (2, 140, 200)
     assert merged.prompt_tokens_total == 11 and merged.kv_usage == pytest.approx(0.3)
+    tiered = [dataclasses.replace(engine(90, 7), host_kv_total_blocks=100, host_kv_used_blocks=used,
+                                  host_kv_usage=used / 100) for used in (10, 30)]
+    assert merge_stats(tiered).host_kv_usage == pytest.approx(0.2)
 
 
 def test_bad_degrees_fail_at_build_time(tmp_path, model_dir):
