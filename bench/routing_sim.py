@@ -10,6 +10,12 @@ changes, and serves requests with a simple cost model:
 
 with at most `max_running` requests running per replica (the rest wait, FIFO).
 
+Host tier (`--host-tier-blocks N`, per replica; 0: off): as `engine/host_tier.py`, a block the
+device cache evicts moves to an LRU host tier of N blocks (published as `Tier.HOST` events) and a
+prompt's prefix that continues there after its device hits is copied back instead of recomputed,
+at `reload_s_per_token` per token; the block stays in the host tier too. Each run is then
+replayed with the tier off and on, and the hit rate is reported per tier.
+
 Policies: the router's `prefix_aware`, `round_robin`, `least_loaded`, and `oracle`: for each
 request, among the replicas whose *true* outstanding tokens are at most `oracle_load_bound`
 (the imbalance target, 1.3) times the pool's mean, the one whose *true* cache holds the longest
@@ -19,6 +25,11 @@ directly (no events, no delay) and does not use the router's settings.
     python -m tandem.bench.routing_sim    # --runs 1000:4,8,16,32,64 10000:32,64 (CONVERSATIONS:REPLICAS)
 
 writes bench/results/routing_sim.json and bench/results/routing_sim.md.
+
+    python -m tandem.bench.routing_sim --runs 5000:64 --workloads chat --capacity-blocks 1024 \
+        --host-tier-blocks 8192 --out bench/results/routing_sim_host_tier
+
+replays each policy with the host tier off and on (a device cache smaller than the working set).
 """
 from __future__ import annotations
 
@@ -35,7 +46,7 @@ from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tandem.protocol.kv_events import BlocksRemoved, BlocksStored, KVEventBatch
+from tandem.protocol.kv_events import BlocksRemoved, BlocksStored, KVEventBatch, Tier
 from tandem.protocol.load import ReplicaLoad
 from tandem.router.policy import RoutingConfig, RoutingRequest
 from tandem.router.pool import PoolRouter
@@ -230,6 +241,40 @@ class LRUPrefixCache:
         return events
 
 
+class LRUHostTier:
+    """A replica's host tier: the blocks its device cache evicted, least recently used first,
+    bounded to `capacity`; it keeps a block that is copied back (inclusive, as the engine's)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.blocks: OrderedDict[int, None] = OrderedDict()
+
+    def match_from(self, hashes: tuple[int, ...], start: int, limit: int) -> int:
+        """Blocks of `hashes[start:limit]` held, from `start`, stopping at the first one missing."""
+        blocks, n = self.blocks, start
+        while n < limit and hashes[n] in blocks:
+            n += 1
+        return n - start
+
+    def touch(self, hashes: tuple[int, ...]) -> None:
+        for h in hashes:
+            self.blocks.move_to_end(h)
+
+    def absorb(self, evicted: list[int], parent_of: dict[int, int | None]) -> list:
+        """The device cache evicted `evicted`; returns the host tier's events (stores first)."""
+        blocks = self.blocks
+        stored = [h for h in evicted if h not in blocks]
+        events: list = [BlocksStored([h], parent_of.get(h), Tier.HOST) for h in stored]
+        for h in stored:
+            blocks[h] = None
+        dropped = []
+        while len(blocks) > self.capacity:
+            dropped.append(blocks.popitem(last=False)[0])
+        if dropped:
+            events.append(BlocksRemoved(dropped, Tier.HOST))
+        return events
+
+
 @dataclass
 class _Running:
     request_id: str
@@ -240,9 +285,12 @@ class _Running:
 
 
 class Replica:
-    def __init__(self, replica_id: str, capacity_blocks: int, max_running: int, block_size: int) -> None:
+    def __init__(self, replica_id: str, capacity_blocks: int, max_running: int, block_size: int,
+                 host_tier_blocks: int = 0) -> None:
         self.replica_id = replica_id
         self.cache = LRUPrefixCache(capacity_blocks)
+        self.host = LRUHostTier(host_tier_blocks) if host_tier_blocks else None
+        self.parent_of: dict[int, int | None] = {}  # block -> the block before it (host-tier events name it)
         self.max_running = max_running
         self.block_size = block_size
         self.running: dict[str, _Running] = {}
@@ -270,6 +318,27 @@ class Replica:
         self.seq += 1
         return KVEventBatch(self.replica_id, self.seq, events, now)
 
+    def store(self, hashes: tuple[int, ...]) -> list:
+        """Hold the chain on the device; what it evicts moves to the host tier (if any). Events:
+        the host tier's first, so a block copied out is never without a holder the index knows."""
+        events = self.cache.store(hashes)
+        if self.host is None:
+            return events
+        parent_of = self.parent_of
+        for i, h in enumerate(hashes):
+            if h not in parent_of:
+                parent_of[h] = hashes[i - 1] if i else None
+        evicted = [h for e in events if isinstance(e, BlocksRemoved) for h in e.block_hashes]
+        if not evicted:
+            return events
+        host_events = self.host.absorb(evicted, parent_of)
+        for e in host_events:
+            if isinstance(e, BlocksRemoved):
+                for h in e.block_hashes:
+                    if h not in self.cache.blocks:
+                        parent_of.pop(h, None)
+        return host_events + events
+
 
 # ---------------------------------------------------------------------------- simulation
 
@@ -287,6 +356,10 @@ class SimConfig:
     prefill_s_per_token: float = 25e-6
     decode_s_per_token: float = 0.02
     event_delay_s: float = 0.01  # KV events and load reports reach the router this late
+    host_tier_blocks: int = 0  # per replica host tier (0: none)
+    # Copying a host-tier block back, per token: a quarter of a prefill token (an 8B model's
+    # 128 KiB of KV per token over PCIe against its prefill FLOPs; docs/ROUTER.md, "Two tiers").
+    reload_s_per_token: float = 6.25e-6
     sample_every_s: float = 0.5
     oracle_load_bound: float = 1.3  # the oracle only picks replicas at most this × the mean load
     seed: int = 0
@@ -299,8 +372,8 @@ class RunResult:
     replicas: int
     requests: int
     prompt_tokens: int
-    cached_tokens: int
-    hit_rate: float
+    cached_tokens: int  # device and host tier
+    hit_rate: float  # device and host tier
     imbalance: float
     mean_outstanding_tokens: float  # per replica, time-averaged over the window
     decision_us_median: float | None
@@ -311,6 +384,10 @@ class RunResult:
     window_s: tuple[float, float]  # the imbalance sampling window, simulated seconds
     users: int
     routed_per_replica: list[int] = field(default_factory=list)
+    host_tier_blocks: int = 0
+    host_cached_tokens: int = 0  # of cached_tokens, copied back from a host tier
+    hit_rate_gpu: float = 0.0
+    hit_rate_host: float = 0.0
 
 
 # event kinds, ordered so simultaneous events are processed deterministically
@@ -326,6 +403,8 @@ class _TrueHolders:
     def apply(self, replica_id: str, events: list) -> None:
         holders = self.holders
         for event in events:
+            if event.tier is Tier.HOST:
+                continue  # the oracle reads host tiers directly
             if isinstance(event, BlocksStored):
                 for h in event.block_hashes:
                     holders.setdefault(h, set()).add(replica_id)
@@ -373,7 +452,8 @@ def simulate(policy: str, workload: Workload, config: SimConfig, routing: Routin
         raise ValueError("routing block_size must equal the workload's")
     router = PoolRouter(RoutingConfig(**{**asdict(routing), "policy": policy})) if policy != "oracle" else None
     truth = _TrueHolders() if policy == "oracle" else None
-    replicas = [Replica(f"r{i:03d}", config.capacity_blocks, config.max_running, block_size) for i in range(config.replicas)]
+    replicas = [Replica(f"r{i:03d}", config.capacity_blocks, config.max_running, block_size, config.host_tier_blocks)
+                for i in range(config.replicas)]
     for replica in replicas:
         replica.decode_s = config.decode_s_per_token
     by_id = {r.replica_id: r for r in replicas}
@@ -411,7 +491,7 @@ def simulate(policy: str, workload: Workload, config: SimConfig, routing: Routin
         steady_end = config.ramp_s
     push(0.0, _SAMPLE, None)
 
-    prompt_total = cached_total = num_requests = 0
+    prompt_total = cached_total = host_total = num_requests = 0
     decision_us: list[float] = []
     ttft_total = 0.0
     sample_max = sample_sum = 0.0
@@ -422,17 +502,23 @@ def simulate(policy: str, workload: Workload, config: SimConfig, routing: Routin
     perf_counter = time.perf_counter
 
     def start(replica: Replica, request_id: str, t: float) -> None:
-        nonlocal prompt_total, cached_total, ttft_total
+        nonlocal prompt_total, cached_total, host_total, ttft_total
         user, conv, turns, turn, arrived = payloads[request_id]
         req = turns[turn]
         full_prompt_blocks = req.prompt_tokens // block_size
         limit = (req.prompt_tokens - 1) // block_size  # the last token is always computed
         hit_blocks = replica.cache.match(req.seq_hashes, limit)
+        host_blocks = replica.host.match_from(req.seq_hashes, hit_blocks, limit) if replica.host else 0
+        if host_blocks:
+            replica.host.touch(req.seq_hashes[hit_blocks : hit_blocks + host_blocks])
         cached = hit_blocks * block_size
+        reloaded = host_blocks * block_size
         prompt_total += req.prompt_tokens
-        cached_total += cached
-        events = replica.cache.store(req.seq_hashes[:full_prompt_blocks])
-        prefill = config.prefill_s_per_token * (req.prompt_tokens - cached)
+        cached_total += cached + reloaded
+        host_total += reloaded
+        events = replica.store(req.seq_hashes[:full_prompt_blocks])
+        prefill = (config.prefill_s_per_token * (req.prompt_tokens - cached - reloaded)
+                   + config.reload_s_per_token * reloaded)
         ttft_total += t + prefill - arrived
         blocks = -(-(req.prompt_tokens + req.output_tokens) // block_size)
         replica.running[request_id] = _Running(request_id, req.prompt_tokens, req.output_tokens, t + prefill, blocks)
@@ -463,7 +549,8 @@ def simulate(policy: str, workload: Workload, config: SimConfig, routing: Routin
             num_requests += 1
             request_id = f"c{conv}-t{turn}"
             if truth is not None:
-                target = _oracle(replicas, truth, req, block_size, config.oracle_load_bound, t)
+                target = _oracle(replicas, truth, req, block_size, config.oracle_load_bound, t,
+                                 routing.host_hit_weight)
             else:
                 rr = RoutingRequest(request_id, list(req.seq_hashes[: req.prompt_tokens // block_size]), req.prompt_tokens, req.session_id)
                 t0 = perf_counter()
@@ -483,7 +570,7 @@ def simulate(policy: str, workload: Workload, config: SimConfig, routing: Routin
             replica = by_id[replica_id]
             del replica.running[request_id]
             user, conv, turns, turn, _ = payloads.pop(request_id)
-            cache_changed(replica, replica.cache.store(turns[turn].seq_hashes), t)
+            cache_changed(replica, replica.store(turns[turn].seq_hashes), t)
             if router is not None:
                 router.request_finished(request_id)  # Serve's on_request_completed, same moment
             while replica.waiting and len(replica.running) < replica.max_running:
@@ -513,21 +600,30 @@ def simulate(policy: str, workload: Workload, config: SimConfig, routing: Routin
         ttft_mean_ms=1000.0 * ttft_total / max(1, num_requests),
         makespan_s=now, window_s=(window[0] or 0.0, window[1] or 0.0),
         users=users, routed_per_replica=[routed[r.replica_id] for r in replicas],
+        host_tier_blocks=config.host_tier_blocks, host_cached_tokens=host_total,
+        hit_rate_gpu=(cached_total - host_total) / prompt_total if prompt_total else 0.0,
+        hit_rate_host=host_total / prompt_total if prompt_total else 0.0,
     )
 
 
 def _oracle(replicas: list[Replica], truth: _TrueHolders, req: SimRequest, block_size: int, load_bound: float,
-            now: float) -> Replica:
-    """Longest true cached prefix among replicas within `load_bound` × the mean true load;
-    ties: less loaded, then lower id. The least loaded replica is always within the bound."""
+            now: float, host_hit_weight: float = 0.75) -> Replica:
+    """Longest true cached prefix among replicas within `load_bound` × the mean true load (a
+    host-tier block counts `host_hit_weight` of a device block); ties: less loaded, then lower
+    id. The least loaded replica is always within the bound."""
     loads = [r.outstanding_tokens(now) for r in replicas]
     ceiling = load_bound * sum(loads) / len(loads)
-    matched = truth.match(req.seq_hashes, (req.prompt_tokens - 1) // block_size)
+    limit = (req.prompt_tokens - 1) // block_size
+    matched = truth.match(req.seq_hashes, limit)
     best, best_key = replicas[0], None
     for replica, load in zip(replicas, loads):
         if load > ceiling:
             continue  # never the least loaded one, so some replica always qualifies
-        key = (matched.get(replica.replica_id, 0), -load)
+        device = matched.get(replica.replica_id, 0)
+        score = device
+        if replica.host is not None:
+            score += host_hit_weight * replica.host.match_from(req.seq_hashes, device, limit)
+        key = (score, -load)
         if best_key is None or key > best_key:
             best, best_key = replica, key
     return best
@@ -543,16 +639,22 @@ def run_grid(runs: list[tuple[int, list[int]]], workloads: list[str], policies: 
     for kind in workloads:
         for conversations, replica_counts in runs:
             workload = Workload(kind, sim.seed, wl_config, cache=conversations <= 20000)
-            for n in replica_counts:
-                cfg = SimConfig(**{**asdict(sim), "replicas": n, "conversations": conversations})
+            # With a host tier, every run is replayed without it first: the same conversations.
+            for n, host_blocks in itertools.product(replica_counts, sorted({0, sim.host_tier_blocks})):
+                cfg = SimConfig(**{**asdict(sim), "replicas": n, "conversations": conversations,
+                                   "host_tier_blocks": host_blocks})
                 entry: dict = {"replicas": n, "workload": kind, "conversations": conversations,
-                               "hit_rate": {}, "imbalance": {}, "decision_us": {}, "decision_us_p99": {},
+                               "host_tier_blocks": host_blocks,
+                               "hit_rate": {}, "hit_rate_gpu": {}, "hit_rate_host": {}, "imbalance": {},
+                               "decision_us": {}, "decision_us_p99": {},
                                "decision_us_mean": {}, "ttft_mean_ms": {}, "mean_outstanding_tokens": {},
                                "requests": None, "users": None, "window_s": None}
                 for policy in policies:
                     t0 = time.perf_counter()
                     r = simulate(policy, workload, cfg)
                     entry["hit_rate"][policy] = round(r.hit_rate, 4)
+                    entry["hit_rate_gpu"][policy] = round(r.hit_rate_gpu, 4)
+                    entry["hit_rate_host"][policy] = round(r.hit_rate_host, 4)
                     entry["imbalance"][policy] = round(r.imbalance, 3)
                     for key, value in (("decision_us", r.decision_us_median), ("decision_us_p99", r.decision_us_p99),
                                        ("decision_us_mean", r.decision_us_mean)):
@@ -560,7 +662,8 @@ def run_grid(runs: list[tuple[int, list[int]]], workloads: list[str], policies: 
                     entry["ttft_mean_ms"][policy] = round(r.ttft_mean_ms, 1)
                     entry["mean_outstanding_tokens"][policy] = round(r.mean_outstanding_tokens)
                     entry["requests"], entry["users"], entry["window_s"] = r.requests, r.users, r.window_s
-                    log(f"{kind:5s} conv={conversations} n={n:3d} {policy:13s} hit={r.hit_rate:.3f} imb={r.imbalance:.3f} "
+                    tier = f" host={host_blocks} hit_gpu={r.hit_rate_gpu:.3f} hit_host={r.hit_rate_host:.3f}" if sim.host_tier_blocks else ""
+                    log(f"{kind:5s} conv={conversations} n={n:3d}{tier} {policy:13s} hit={r.hit_rate:.3f} imb={r.imbalance:.3f} "
                         f"dec_med={r.decision_us_median or 0:.1f}us p99={r.decision_us_p99 or 0:.1f}us "
                         f"req={r.requests} wall={time.perf_counter() - t0:.1f}s")
                 entries.append(entry)
@@ -580,6 +683,7 @@ def check_targets(entries: list[dict]) -> list[dict]:
         ratio = pa / oracle if oracle > 0 else 1.0
         rows.append({
             "replicas": e["replicas"], "workload": e["workload"], "conversations": e["conversations"],
+            "host_tier_blocks": e.get("host_tier_blocks", 0),
             "users_per_replica": round(e["users"] / e["replicas"], 1),
             "hit_ratio_to_oracle": round(ratio, 3), "hit_ok": ratio >= TARGETS["hit_rate_vs_oracle_min"],
             "imbalance": e["imbalance"]["prefix_aware"],
@@ -594,7 +698,8 @@ def by_replicas(entries: list[dict]) -> dict:
     """The contract view: replicas -> workload -> the run with the most conversations."""
     results: dict = {}
     for e in sorted(entries, key=lambda e: e["conversations"]):
-        results.setdefault(str(e["replicas"]), {})[e["workload"]] = e
+        workload = e["workload"] + ("+host_tier" if e.get("host_tier_blocks") else "")
+        results.setdefault(str(e["replicas"]), {})[workload] = e
     return dict(sorted(results.items(), key=lambda item: int(item[0])))
 
 
@@ -644,7 +749,7 @@ def write_markdown(path: Path, doc: dict) -> None:
     for e in doc["runs"]:
         h, im, d, d99 = e["hit_rate"], e["imbalance"], e["decision_us"], e["decision_us_p99"]
         lines.append(
-            f"| {e['conversations']} | {e['replicas']} | {e['users'] / e['replicas']:.1f} | {e['workload']} | {e['requests']} | "
+            f"| {e['conversations']} | {e['replicas']} | {e['users'] / e['replicas']:.1f} | {_workload_label(e)} | {e['requests']} | "
             f"{g(h, 'prefix_aware')} | {g(h, 'round_robin')} | {g(h, 'least_loaded')} | {g(h, 'oracle')} | "
             f"{g(im, 'prefix_aware')} | {g(im, 'round_robin')} | {g(im, 'least_loaded')} | {g(im, 'oracle')} | "
             f"{g(e['mean_outstanding_tokens'], 'prefix_aware')} | {g(d, 'prefix_aware')} ({g(d99, 'prefix_aware')}) | "
@@ -656,11 +761,35 @@ def write_markdown(path: Path, doc: dict) -> None:
     for row in rows:
         missed = [name for name, ok in (("hit", row["hit_ok"]), ("imbalance", row["imbalance_ok"]),
                                          ("decision", row["decision_ok"])) if not ok]
-        lines.append(f"| {row['conversations']} | {row['replicas']} | {row['users_per_replica']} | {row['workload']} | "
+        lines.append(f"| {row['conversations']} | {row['replicas']} | {row['users_per_replica']} | {_workload_label(row)} | "
                      f"{row['hit_ratio_to_oracle']} | {row['imbalance']} | {row['decision_us']} | "
                      f"{'yes' if not missed else 'MISSED: ' + ', '.join(missed)} |")
+    tiered = [e for e in doc["runs"] if e.get("host_tier_blocks")]
+    if tiered:
+        lines += ["", "## Host tier", "",
+                  f"Each replica's device cache holds {sim['capacity_blocks']} blocks; with the tier, the blocks it evicts "
+                  f"move to a host tier of {sim['host_tier_blocks']} blocks (LRU) and a prefix continuing there is copied "
+                  f"back at {sim['reload_s_per_token'] * 1e6:.2f} µs per token instead of prefilled at "
+                  f"{sim['prefill_s_per_token'] * 1e6:.0f} µs. Router: `host_hit_weight` {doc['routing']['host_hit_weight']}. "
+                  "Hit rates are prompt tokens served from the device cache (gpu) and from the host tier (host) / all "
+                  "prompt tokens; the tier-off row is the same replay without the tier.", "",
+                  "| conv. | replicas | workload | policy | hit off | hit on | gpu on | host on | TTFT ms off | TTFT ms on |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for e in tiered:
+            off = next((o for o in doc["runs"] if not o.get("host_tier_blocks") and o["replicas"] == e["replicas"]
+                        and o["workload"] == e["workload"] and o["conversations"] == e["conversations"]), None)
+            for policy in e["hit_rate"]:
+                lines.append(
+                    f"| {e['conversations']} | {e['replicas']} | {e['workload']} | {policy} | "
+                    f"{g(off['hit_rate'], policy) if off else '–'} | {e['hit_rate'][policy]} | {e['hit_rate_gpu'][policy]} | "
+                    f"{e['hit_rate_host'][policy]} | {g(off['ttft_mean_ms'], policy) if off else '–'} | "
+                    f"{e['ttft_mean_ms'][policy]} |")
     lines += ["", *doc.get("notes", [])]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _workload_label(entry: dict) -> str:
+    return entry["workload"] + (" +host tier" if entry.get("host_tier_blocks") else "")
 
 
 def _parse_run(text: str) -> tuple[int, list[int]]:
@@ -681,6 +810,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--users-per-replica", type=int, default=SimConfig.users_per_replica)
     parser.add_argument("--capacity-blocks", type=int, default=SimConfig.capacity_blocks)
+    parser.add_argument("--host-tier-blocks", type=int, default=0,
+                        help="per replica host tier (blocks); > 0 replays every run with the tier off and on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="processes (one workload each)")
     parser.add_argument("--out", default="bench/results/routing_sim")
@@ -694,7 +825,8 @@ def main(argv: list[str] | None = None) -> int:
         write_markdown(out.with_suffix(".md"), doc)
         return 0
     runs = [_parse_run(text) for text in args.runs]
-    sim = SimConfig(users_per_replica=args.users_per_replica, capacity_blocks=args.capacity_blocks, seed=args.seed)
+    sim = SimConfig(users_per_replica=args.users_per_replica, capacity_blocks=args.capacity_blocks,
+                    host_tier_blocks=args.host_tier_blocks, seed=args.seed)
     wl = WorkloadConfig()
     t0 = time.perf_counter()
     jobs = [(runs, kind, args.policies, sim, wl) for kind in args.workloads]

@@ -141,6 +141,9 @@ class PoolEngineStats:
     num_running: int
     num_waiting: int
     num_waiting_tokens: int  # prompt tokens queued, not yet computed
+    # The host tier (None where no replica of the pool has one): hits / lookups, mean use.
+    host_hit_rate: float | None = None
+    host_kv_usage: float | None = None
 
 
 def pool_engine_stats(app_name: str, per_replica: dict[str, dict[str, Any]]) -> dict[str, PoolEngineStats]:
@@ -163,8 +166,18 @@ def pool_engine_stats(app_name: str, per_replica: dict[str, dict[str, Any]]) -> 
             num_running=sum(int(r.get("num_running", 0)) for r in reports),
             num_waiting=sum(int(r.get("num_waiting", 0)) for r in reports),
             num_waiting_tokens=sum(int(r.get("num_waiting_tokens", 0)) for r in reports),
+            **_host_tier_view(reports, queries),
         )
     return pools
+
+
+def _host_tier_view(reports: list[dict[str, Any]], queries: int) -> dict[str, float | None]:
+    tiered = [r for r in reports if r.get("host_kv_total_blocks", 0)]
+    if not tiered:
+        return {}
+    hits = sum(r.get("host_cache_hits", 0) for r in tiered)
+    return {"host_hit_rate": hits / queries if queries else None,
+            "host_kv_usage": sum(float(r.get("host_kv_usage", 0.0)) for r in tiered) / len(tiered)}
 
 
 def _live_engine_stats(name: str, timeout_s: float = 5.0) -> dict[str, dict[str, Any]]:

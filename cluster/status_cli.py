@@ -40,6 +40,9 @@ def format_report(report: dict) -> str:
             line += (f"  | kv {100 * engine['kv_usage']:.1f}%  prefix hits {hit_rate}  "
                      f"running {engine['num_running']}  queued {engine['num_waiting']} "
                      f"({engine['num_waiting_tokens']} tokens)")
+            if engine.get("host_kv_usage") is not None:
+                host_hits = "-" if engine["host_hit_rate"] is None else f"{100 * engine['host_hit_rate']:.1f}%"
+                line += f"  host tier {100 * engine['host_kv_usage']:.1f}% used, hits {host_hits}"
         lines.append(line)
     for pool, settings in autoscaling.items():
         config = pool_autoscaling_config(pool, settings)

@@ -26,7 +26,13 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from memory (cpu_kv_cache_gb or gpu_memory_utilization)
-    cpu_kv_cache_gb: float = 0.5
+    cpu_kv_cache_gb: float = 0.5  # the KV pool itself when the device is the CPU (not the host tier)
+    # The host tier of the prefix cache (engine/host_tier.py): GiB of host memory (pinned, on a
+    # GPU) that full prefix blocks spill to before the device pool evicts them, copied back on a
+    # hit instead of recomputed. 0: off. Off by default: pinned host memory is taken from every
+    # process on the machine, and how much a host can spare depends on how many replicas share it.
+    # On a CPU device it is a second pool of CPU tensors.
+    host_kv_cache_gb: float = 0.0
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
@@ -63,6 +69,8 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
+        if self.host_kv_cache_gb < 0:
+            raise ValueError("host_kv_cache_gb must be >= 0 (0: no host tier)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
 

@@ -32,6 +32,7 @@ import torch
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig
 from tandem.engine.detokenizer import IncrementalDetokenizer
+from tandem.engine.host_tier import make_host_tier
 from tandem.engine.kv_connector import KVConnector
 from tandem.engine.model_runner import ModelRunner, load_hf_config
 from tandem.engine.outputs import CompletionOutput, RequestOutput
@@ -116,8 +117,12 @@ class LLMEngine:
         self.kv_connector = kv_connector or KVConnector()
         self._transfer_wakeup = threading.Event()  # set by the connector when a transfer resolves
         self.kv_connector.bind(self.runner.kv_cache, config.block_size, self._transfer_wakeup)
+        # Evicted prefix blocks spill to host memory and come back on a hit (None: off).
+        self.host_tier = make_host_tier(self.block_manager, self.runner.kv_cache, config.host_kv_cache_gb,
+                                        config.max_num_batched_tokens)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.scheduling_policy, config.long_prefill_token_threshold, self.kv_connector)
+                                   config.scheduling_policy, config.long_prefill_token_threshold, self.kv_connector,
+                                   self.host_tier)
         self.eos_token_ids = self._eos_ids()
         self.sampler = Sampler(self.runner.device, self.eos_token_ids)
         self.max_model_len = min(config.max_model_len or self.hf_config.max_position_embeddings,
@@ -286,6 +291,8 @@ class LLMEngine:
         if sched.is_empty:
             if self._in_flight is not None:  # its tokens may finish sequences and free blocks
                 self._finish_in_flight(touched)
+            elif self.host_tier is not None and self.host_tier.busy:
+                self.host_tier.wait()  # nothing runs until a host-tier copy lands (it unpins blocks)
             elif self._transfers_pending():
                 # Only transfers are in flight: sleep until one resolves instead of spinning.
                 self._transfer_wakeup.wait(0.005)
@@ -457,7 +464,14 @@ class LLMEngine:
 
     # ------------------------------------------------------------- telemetry
     def drain_cache_events(self) -> list[KVEvent]:
+        """Both tiers' events, in the order they happened."""
         return self.block_manager.drain_events()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block no sequence (or copy) holds, in both tiers."""
+        if self.host_tier is not None:
+            self.host_tier.reset()
+        self.block_manager.reset_prefix_cache()
 
     def stats(self) -> EngineStats:
         bm, sch = self.block_manager, self.scheduler
@@ -468,4 +482,18 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
             num_preemptions=sch.num_preemptions, prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            **self._host_tier_stats(),
+        )
+
+    def _host_tier_stats(self) -> dict:
+        if self.host_tier is None:
+            return {}
+        host = self.host_tier.snapshot()
+        return dict(
+            host_kv_total_blocks=host.num_blocks, host_kv_used_blocks=host.num_used_blocks,
+            host_kv_usage=host.num_used_blocks / host.num_blocks, host_cache_hits=host.hit_tokens,
+            host_bytes_offloaded=host.bytes_offloaded, host_bytes_reloaded=host.bytes_reloaded,
+            host_offload_seconds=host.offload_seconds, host_reload_seconds=host.reload_seconds,
+            host_offloads_skipped=host.offloads_skipped_busy,
+            num_loading_from_host=len(self.scheduler.loading_from_host),
         )

@@ -9,6 +9,10 @@ order ("fcfs"), or longest requested output first ("lof", for offline batches). 
 
 A sequence whose prompt KV the engine's `KVConnector` loads from another worker holds blocks
 for its whole prompt and waits for KV (`waiting_for_kv`), off the batch, until `resume_loaded`.
+Likewise a sequence whose prefix continues in the host tier (`engine/host_tier.py`) gets device
+blocks for that part and waits off the batch (`loading_from_host`) while the host tier copies
+it back; each `schedule` first moves the sequences whose copy landed into the running batch,
+and ends by letting the host tier copy out the blocks next in line for eviction.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import SCHEDULING_POLICIES
+from tandem.engine.host_tier import HostTier
 from tandem.engine.kv_connector import KVConnector
 from tandem.engine.sequence import Sequence, SequenceStatus
 
@@ -49,7 +54,7 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  policy: str = "fcfs", long_prefill_token_threshold: int = 0,
-                 kv_connector: KVConnector | None = None) -> None:
+                 kv_connector: KVConnector | None = None, host_tier: HostTier | None = None) -> None:
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}")
         if long_prefill_token_threshold < 0:
@@ -65,6 +70,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.kv_connector = kv_connector or KVConnector()
         self.waiting_for_kv: list[Sequence] = []
+        self.host_tier = host_tier
+        self.loading_from_host: list[Sequence] = []  # prefix being copied back from the host tier
 
     def add(self, seq: Sequence) -> None:
         if self.policy == "lof":
@@ -92,6 +99,8 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         bm = self.block_manager
+        if self.host_tier is not None:
+            self._resume_reloaded()
 
         # 1. Running sequences, oldest first; preempt from the newest end when blocks run out.
         kept: list[Sequence] = []
@@ -121,10 +130,16 @@ class Scheduler:
         # 2. Waiting sequences, first come first served; stop at the first that does not fit so
         # a large request is not starved by smaller ones behind it.
         if not out.preempted:
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            while self.waiting and budget > 0 and len(self.running) + len(self.loading_from_host) < self.max_num_seqs:
                 seq = self.waiting[0]
                 if self.kv_connector.loads and self._admit_for_load(seq):
                     continue
+                if self.host_tier is not None:
+                    reloading = self._admit_from_host(seq)
+                    if reloading is None:
+                        break  # its prefix is in the host tier but its blocks do not fit yet
+                    if reloading:
+                        continue
                 if not bm.can_admit(seq, self._chunk_cap(budget)):
                     break
                 self.waiting.popleft()
@@ -135,6 +150,10 @@ class Scheduler:
                 self.running.append(seq)
                 out.scheduled.append(ScheduledSeq(seq, num_new))
                 budget -= num_new
+        if self.host_tier is not None and out.scheduled:
+            # Copy out what the next allocations will evict, sparing what the next step may need
+            # (beside a step: an idle engine evicts nothing).
+            self.host_tier.offload(reserve=bm.blocks_needed(self.max_num_batched_tokens) + len(self.running))
         return out
 
     def _chunk_cap(self, budget: int) -> int:
@@ -164,6 +183,9 @@ class Scheduler:
         elif seq in self.waiting_for_kv:
             self.waiting_for_kv.remove(seq)
             self.kv_connector.cancel_load(seq)  # before the free: no KV may land after it
+        elif seq in self.loading_from_host:
+            self.loading_from_host.remove(seq)
+            self.host_tier.cancel_reload(seq)  # before the free: its blocks stay pinned until the copy lands
         self.block_manager.free(seq)
 
     # ---------------------------------------------------------- KV from elsewhere
@@ -196,3 +218,38 @@ class Scheduler:
         """Take a running sequence off the batch, keeping its blocks (a save in flight reads
         them); `finish` frees them later."""
         self.running.remove(seq)
+
+    # ------------------------------------------------------------ the host tier
+    def _admit_from_host(self, seq: Sequence) -> bool | None:
+        """If `seq`'s prefix continues in the host tier after its device hits, admit it to wait
+        for that part to be copied back: device hits attached, device blocks allocated for the
+        host part, the copy started. False: no host hit; None: a hit that does not fit now."""
+        bm, host = self.block_manager, self.host_tier
+        if not host.num_ready_blocks:
+            return False
+        device_ids, device_hashes = bm.match_prefix(seq.token_ids)
+        host_ids = host.match(seq.token_ids, device_hashes)
+        if not host_ids:
+            return False
+        reload_tokens = len(host_ids) * bm.block_size
+        if not bm.can_admit(seq, reload_tokens):
+            return None
+        self.waiting.popleft()
+        bm.admit(seq)
+        bm.append_slots(seq, reload_tokens)
+        host.start_reload(seq, host_ids, seq.block_ids[len(device_ids):])
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens += reload_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.loading_from_host.append(seq)
+        return True
+
+    def _resume_reloaded(self) -> None:
+        """Sequences whose host-tier copy landed join the running batch, those blocks computed
+        (and now cached on the device too)."""
+        bm = self.block_manager
+        for seq in self.host_tier.poll():
+            self.loading_from_host.remove(seq)
+            seq.num_computed_tokens = len(seq.block_ids) * bm.block_size
+            bm.cache_full_blocks(seq)
+            self.running.append(seq)

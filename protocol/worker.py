@@ -23,6 +23,17 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    # The host tier of the prefix cache (engine/host_tier.py); all zero when it is off.
+    host_kv_total_blocks: int = 0
+    host_kv_used_blocks: int = 0
+    host_kv_usage: float = 0.0  # fraction of host blocks holding (or receiving) a cached block
+    host_cache_hits: int = 0  # prompt tokens copied back from the host tier instead of recomputed
+    host_bytes_offloaded: int = 0  # device -> host
+    host_bytes_reloaded: int = 0  # host -> device
+    host_offload_seconds: float = 0.0  # the copies' own durations, summed
+    host_reload_seconds: float = 0.0
+    host_offloads_skipped: int = 0  # steps whose eviction candidates went uncopied (tier busy)
+    num_loading_from_host: int = 0  # sequences waiting off the batch for a host-tier copy
 
 
 @dataclass(frozen=True)

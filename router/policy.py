@@ -11,7 +11,9 @@ prefer records.
     cost = outstanding_tokens − prefix_weight · cached_tokens + kv_weight · load_scale_tokens · kv_usage
 
 `cached_tokens` is how much of this prompt the replica already holds (whole blocks, the last
-prompt token always computed). So with `prefix_weight` 1 a cached token is worth exactly one
+prompt token always computed). A block the replica holds only in its host tier (copied back
+before use, `engine/host_tier.py`) counts `host_hit_weight` of a device block: between a device
+hit (1) and a miss (0); docs/ROUTER.md says where the default comes from. So with `prefix_weight` 1 a cached token is worth exactly one
 token of queue: a replica holding a 3k-token conversation keeps it until it carries 3k tokens
 more than another replica, and then the conversation moves (one re-prefill) instead of the
 pile growing. The lowest cost wins; ties rotate so idle replicas share new prefixes.
@@ -47,6 +49,10 @@ class RoutingConfig:
     policy: PolicyName = "prefix_aware"
     block_size: int = 16
     prefix_weight: float = 6.0  # tokens of queue one cached prompt token is worth
+    # A prompt token cached only in a replica's host tier, as a fraction of one cached on its
+    # device: a reload costs a host-to-device copy, far less than the prefill it saves
+    # (docs/ROUTER.md, "Two tiers").
+    host_hit_weight: float = 0.75
     load_weight: float = 1.0  # per outstanding token (the unit of the cost)
     kv_weight: float = 0.25  # a full KV cache counts as kv_weight * load_scale_tokens tokens
     load_scale_tokens: int = 4096
@@ -64,6 +70,8 @@ class RoutingConfig:
             raise ValueError("block_size, load_scale_tokens, max_sessions and max_index_blocks must be >= 1")
         if min(self.prefix_weight, self.load_weight, self.kv_weight, self.balance_abs_tokens) < 0:
             raise ValueError("weights and balance_abs_tokens must be >= 0")
+        if not 0.0 <= self.host_hit_weight <= 1.0:
+            raise ValueError("host_hit_weight must be in [0, 1]: a host hit is worth no more than a device hit")
         if self.balance_rel < 1.0:
             raise ValueError("balance_rel must be >= 1")
 
@@ -83,9 +91,10 @@ class CandidateState:
     """One replica as the policy sees it for one request."""
 
     replica_id: str
-    matched_blocks: int = 0
+    matched_blocks: int = 0  # device and host tier together
     outstanding_tokens: int = 0
     kv_usage: float = 0.0
+    host_blocks: int = 0  # of `matched_blocks`, those only in the host tier (the last ones)
 
 
 class RoutingPolicy:
@@ -105,6 +114,7 @@ class RoutingPolicy:
             [c.matched_blocks for c in ordered],
             [c.outstanding_tokens for c in ordered],
             [c.kv_usage for c in ordered],
+            {i: c.host_blocks for i, c in enumerate(ordered) if c.host_blocks},
         )
 
     def rank_lists(
@@ -114,11 +124,13 @@ class RoutingPolicy:
         matched_blocks: Sequence[int] | dict[int, int],
         outstanding_tokens: Sequence[int],
         kv_usage: Sequence[float],
+        host_blocks: dict[int, int] | None = None,
     ) -> list[str]:
         """`rank` over parallel lists; `replica_ids` in a stable order (rotation uses it).
 
         `matched_blocks` may also be a dict {position in replica_ids: blocks} holding only the
-        replicas that hold some of the prefix (what the pool router passes)."""
+        replicas that hold some of the prefix (what the pool router passes). `host_blocks`
+        {position: blocks}: how many of a replica's matched blocks are in its host tier only."""
         n = len(replica_ids)
         if n == 0:
             return []
@@ -135,7 +147,8 @@ class RoutingPolicy:
             return ids
         if policy == "least_loaded":
             return self._least_loaded(replica_ids, outstanding_tokens, kv_usage, rotated)
-        return self._prefix_aware(request, replica_ids, matched_blocks, outstanding_tokens, kv_usage, rotated)
+        return self._prefix_aware(request, replica_ids, matched_blocks, outstanding_tokens, kv_usage, rotated,
+                                  host_blocks)
 
     def session_replica(self, session_id: str) -> str | None:
         entry = self._sessions.get(session_id)
@@ -149,7 +162,8 @@ class RoutingPolicy:
         rotated.sort(key=lambda i: (outstanding_tokens[i], kv_usage[i]))  # stable: ties keep the turn order
         return list(map(replica_ids.__getitem__, rotated))
 
-    def _prefix_aware(self, request, replica_ids, matched_blocks, outstanding_tokens, kv_usage, rotated: list[int]) -> list[str]:
+    def _prefix_aware(self, request, replica_ids, matched_blocks, outstanding_tokens, kv_usage, rotated: list[int],
+                      host_blocks: dict[int, int] | None = None) -> list[str]:
         config = self.config
         n = len(replica_ids)
         # The last prompt token is always computed, so at most this many blocks can be reused.
@@ -165,6 +179,15 @@ class RoutingPolicy:
             for i, m in enumerate(matched_blocks):
                 if m:
                     costs[i] -= prefix_per_block * (m if m < usable_blocks else usable_blocks)
+        if host_blocks:
+            # Host blocks are the tail of a match; those within the usable part are worth only
+            # host_hit_weight of the device block they were counted as above.
+            host_discount = prefix_per_block * (1.0 - config.host_hit_weight)
+            for i, h in host_blocks.items():
+                m = matched_blocks.get(i, 0) if isinstance(matched_blocks, dict) else matched_blocks[i]
+                usable_host = min(m, usable_blocks) - max(0, m - h)
+                if usable_host > 0:
+                    costs[i] += host_discount * usable_host
         session_id = request.session_id
         if session_id is not None:
             entry = self._sessions.get(session_id)

@@ -53,11 +53,15 @@ class PoolRouter:
         outstanding = list(map(loads.outstanding.get, replica_ids, zeros))
         kv_usage = list(map(loads.kv_usage_of.get, replica_ids, itertools.repeat(0.0)))
         matched: dict[int, int] = {}
+        host: dict[int, int] = {}
         if self.config.policy == "prefix_aware":
             position = self._position
-            for replica_id, blocks in self.index.match(request.block_hashes, self._candidate_set).items():
+            by_replica, host_by_replica = self.index.match_tiers(request.block_hashes, self._candidate_set)
+            for replica_id, blocks in by_replica.items():
                 matched[position[replica_id]] = blocks
-        ranked = self.policy.rank_lists(request, replica_ids, matched, outstanding, kv_usage)
+            for replica_id, blocks in host_by_replica.items():
+                host[position[replica_id]] = blocks
+        ranked = self.policy.rank_lists(request, replica_ids, matched, outstanding, kv_usage, host)
         loads.on_routed(request.request_id, ranked[0], request.num_prompt_tokens, now)
         return ranked
 

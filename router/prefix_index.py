@@ -9,6 +9,12 @@ placed under its `parent_hash` without replaying the path.
 A replica can use a block only if it holds every block before it, so `match` walks the
 request's chain once and, per replica, counts blocks until the first one it does not hold.
 
+Two tiers (`protocol.kv_events.Tier`): each node has the replicas holding its run in device
+memory (`replica_ids`) and those holding it in their host tier (`host_ids`). A replica's match is
+what its engine can reuse: device blocks from the start of the chain, then host blocks continuing
+it (the engine copies those back), stopping at the first block it holds in neither, or once in
+its host part, at the first it does not hold in host memory (`match_tiers` gives both counts).
+
 The index is a view fed by worker events and never claims more than the workers reported:
 blocks whose parent it does not know are dropped, a replica's view is dropped on an event gap,
 and above `max_blocks` the least recently matched leaves are evicted. Each of those costs hit
@@ -19,16 +25,18 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Sequence
 
-from tandem.protocol.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEvent, KVEventBatch
+from tandem.protocol.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEvent, KVEventBatch, Tier
 from tandem.protocol.prefix_hash import ROOT_HASH
 
 
 class _Node:
-    __slots__ = ("block_hashes", "replica_ids", "children", "parent", "last_access")
+    __slots__ = ("block_hashes", "replica_ids", "host_ids", "children", "parent", "last_access")
 
-    def __init__(self, block_hashes: list[int], replica_ids: set[str], parent: _Node | None, last_access: int) -> None:
+    def __init__(self, block_hashes: list[int], replica_ids: set[str], parent: _Node | None, last_access: int,
+                 host_ids: set[str] | None = None) -> None:
         self.block_hashes = block_hashes
-        self.replica_ids = replica_ids
+        self.replica_ids = replica_ids  # hold the run in device memory
+        self.host_ids = host_ids if host_ids is not None else set()  # hold it in their host tier
         self.children: dict[int, _Node] = {}  # first hash of the child's run -> child
         self.parent = parent
         self.last_access = last_access
@@ -74,16 +82,27 @@ class PrefixIndex:
         return count
 
     def match(self, block_hashes: Sequence[int], candidates: Iterable[str] | None = None) -> dict[str, int]:
-        """Per replica, how many leading blocks of `block_hashes` it holds (only those > 0).
+        """Per replica, how many leading blocks of `block_hashes` it can reuse, device and host
+        tier together (only those > 0)."""
+        return self.match_tiers(block_hashes, candidates)[0]
 
-        One walk down the tree; a replica's count is fixed where it drops out of the path."""
+    def match_tiers(self, block_hashes: Sequence[int],
+                    candidates: Iterable[str] | None = None) -> tuple[dict[str, int], dict[str, int]]:
+        """(`match`, and per replica how many of those blocks are in its host tier: only the
+        replicas with some). The device part comes first, so the first `matched - host` blocks
+        are device hits.
+
+        One walk down the tree; a replica's count is fixed where it drops out of the path. A
+        node whose run no replica holds in a host tier costs what it did before tiers existed."""
         self._clock += 1
         if candidates is None or isinstance(candidates, (set, frozenset)):
             allowed = candidates
         else:
             allowed = set(candidates)
         matched: dict[str, int] = {}
-        alive: set[str] | None = None
+        host_from: dict[str, int] = {}  # replicas matching in their host tier -> depth where it began
+        alive: set[str] | None = None  # still matching on the device
+        alive_host: set[str] = set()  # still matching, in the host tier
         node, depth, total = self._root, 0, len(block_hashes)
         while depth < total:
             child = node.children.get(block_hashes[depth])
@@ -94,13 +113,25 @@ class PrefixIndex:
             limit = min(len(run), total - depth)
             while length < limit and run[length] == block_hashes[depth + length]:
                 length += 1
+            device, host = child.replica_ids, child.host_ids
             if alive is None:
-                alive = set(child.replica_ids) if allowed is None else child.replica_ids & allowed
+                alive = set(device) if allowed is None else device & allowed
+                if host:
+                    alive_host = host - device if allowed is None else (host - device) & allowed
+                    host_from.update(dict.fromkeys(alive_host, 0))
             else:
-                for replica_id in alive - child.replica_ids:
-                    matched[replica_id] = depth
-                alive &= child.replica_ids
-            if not alive:
+                if alive_host:
+                    for replica_id in alive_host - host:
+                        matched[replica_id] = depth
+                    alive_host &= host
+                for replica_id in alive - device:
+                    if replica_id in host:  # its device part ends here; the host tier goes on
+                        alive_host.add(replica_id)
+                        host_from[replica_id] = depth
+                    else:
+                        matched[replica_id] = depth
+                alive &= device
+            if not alive and not alive_host:
                 break
             child.last_access = self._clock
             depth += length
@@ -109,14 +140,18 @@ class PrefixIndex:
             node = child
         for replica_id in alive or ():
             matched[replica_id] = depth
-        return matched  # a replica drops out only below the first node, so every count is > 0
+        for replica_id in alive_host:
+            matched[replica_id] = depth
+        # A replica drops out only below the first node, so every count is > 0.
+        host_blocks = {r: matched[r] - d for r, d in host_from.items() if matched[r] > d}
+        return matched, host_blocks
 
     def replicas(self) -> set[str]:
         found: set[str] = set()
         stack = list(self._root.children.values())
         while stack:
             node = stack.pop()
-            found |= node.replica_ids
+            found |= node.replica_ids | node.host_ids
             stack.extend(node.children.values())
         return found
 
@@ -135,17 +170,19 @@ class PrefixIndex:
     def apply(self, replica_id: str, event: KVEvent) -> None:
         """One event of `replica_id`'s prefix cache."""
         match event:
-            case BlocksStored(block_hashes, parent_hash):
-                self.insert(replica_id, block_hashes, parent_hash)
-            case BlocksRemoved(block_hashes):
-                self.remove(replica_id, block_hashes)
+            case BlocksStored(block_hashes, parent_hash, tier):
+                self.insert(replica_id, block_hashes, parent_hash, tier)
+            case BlocksRemoved(block_hashes, tier):
+                self.remove(replica_id, block_hashes, tier)
             case AllBlocksCleared():
                 self.remove_replica(replica_id)
             case _:
                 raise TypeError(f"not a KV event: {type(event).__name__}")
 
-    def insert(self, replica_id: str, block_hashes: Sequence[int], parent_hash: int | None = None) -> None:
-        """`replica_id` holds `block_hashes`, the chain continuing after `parent_hash`."""
+    def insert(self, replica_id: str, block_hashes: Sequence[int], parent_hash: int | None = None,
+               tier: Tier = Tier.GPU) -> None:
+        """`replica_id` holds `block_hashes` in `tier`, the chain continuing after `parent_hash`."""
+        host = tier is Tier.HOST
         if not block_hashes:
             return
         self._clock += 1
@@ -168,7 +205,8 @@ class PrefixIndex:
                 new_run = self._new_run(block_hashes[i:])
                 if not new_run:
                     break
-                child = _Node(new_run, {replica_id}, node, self._clock)
+                child = _Node(new_run, set() if host else {replica_id}, node, self._clock,
+                              {replica_id} if host else None)
                 node.children[child.block_hashes[0]] = child
                 for block_hash in child.block_hashes:
                     self._node_of[block_hash] = child
@@ -182,8 +220,9 @@ class PrefixIndex:
             if length < len(run):
                 self._split(child, length)
                 touched.append(child)  # the split may need undoing if nothing hangs below it
-            if replica_id not in child.replica_ids:
-                child.replica_ids.add(replica_id)
+            holders = child.host_ids if host else child.replica_ids
+            if replica_id not in holders:
+                holders.add(replica_id)
                 touched.append(child)
             child.last_access = self._clock
             node = child
@@ -194,12 +233,13 @@ class PrefixIndex:
         if self.num_blocks > self.max_blocks:
             self.evict(self.num_blocks - self._evict_to)
 
-    def remove(self, replica_id: str, block_hashes: Sequence[int]) -> None:
-        """`replica_id` no longer holds `block_hashes` (unknown ones are ignored)."""
+    def remove(self, replica_id: str, block_hashes: Sequence[int], tier: Tier = Tier.GPU) -> None:
+        """`replica_id` no longer holds `block_hashes` in `tier` (unknown ones are ignored)."""
+        host = tier is Tier.HOST
         i = 0
         while i < len(block_hashes):
             node = self._node_of.get(block_hashes[i])
-            if node is None or replica_id not in node.replica_ids:
+            if node is None or replica_id not in (node.host_ids if host else node.replica_ids):
                 i += 1
                 continue
             start = node.block_hashes.index(block_hashes[i])
@@ -215,7 +255,7 @@ class PrefixIndex:
                 self._split(node, end)
             if start > 0:
                 node = self._split(node, start)
-            node.replica_ids.discard(replica_id)
+            (node.host_ids if host else node.replica_ids).discard(replica_id)
             self._prune_or_merge(node)
 
     def remove_replica(self, replica_id: str) -> None:
@@ -225,8 +265,9 @@ class PrefixIndex:
         stack = list(self._root.children.values())
         while stack:
             node = stack.pop()
-            if replica_id in node.replica_ids:
+            if replica_id in node.replica_ids or replica_id in node.host_ids:
                 node.replica_ids.discard(replica_id)
+                node.host_ids.discard(replica_id)
                 changed.append(node)
             stack.extend(node.children.values())
         # Deepest first, so pruning a leaf can expose its (also changed) parent.
@@ -246,7 +287,7 @@ class PrefixIndex:
             parent = leaf.parent
             evicted += len(leaf.block_hashes)
             self._delete_leaf(leaf)
-            while parent is not self._root and not parent.children and not parent.replica_ids:
+            while parent is not self._root and not parent.children and _holds_nothing(parent):
                 grandparent = parent.parent
                 evicted += len(parent.block_hashes)
                 self._delete_leaf(parent)
@@ -273,7 +314,7 @@ class PrefixIndex:
 
     def _split(self, node: _Node, offset: int) -> _Node:
         """Cut `node`'s run before `offset`; returns the new lower node (the run's tail)."""
-        tail = _Node(node.block_hashes[offset:], set(node.replica_ids), node, node.last_access)
+        tail = _Node(node.block_hashes[offset:], set(node.replica_ids), node, node.last_access, set(node.host_ids))
         tail.children = node.children
         for child in tail.children.values():
             child.parent = tail
@@ -292,7 +333,7 @@ class PrefixIndex:
 
     def _prune_or_merge(self, node: _Node) -> None:
         """After `node` lost a replica: delete it if it holds nothing and leads nowhere."""
-        while node is not self._root and not node.children and not node.replica_ids:
+        while node is not self._root and not node.children and _holds_nothing(node):
             parent = node.parent
             assert parent is not None
             self._delete_leaf(node)
@@ -317,12 +358,12 @@ class PrefixIndex:
         """Keep runs maximal: fold a single child with the same replica set into its parent.
         Returns the node that now holds `node`'s run."""
         parent = node.parent
-        if parent is not None and parent is not self._root and len(parent.children) == 1 and parent.replica_ids == node.replica_ids:
+        if parent is not None and parent is not self._root and len(parent.children) == 1 and _same_holders(parent, node):
             self._absorb_child(parent)
             node = parent
         if len(node.children) == 1:
             (child,) = node.children.values()
-            if child.replica_ids == node.replica_ids:
+            if _same_holders(child, node):
                 self._absorb_child(node)
         return node
 
@@ -346,12 +387,20 @@ class PrefixIndex:
             node, parent = stack.pop()
             assert node.parent is parent and node.block_hashes, "broken parent link or empty run"
             assert parent.children[node.block_hashes[0]] is node
-            assert node.replica_ids or node.children, "a node holding nothing must lead somewhere"
+            assert not _holds_nothing(node) or node.children, "a node holding nothing must lead somewhere"
             if parent is not self._root:
-                assert not (len(parent.children) == 1 and parent.replica_ids == node.replica_ids), "run not maximal"
+                assert not (len(parent.children) == 1 and _same_holders(parent, node)), "run not maximal"
             for block_hash in node.block_hashes:
                 assert self._node_of[block_hash] is node
             seen += len(node.block_hashes)
             stack.extend((child, node) for child in node.children.values())
         assert seen == len(self._node_of)
         assert self.num_blocks <= self.max_blocks
+
+
+def _holds_nothing(node: _Node) -> bool:
+    return not node.replica_ids and not node.host_ids
+
+
+def _same_holders(a: _Node, b: _Node) -> bool:
+    return a.replica_ids == b.replica_ids and a.host_ids == b.host_ids

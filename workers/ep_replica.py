@@ -43,7 +43,7 @@ from typing import Any
 import ray
 
 from tandem.engine.async_engine import AsyncLLM
-from tandem.protocol.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEvent
+from tandem.protocol.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEvent, Tier
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_connector import KVConnector
 from tandem.workers.decode_worker import DecodeWorker
@@ -88,45 +88,51 @@ def check_expert_parallel_size(model: str, size: int) -> None:
 
 # ------------------------------------------------------------------------ per-rank prefix caches
 class RankCaches:
-    """Which full blocks (by hash) each rank's prefix cache holds, fed by the ranks' cache
-    events; turns them into the replica's events (what the pool's prefix index sees)."""
+    """Which full blocks (by hash) each rank's prefix cache holds, per tier, fed by the ranks'
+    cache events; turns them into the replica's events (what the pool's prefix index sees)."""
 
     def __init__(self, world_size: int) -> None:
-        self.held: list[set[int]] = [set() for _ in range(world_size)]
-        self._holders: dict[int, int] = {}  # block hash -> ranks holding it
+        self.held: list[set[int]] = [set() for _ in range(world_size)]  # device tier
+        self.host_held: list[set[int]] = [set() for _ in range(world_size)]  # host tier
+        self._holders: dict[tuple[Tier, int], int] = {}  # (tier, block hash) -> ranks holding it
 
     def apply(self, rank: int, events: Sequence[KVEvent]) -> list[KVEvent]:
         """Record `rank`'s events; returns the replica-level events they amount to."""
         merged: list[KVEvent] = []
-        held = self.held[rank]
         for event in events:
             match event:
-                case BlocksStored(block_hashes):
+                case BlocksStored(block_hashes, _, tier):
+                    held = self._held(rank, tier)
                     for block_hash in block_hashes:
                         if block_hash not in held:
                             held.add(block_hash)
-                            self._holders[block_hash] = self._holders.get(block_hash, 0) + 1
+                            self._holders[tier, block_hash] = self._holders.get((tier, block_hash), 0) + 1
                     # Forwarded whole: the index keeps the chain, and a block it has is a no-op.
                     merged.append(event)
-                case BlocksRemoved(block_hashes):
-                    merged += self._drop(held, [h for h in block_hashes if h in held])
+                case BlocksRemoved(block_hashes, tier):
+                    held = self._held(rank, tier)
+                    merged += self._drop(held, tier, [h for h in block_hashes if h in held])
                 case AllBlocksCleared():
-                    merged += self._drop(held, list(held))
+                    merged += self._drop(self.held[rank], Tier.GPU, list(self.held[rank]))
+                    merged += self._drop(self.host_held[rank], Tier.HOST, list(self.host_held[rank]))
                 case _:
                     raise TypeError(f"not a KV event: {type(event).__name__}")
         return merged
 
-    def _drop(self, held: set[int], dropped: list[int]) -> list[KVEvent]:
-        """One rank no longer holds `dropped`: the replica loses the blocks no other rank holds."""
+    def _held(self, rank: int, tier: Tier) -> set[int]:
+        return self.host_held[rank] if tier is Tier.HOST else self.held[rank]
+
+    def _drop(self, held: set[int], tier: Tier, dropped: list[int]) -> list[KVEvent]:
+        """One rank no longer holds `dropped` in `tier`: the replica loses those no other rank holds."""
         gone = []
         for block_hash in dropped:
             held.discard(block_hash)
-            left = self._holders.pop(block_hash) - 1
+            left = self._holders.pop((tier, block_hash)) - 1
             if left:
-                self._holders[block_hash] = left
+                self._holders[tier, block_hash] = left
             else:
                 gone.append(block_hash)
-        return [BlocksRemoved(gone)] if gone else []
+        return [BlocksRemoved(gone, tier)] if gone else []
 
     def cached_blocks(self, block_hashes: Sequence[int]) -> list[int]:
         """Per rank: how many leading blocks of the chain it holds."""
@@ -156,7 +162,7 @@ def choose_rank(cached_blocks: Sequence[int], outstanding: Sequence[int], first:
 # ------------------------------------------------------------------------------- merging ranks
 def merge_stats(parts: Sequence[Any]) -> Any:
     """The group's stats from its ranks' (same dataclass each): counts summed, `timestamp` the
-    latest, text the first non-empty, `kv_usage` recomputed from the summed blocks."""
+    latest, text the first non-empty, `kv_usage` (and the host tier's) recomputed from the summed blocks."""
     first = parts[0]
     values = {}
     for f in dataclasses.fields(first):
@@ -179,6 +185,8 @@ def merge_stats(parts: Sequence[Any]) -> Any:
     if isinstance(first, EngineStats):
         total = values["num_total_blocks"]
         values["kv_usage"] = 1.0 - values["num_free_blocks"] / total if total else 0.0
+        host_total = values["host_kv_total_blocks"]
+        values["host_kv_usage"] = values["host_kv_used_blocks"] / host_total if host_total else 0.0
     return dataclasses.replace(first, **values)
 
 

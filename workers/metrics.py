@@ -82,6 +82,23 @@ QUEUED_PREFILL_TOKENS = _gauge("tandem_queued_prefill_tokens",
 REMOTE_PREFILLING = _gauge("tandem_num_requests_remote_prefilling",
                            "Decode: sequences waiting for their KV from the prefill pool.")
 
+# The host tier of the prefix cache (EngineStats.host_*), exported only where it is on
+HOST_GAUGES = {
+    "host_kv_usage": _gauge("tandem_host_kv_usage_perc", "Fraction of host-tier KV blocks holding a cached block (0..1)."),
+    "host_kv_total_blocks": _gauge("tandem_host_kv_total_blocks", "KV blocks in the host tier."),
+    "num_loading_from_host": _gauge("tandem_num_requests_loading_from_host",
+                                    "Sequences waiting off the batch for their prefix to be copied back from the host tier."),
+}
+HOST_HITS = _counter("tandem_prefix_cache_host_hits_total",
+                     "Prompt tokens copied back from the host tier instead of recomputed.")
+HOST_HIT_RATE = _gauge("tandem_prefix_cache_host_hit_rate", "Host-tier hits / prefix-cache queries since start (tokens).")
+HOST_COPY_BYTES = _counter("tandem_host_kv_copy_bytes_total", "KV bytes copied between device and host tier.",
+                           extra_tags=("direction",))
+HOST_COPY_SECONDS = _counter("tandem_host_kv_copy_seconds_total", "Sum of host-tier copies' own durations.",
+                             extra_tags=("direction",))
+HOST_OFFLOADS_SKIPPED = _counter("tandem_host_kv_offloads_skipped_total",
+                                 "Steps whose eviction candidates were not copied out (host tier busy or full).")
+
 # TransferMetrics, per direction ("sent" on the prefill side, "received" on the decode side)
 TRANSFER_BYTES = _counter("tandem_kv_transfer_bytes_total", "KV bytes moved.", extra_tags=("direction",))
 TRANSFER_SECONDS = _counter("tandem_kv_transfer_seconds_total",
@@ -100,6 +117,7 @@ EXPERT_TOKENS = _counter("tandem_moe_expert_tokens_total", "Tokens routed to eac
                          extra_tags=("layer", "expert"))
 
 ALL_SPECS = (*ENGINE_GAUGES.values(), *ENGINE_COUNTERS.values(), PREFIX_HIT_RATE, QUEUED_PREFILL_TOKENS,
+             *HOST_GAUGES.values(), HOST_HITS, HOST_HIT_RATE, HOST_COPY_BYTES, HOST_COPY_SECONDS, HOST_OFFLOADS_SKIPPED,
              REMOTE_PREFILLING, TRANSFER_BYTES, TRANSFER_SECONDS, TRANSFERS, TRANSFER_FAILURES,
              REMOTE_PREFILLS, REMOTE_PREFILL_TOKENS, EXPERT_TOKENS)
 
@@ -140,6 +158,21 @@ class WorkerMetrics:
         self._set(PREFIX_HIT_RATE, stats.prefix_cache_hits / queries if queries else 0.0)
         if queued_prefill_tokens is not None:
             self._set(QUEUED_PREFILL_TOKENS, float(queued_prefill_tokens))
+        if stats.host_kv_total_blocks:
+            self._update_host_tier(stats)
+
+    def _update_host_tier(self, stats: EngineStats) -> None:
+        """`direction`: `offload` (device -> host) and `reload` (host -> device)."""
+        for field_name, spec in HOST_GAUGES.items():
+            self._set(spec, float(getattr(stats, field_name)))
+        self._advance(HOST_HITS, float(stats.host_cache_hits))
+        queries = stats.prefix_cache_queries
+        self._set(HOST_HIT_RATE, stats.host_cache_hits / queries if queries else 0.0)
+        self._advance(HOST_COPY_BYTES, float(stats.host_bytes_offloaded), direction="offload")
+        self._advance(HOST_COPY_BYTES, float(stats.host_bytes_reloaded), direction="reload")
+        self._advance(HOST_COPY_SECONDS, stats.host_offload_seconds, direction="offload")
+        self._advance(HOST_COPY_SECONDS, stats.host_reload_seconds, direction="reload")
+        self._advance(HOST_OFFLOADS_SKIPPED, float(stats.host_offloads_skipped))
 
     def update_transfer(self, transfer: TransferMetrics, direction: str) -> None:
         moved = transfer.bytes_sent if direction == "sent" else transfer.bytes_received

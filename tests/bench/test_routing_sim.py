@@ -1,10 +1,12 @@
 """The routing simulator on a small run: 4 replicas, 50 chat conversations (a few seconds)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from tandem.bench.routing_sim import LRUPrefixCache, SimConfig, Workload, WorkloadConfig, simulate
-from tandem.protocol.kv_events import BlocksRemoved, BlocksStored
+from tandem.bench.routing_sim import LRUHostTier, LRUPrefixCache, SimConfig, Workload, WorkloadConfig, simulate
+from tandem.protocol.kv_events import BlocksRemoved, BlocksStored, Tier
 
 SIM = SimConfig(replicas=4, conversations=50, users_per_replica=4, min_conversations_per_user=2, warmup_s=10.0, seed=7)
 
@@ -77,3 +79,24 @@ def test_lru_cache_events_keep_prefixes_whole() -> None:
     assert cache.match((1, 2, 3), 3) == 1
     assert cache.store((1, 2)) == [BlocksRemoved([7]), BlocksStored([2], 1)]
     assert cache.match((1, 2, 3), 3) == 2
+
+
+def test_host_tier_serves_what_the_device_cache_evicted(chat: Workload) -> None:
+    small = SimConfig(replicas=4, conversations=50, users_per_replica=4, min_conversations_per_user=2,
+                      warmup_s=10.0, capacity_blocks=256, seed=7)
+    off = simulate("prefix_aware", chat, small)
+    on = simulate("prefix_aware", chat, replace(small, host_tier_blocks=4096))
+    assert off.hit_rate_host == 0 and off.hit_rate == off.hit_rate_gpu
+    assert on.requests == off.requests and on.prompt_tokens == off.prompt_tokens
+    assert on.hit_rate_host > 0.05 and on.hit_rate > off.hit_rate + 0.05
+    assert on.hit_rate == pytest.approx(on.hit_rate_gpu + on.hit_rate_host)
+    assert on.ttft_mean_ms < off.ttft_mean_ms  # a reload costs a quarter of a prefill
+
+
+def test_lru_host_tier_takes_evictions_and_names_parents() -> None:
+    host = LRUHostTier(capacity=2)
+    events = host.absorb([3, 2], {1: None, 2: 1, 3: 2})
+    assert events == [BlocksStored([3], 2, Tier.HOST), BlocksStored([2], 1, Tier.HOST)]
+    assert host.match_from((1, 2, 3), 1, 3) == 2 and host.match_from((1, 2, 3), 0, 3) == 0
+    host.touch((3,))  # 2 is now the least recently used
+    assert host.absorb([9, 3], {9: None}) == [BlocksStored([9], None, Tier.HOST), BlocksRemoved([2], Tier.HOST)]

@@ -49,3 +49,18 @@ def test_format_report_shows_each_pool_and_the_autoscaled_bounds():
     assert "running 2" in decode_line
     assert "autoscaled: decode pool, 1..6 replicas" in text
     assert "kv" not in next(line for line in text.splitlines() if "OpenAIIngress" in line)
+
+
+def test_host_tier_shows_where_a_pool_has_one():
+    board = {"SERVE_REPLICA::tandem#DecodeWorker#a1": engine_stats(
+        prefix_cache_queries=200, prefix_cache_hits=50, host_kv_total_blocks=100, host_kv_usage=0.5, host_cache_hits=80),
+        "SERVE_REPLICA::tandem#PrefillWorker#b1": engine_stats()}
+    pools = pool_engine_stats("tandem", board)
+    assert pools["DecodeWorker"].host_hit_rate == 0.4 and pools["DecodeWorker"].host_kv_usage == 0.5
+    assert pools["PrefillWorker"].host_hit_rate is None and pools["PrefillWorker"].host_kv_usage is None
+    report = {"app": "tandem", "status": "RUNNING", "args": {}, "deployments": {
+        name: {"status": "HEALTHY", "replicas": {"RUNNING": 1}, "engine": dataclasses.asdict(pool)}
+        for name, pool in pools.items()}}
+    lines = format_report(report).splitlines()
+    assert "host tier 50.0% used, hits 40.0%" in next(line for line in lines if "DecodeWorker" in line)
+    assert "host tier" not in next(line for line in lines if "PrefillWorker" in line)

@@ -115,3 +115,28 @@ def test_config_is_validated_and_frozen():
     config = RoutingConfig()
     with pytest.raises(AttributeError):
         config.policy = "random"  # type: ignore[misc]
+
+
+def test_a_host_tier_hit_ranks_between_a_device_hit_and_a_miss():
+    policy = RoutingPolicy(RoutingConfig(block_size=16))
+    # r0 holds the 64-block prefix on its device, r1 in its host tier, r2 not at all.
+    candidates = [CandidateState("r0", 64, 1000), CandidateState("r1", 64, 1000, host_blocks=64),
+                  CandidateState("r2", 0, 1000)]
+    for _ in range(3):  # whatever the tie rotation
+        assert policy.rank(request(2048), candidates) == ["r0", "r1", "r2"]
+
+
+def test_a_host_block_is_worth_host_hit_weight_of_a_device_block():
+    config = RoutingConfig(block_size=16, prefix_weight=1.0, kv_weight=0.0, balance_rel=10.0, host_hit_weight=0.5)
+    policy = RoutingPolicy(config)
+    # r1: 32 device blocks + 32 host blocks = 512 + 0.5 * 512 = 768 tokens of queue.
+    def first(extra):
+        return policy.rank(request(2048), [CandidateState("r0", 0, 20000),
+                                           CandidateState("r1", 64, 20000 + extra, host_blocks=32)])[0]
+    assert first(760) == "r1" and first(776) == "r0"
+    # Only the usable part counts: with a 40-block prompt, 39 blocks are usable (32 device + 7 host).
+    short = policy.rank(RoutingRequest("q", [], 40 * 16), [CandidateState("r0", 0, 20000),
+                                                         CandidateState("r1", 64, 20000 + 512 + 56 - 4, host_blocks=32)])
+    assert short[0] == "r1"
+    with pytest.raises(ValueError):
+        RoutingConfig(host_hit_weight=1.5)

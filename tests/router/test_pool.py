@@ -1,7 +1,7 @@
 """A pool's router without Ray: events in, load in, rankings out."""
 from __future__ import annotations
 
-from tandem.protocol.kv_events import BlocksStored, KVEventBatch
+from tandem.protocol.kv_events import BlocksRemoved, BlocksStored, KVEventBatch, Tier
 from tandem.protocol.load import ReplicaLoad
 from tandem.router.load import LoadTracker
 from tandem.router.policy import RoutingConfig, RoutingRequest
@@ -75,3 +75,16 @@ def test_removed_replicas_are_forgotten():
     assert pool.match(chain) == {"r1": 4}
     pool.remove_replicas(["r1"])
     assert pool.match(chain) == {}
+
+
+def test_host_tier_events_route_between_device_holders_and_misses():
+    pool = PoolRouter(RoutingConfig(block_size=BLOCK))
+    document = list(range(5000, 5000 + 32 * BLOCK))
+    chain = hash_full_blocks(document, BLOCK)
+    pool.publish(KVEventBatch("r1", 0, [BlocksStored(chain, None)]))
+    # r3 held the document on its device, spilled its second half to the host tier, then lost it there.
+    pool.publish(KVEventBatch("r3", 0, [BlocksStored(chain, None), BlocksStored(chain[16:], chain[15], Tier.HOST),
+                                        BlocksRemoved(chain[16:])]))
+    assert pool.index.match_tiers(chain) == ({"r1": 32, "r3": 32}, {"r3": 16})
+    ranked = pool.route(RoutingRequest("q", hash_full_blocks(document + [1] * 5, BLOCK), len(document) + 5), IDS, now=0.0)
+    assert ranked[:2] == ["r1", "r3"]

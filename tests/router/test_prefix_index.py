@@ -4,16 +4,21 @@ A replica can reuse a request's first n blocks iff it holds every one of them, s
 answer for a chain is, per replica, the count of leading chain blocks in its set. Workers are
 simulated the way a real prefix cache behaves: a request caches every missing block of its
 prefix, in chain order (one `BlocksStored` per run of missing blocks, parented on the block
-before it); eviction removes any subset; a restart clears everything.
+before it); eviction removes any subset; a restart clears everything. With two tiers the model
+holds a set per tier, and a replica's match is its device blocks from the start of the chain,
+then its host blocks continuing it.
 """
 from __future__ import annotations
 
 import random
 
+import msgpack
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tandem.protocol.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEventBatch
+from tandem.protocol.kv_events import (AllBlocksCleared, BlocksRemoved, BlocksStored, KVEventBatch, Tier,
+                                       decode_batch, encode_batch)
 from tandem.router.prefix_index import PrefixIndex
 from tandem.protocol.prefix_hash import hash_full_blocks
 
@@ -227,3 +232,77 @@ def test_eviction_reaches_a_parent_once_its_children_are_gone():
     assert index.num_nodes == 3
     assert index.evict(11) == 12
     assert index.num_blocks == 0 and index.num_nodes == 0
+
+
+# ------------------------------------------------------------------------------ two tiers
+def model_match_tiers(held: dict[str, dict[Tier, set[int]]], chain: list[int]) -> tuple[dict, dict]:
+    """What a replica's engine can reuse: device blocks from the start, then host blocks."""
+    matched, host = {}, {}
+    for replica_id, tiers in held.items():
+        n = 0
+        while n < len(chain) and chain[n] in tiers[Tier.GPU]:
+            n += 1
+        device = n
+        while n < len(chain) and chain[n] in tiers[Tier.HOST]:
+            n += 1
+        if n:
+            matched[replica_id] = n
+        if n > device:
+            host[replica_id] = n - device
+    return matched, host
+
+
+tiered_operations = st.lists(
+    st.tuples(
+        st.sampled_from(["store", "store", "store", "remove", "clear"]),
+        st.sampled_from(REPLICAS),
+        st.integers(0, 5),
+        st.integers(0, 7),
+        st.randoms(use_true_random=False),
+        st.sampled_from([Tier.GPU, Tier.HOST]),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(worlds, tiered_operations)
+def test_match_tiers_equals_two_tier_model(world, ops):
+    index = PrefixIndex(max_blocks=10_000)
+    chains = [hash_full_blocks(tokens, BLOCK_SIZE) for tokens in world]
+    held = {r: {Tier.GPU: set(), Tier.HOST: set()} for r in REPLICAS}
+    for kind, replica_id, seq_index, num_blocks, rng, tier in ops:
+        chain = chains[seq_index % len(chains)][:num_blocks]
+        if kind == "store":
+            for event in store_events(replica_id, held[replica_id][tier], chain):
+                index.apply(replica_id, BlocksStored(event.block_hashes, event.parent_hash, tier))
+            held[replica_id][tier].update(chain)
+        elif kind == "remove":
+            gone = [h for h in chain if h in held[replica_id][tier] and rng.random() < 0.5]
+            rng.shuffle(gone)
+            index.apply(replica_id, BlocksRemoved(gone, tier))
+            held[replica_id][tier].difference_update(gone)
+        else:
+            index.apply(replica_id, AllBlocksCleared())
+            for blocks in held[replica_id].values():
+                blocks.clear()
+        index.check_invariants()
+        for full_chain in chains:
+            for length in {len(full_chain), len(full_chain) // 2}:
+                got = index.match_tiers(full_chain[:length])
+                assert got == model_match_tiers(held, full_chain[:length])
+                assert index.match(full_chain[:length], ["r0", "r2"]) == {
+                    r: n for r, n in got[0].items() if r in ("r0", "r2")}
+        assert index.replicas() == {r for r, tiers in held.items() if tiers[Tier.GPU] or tiers[Tier.HOST]}
+
+
+def test_host_events_round_trip_and_old_gpu_wire_form():
+    batch = KVEventBatch("r", 1, [BlocksStored([5, 6], 4, Tier.HOST), BlocksRemoved([5], Tier.HOST),
+                                  BlocksStored([7], None), BlocksRemoved([7])], 1.0)
+    assert decode_batch(encode_batch(batch)) == batch
+    # A GPU event is written as before tiers existed, so an older peer reads it unchanged.
+    old_form = msgpack.unpackb(encode_batch(KVEventBatch("r", 1, [BlocksStored([7], None), BlocksRemoved([7])])))
+    assert old_form[3] == [["stored", [7], None], ["removed", [7]]]
+    for bad in (["stored", [1], None, "disk"], ["removed", [1], 3], ["stored", [1], None, "host", 1]):
+        with pytest.raises(ValueError):
+            decode_batch(msgpack.packb(["r", 0, 0.0, [bad]]))

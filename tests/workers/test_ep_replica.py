@@ -12,6 +12,8 @@ cancelling frees the ranks' blocks, and killing a rank actor fails the replica's
 """
 from __future__ import annotations
 
+import dataclasses
+
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +26,7 @@ from ray import serve
 from tandem.workers.app import AppArgs, _decode_pool, build_app
 from tandem.router.index_actor import INDEX_NAMESPACE, index_actor_name
 from tests.router.serve_harness import local_serve
-from tandem.protocol.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored
+from tandem.protocol.kv_events import AllBlocksCleared, BlocksRemoved, BlocksStored, Tier
 from tandem.workers.ep_replica import RANK_NAMESPACE, RankCaches, choose_rank, merge_stats
 from tandem.engine.llm import LLM
 from tandem.protocol.worker import EngineStats
@@ -68,6 +70,18 @@ def test_rank_caches_report_a_block_until_no_rank_holds_it():
     assert caches.apply(0, [BlocksRemoved([1])]) == []
 
 
+def test_rank_caches_keep_the_tiers_apart():
+    caches = RankCaches(2)
+    host = BlocksStored([1, 2], None, Tier.HOST)
+    assert caches.apply(0, [host]) == [host]
+    assert caches.apply(1, [stored(1, 2)]) == [stored(1, 2)]
+    assert caches.cached_blocks([1, 2]) == [0, 2]  # the device tier only
+    # Rank 0's host tier drops block 2: rank 1's device copy is another tier, so it leaves.
+    assert caches.apply(0, [BlocksRemoved([2], Tier.HOST)]) == [BlocksRemoved([2], Tier.HOST)]
+    assert caches.apply(1, [AllBlocksCleared()]) == [BlocksRemoved([1, 2])]
+    assert caches.apply(0, [AllBlocksCleared()]) == [BlocksRemoved([1], Tier.HOST)]
+
+
 def test_choose_rank_prefers_the_cached_prefix_within_the_imbalance_limit():
     assert choose_rank([0, 0], [0, 0], first=1) == 1  # idle group: ties rotate
     assert choose_rank([0, 0], [3, 1]) == 1  # least busy
@@ -83,6 +97,9 @@ def test_merge_stats_sums_ranks_and_recomputes_kv_usage():
     merged = merge_stats([engine(90, 7), engine(50, 4)])
     assert (merged.num_running, merged.num_free_blocks, merged.num_total_blocks) == (2, 140, 200)
     assert merged.prompt_tokens_total == 11 and merged.kv_usage == pytest.approx(0.3)
+    tiered = [dataclasses.replace(engine(90, 7), host_kv_total_blocks=100, host_kv_used_blocks=used,
+                                  host_kv_usage=used / 100) for used in (10, 30)]
+    assert merge_stats(tiered).host_kv_usage == pytest.approx(0.2)
 
 
 def test_bad_degrees_fail_at_build_time(tmp_path, model_dir):

@@ -17,11 +17,15 @@ from tandem.workers.metrics import (
     ENGINE_COUNTERS,
     ENGINE_GAUGES,
     EXPERT_TOKENS,
+    HOST_COPY_BYTES,
+    HOST_COPY_SECONDS,
     PREFIX_HIT_RATE,
     QUEUED_PREFILL_TOKENS,
+    WorkerMetrics,
     _ray_metric,
+    series_key,
 )
-from tandem.protocol.worker import WorkerRequest
+from tandem.protocol.worker import EngineStats, WorkerRequest
 from tandem.workers.serve_worker import LLMWorker, autoscaling_stats
 
 STAT_KEYS = ("queued_prefill_tokens", "num_running", "num_waiting", "kv_usage")  # tandem.workers.autoscaling's
@@ -180,3 +184,27 @@ def test_prefill_worker_metrics_are_tagged_with_the_prefill_pool(llama_dir):
         assert worker.metrics.tags["pool"] == "prefill"
     finally:
         worker.__del__()
+
+
+def test_host_tier_series_follow_engine_stats_and_exist_only_where_it_is_on():
+    base = dict(num_running=1, num_waiting=0, num_running_tokens=10, num_waiting_tokens=0, num_free_blocks=5,
+                num_total_blocks=8, kv_usage=0.375, prefix_cache_queries=1000, prefix_cache_hits=100,
+                num_preemptions=0, prompt_tokens_total=1000, generation_tokens_total=50)
+    off = WorkerMetrics("colocated", "off", "m")
+    off.update_engine(EngineStats(**base))
+    assert not any("host" in key for key in off.samples())
+    on = WorkerMetrics("colocated", "on", "m")
+    host = dict(host_kv_total_blocks=64, host_kv_used_blocks=16, host_kv_usage=0.25, host_cache_hits=300,
+                host_bytes_offloaded=4096, host_bytes_reloaded=2048, host_offload_seconds=0.5, host_reload_seconds=0.25,
+                host_offloads_skipped=2, num_loading_from_host=1)
+    on.update_engine(EngineStats(**base, **host))
+    on.update_engine(EngineStats(**base, **{**host, "host_cache_hits": 400, "host_bytes_reloaded": 3072}))
+    samples = on.samples()
+    assert samples["tandem_host_kv_usage_perc"] == 0.25 and samples["tandem_host_kv_total_blocks"] == 64
+    assert samples["tandem_num_requests_loading_from_host"] == 1
+    assert samples["tandem_prefix_cache_host_hits_total"] == 400
+    assert samples["tandem_prefix_cache_host_hit_rate"] == pytest.approx(0.4)
+    assert samples[series_key(HOST_COPY_BYTES, direction="offload")] == 4096
+    assert samples[series_key(HOST_COPY_BYTES, direction="reload")] == 3072
+    assert samples[series_key(HOST_COPY_SECONDS, direction="reload")] == 0.25
+    assert samples["tandem_host_kv_offloads_skipped_total"] == 2
