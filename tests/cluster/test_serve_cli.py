@@ -19,9 +19,16 @@ from tests.router.serve_harness import free_port
 
 pytestmark = pytest.mark.timeout(420)
 READY = "serving on http://127.0.0.1:{port}/v1 (Ctrl-C to stop)"
-# Lines that must not reach the user: Ray's and Serve's own narration, whoever prints it.
+# Lines that must not reach the user: Ray's and Serve's own narration, whoever prints it. (Their
+# warnings still do, e.g. the controller's "replicas that have taken more than 30s to initialize"
+# on a busy machine.)
 NOISE = ("Token authentication", "graceful_shutdown", "Traceback", "Started a local Ray instance",
-         "Started Serve in namespace", "is ready at", "Deleting app", "(ServeController", "(ProxyActor")
+         "Started Serve in namespace", "is ready at", "Deleting app")
+SYSTEM_ACTORS = ("(ServeController", "(ProxyActor")
+
+
+def is_noise(line: str) -> bool:
+    return any(mark in line for mark in NOISE) or (any(a in line for a in SYSTEM_ACTORS) and " INFO " in line)
 
 
 def test_serve_prints_the_ready_line_when_the_app_answers_and_stops_cleanly(tmp_path):
@@ -73,7 +80,7 @@ def test_serve_prints_the_ready_line_when_the_app_answers_and_stops_cleanly(tmp_
         for thread in threads:
             thread.join(timeout=10)
         assert stdout == [READY.format(port=port)], stdout  # nothing printed at the stop either
-        noisy = [line for line in stderr if any(mark in line for mark in NOISE)]
+        noisy = [line for line in stderr if is_noise(line)]
         assert not noisy, noisy
     finally:
         if server.poll() is None:
