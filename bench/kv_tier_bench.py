@@ -70,7 +70,7 @@ class Shape:
     no_reuse_requests: int
 
 
-GPU_SHAPE = Shape(conversations=48, turns=4, system_tokens=256, document_tokens=(2048, 3072), question_tokens=64,
+GPU_SHAPE = Shape(conversations=32, turns=4, system_tokens=256, document_tokens=(2048, 3072), question_tokens=64,
                   answer_tokens=128, user_tokens=64, concurrency=8, block_size=16, max_batched_tokens=2048,
                   working_set_ratio=4.0, no_reuse_requests=64)
 CPU_SHAPE = Shape(conversations=6, turns=3, system_tokens=8, document_tokens=(24, 40), question_tokens=4,
@@ -294,13 +294,16 @@ def warm_up(engine: LLMEngine, chat: Chat) -> None:
 
 def run_mode(folder: Path, hand_weights: bool, args, chat: Chat, num_blocks: int,
              host_gb: float) -> tuple[dict, dict, dict[str, list[int]]]:
+    t0 = time.perf_counter()
     engine = build_engine(folder, hand_weights, args, chat.shape, num_blocks, host_gb)
+    started = time.perf_counter() - t0
     try:
         warm_up(engine, chat)
         before = engine.stats()
         chat_run = replay_chat(engine, chat)
         after = engine.stats()
         result = figures(chat_run, before, after)
+        result["engine_start_s"] = round(started, 1)
         if engine.host_tier is not None:
             result["host_tier_blocks"] = engine.host_tier.num_blocks
         engine.reset_prefix_cache()
