@@ -6,26 +6,14 @@ from __future__ import annotations
 
 import random
 
-import pytest
 
 from tandem import LLM, SamplingParams
-from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
 from tests.engine.fake_connector import DisaggPair
 from tests.engine.hf_oracle import hf_greedy
 
 MAX_TOKENS = 6
 MIN_REMOTE_TOKENS = 16
-
-
-@pytest.fixture(scope="module")
-def make_engine(llama_dir):
-    def make(connector, **overrides):
-        config = EngineConfig(model=llama_dir, device="cpu", dtype="float32", num_kv_blocks=128,
-                              max_num_batched_tokens=48, **overrides)
-        return LLMEngine(config, kv_connector=connector)
-
-    return make
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:

@@ -131,16 +131,6 @@ def test_overlap_chunking_prefix_hits_and_preemption_keep_the_tokens(llama_dir, 
         assert_valid(tokenizer.decode(tokens[:-1]))  # without the EOS
 
 
-@pytest.fixture(scope="module")
-def make_engine(llama_dir):
-    def make(connector, **overrides):
-        config = EngineConfig(model=llama_dir, device="cpu", dtype="float32", num_kv_blocks=128,
-                              max_num_batched_tokens=48, **overrides)
-        return LLMEngine(config, kv_connector=connector)
-
-    return make
-
-
 LONG = list(range(40, 120))  # long enough for the prefill engine (min 16 uncached tokens)
 
 
