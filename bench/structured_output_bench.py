@@ -532,7 +532,7 @@ def write_reports(results: dict, out: Path, gpu: bool, device_tag) -> None:
         if isinstance(value, dict):
             lines.append(f"| {key} | {value['first_compile_ms_median']:.1f} / {value['first_compile_ms_max']:.1f} | "
                          f"{value['cached_ms']:.3f} |")
-    lines += [f"", f"Tokenizer preparation (once per engine): {c['tokenizer_info_ms']:.0f} ms.", "",
+    lines += ["", f"Tokenizer preparation (once per engine): {c['tokenizer_info_ms']:.0f} ms.", "",
               "| schema | matchers | batched fill ms (median / max) |", "| --- | --- | --- |"]
     for schema, rows in results["fill"].items():
         for r in rows:

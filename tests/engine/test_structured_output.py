@@ -279,3 +279,19 @@ def test_async_engine_compiles_off_the_event_loop(llama_dir):
         engine.shutdown()
     assert_valid(text)
     assert compiled_on and compiled_on[0] not in ("MainThread", "tandem-engine")
+
+
+@pytest.mark.gpu
+def test_overlap_and_graphs_keep_constrained_tokens_on_cuda(llama_dir):
+    """On a GPU (CUDA graphs, the Triton mask kernel, pinned mask copies): overlap scheduling
+    gives the step-by-step engine's tokens, and every output follows the schema."""
+    prompts = [PROMPTS[i % 3] for i in range(12)]
+    params = [constrained(seed) for seed in range(12)]
+    runs = [_tokens(LLM(llama_dir, device="cuda", dtype="float32", num_kv_blocks=256, max_model_len=512,
+                        async_scheduling=overlap), prompts, params) for overlap in (True, False)]
+    assert runs[0] == runs[1]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    for tokens in runs[0]:
+        assert_valid(tokenizer.decode(tokens[:-1]))
