@@ -23,8 +23,10 @@ only in the MoE layers' all-to-alls (`engine.expert_parallel`).
   stores it and "removed" when no rank holds it any more; `RankCaches`), and summing loads,
   engine counters and expert load. The same per-rank caches pick the rank for a request.
 - Rank actors die with the replica: the replica kills them on shutdown, Ray kills them with
-  their owner or their placement group, and the replica's health check fails while any rank is
-  dead (or its engine is), so Serve replaces the whole group.
+  their owner or their placement group. A group that loses a rank cannot step, so the replica
+  ends its own process as soon as it sees the loss (a rank's stream or call fails, or a health
+  check): Serve replaces the whole group, and the ingress continues the group's streams on a
+  live replica (`LLMWorker._end_replica`).
 """
 from __future__ import annotations
 
@@ -342,6 +344,10 @@ def rank_actor_name(replica_id: str, rank: int) -> str:
     return f"tandem-ep:{replica_id}:rank{rank}"
 
 
+class RankLostError(RuntimeError):
+    """A rank actor of the group is gone: the group cannot step any more."""
+
+
 # --------------------------------------------------------------------------- the group, as one
 class ExpertParallelEngine:
     """What an expert-parallel replica holds in place of its `AsyncLLM`: rank 0's engine (in
@@ -457,17 +463,17 @@ class ExpertParallelEngine:
                                                     for r, a in enumerate(self.ranks, start=1))),
                                    RANK_HEALTH_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise RuntimeError(f"an expert-parallel rank did not answer its health check in "
-                               f"{RANK_HEALTH_TIMEOUT_S:.0f} s") from None
+            raise RankLostError(f"an expert-parallel rank did not answer its health check in "
+                           f"{RANK_HEALTH_TIMEOUT_S:.0f} s") from None
         if self.rank_error is not None:
-            raise RuntimeError(f"an expert-parallel rank failed: {self.rank_error!r}")
+            raise RankLostError(f"an expert-parallel rank failed: {self.rank_error!r}")
 
     async def _remote(self, rank: int, ref):
         try:
             return await ref
         except ray.exceptions.RayActorError as error:
             self.rank_error = error  # the group cannot step without it: health checks fail from now
-            raise RuntimeError(f"expert-parallel rank {rank} is dead: {error}") from error
+            raise RankLostError(f"expert-parallel rank {rank} is dead: {error}") from error
 
 
 # ----------------------------------------------------------------------------- the replica side
@@ -497,6 +503,8 @@ class ExpertParallelReplica:
             async for delta in stream:
                 delta.replica_id = self._replica_id
                 yield delta
+        except RankLostError as error:
+            self._end_replica(str(error))
         finally:
             group.end(rank)
             await stream.aclose()
@@ -524,7 +532,10 @@ class ExpertParallelReplica:
         super()._update_role_metrics(self._engine.local_reading or reading)
 
     async def check_health(self) -> None:
-        await self._engine.check_ranks()  # first: a dead rank also kills rank 0's engine loop
+        try:
+            await self._engine.check_ranks()  # first: a dead rank also kills rank 0's engine loop
+        except RankLostError as error:
+            self._end_replica(str(error))
         await super().check_health()
 
 
