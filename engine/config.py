@@ -24,6 +24,9 @@ class EngineConfig:
     model: str
     device: str = "cpu"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    # What the KV cache stores: "auto" (the model dtype) or "fp8" (e4m3 with per-layer K/V scales,
+    # half the bytes of bf16, so twice the tokens in the same pool; engine/kv_quant.py).
+    kv_cache_dtype: str = "auto"
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from memory (cpu_kv_cache_gb or gpu_memory_utilization)
     cpu_kv_cache_gb: float = 0.5  # the KV pool itself when the device is the CPU (not the host tier)
@@ -56,7 +59,10 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from tandem.engine.kv_quant import check_kv_cache_dtype
+
         check_device(self.device)
+        check_kv_cache_dtype(self.kv_cache_dtype, self.device)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_batched_tokens < 1:
@@ -85,3 +91,9 @@ class EngineConfig:
                     "float64": torch.float64}[self.dtype]
         except KeyError:
             raise ValueError(f"unsupported dtype {self.dtype!r}") from None
+
+    @property
+    def kv_cache_torch_dtype(self):
+        from tandem.engine.kv_quant import kv_cache_torch_dtype
+
+        return kv_cache_torch_dtype(self.kv_cache_dtype, self.torch_dtype)

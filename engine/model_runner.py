@@ -16,6 +16,7 @@ import torch
 from tandem.kernels import ops
 from tandem.engine.attention import ForwardContext
 from tandem.engine.config import EngineConfig
+from tandem.engine.kv_quant import KVScaleReader, KVScales
 from tandem.engine.models import model_class_for
 from tandem.engine.models.llama import head_dim_of
 from tandem.engine.scheduler import SchedulerOutput
@@ -43,10 +44,12 @@ class ModelRunner:
         self.hf_config = hf_config
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
+        self.kv_dtype = config.kv_cache_torch_dtype
         self.block_size = config.block_size
+        self.kv_scales = KVScales.ones(hf_config.num_hidden_layers)  # replaced by _load_model for FP8
         self.model = self._load_model(weights)
         self.num_kv_blocks = config.num_kv_blocks or self._num_blocks_from_memory()
-        self.kv_cache = torch.zeros(self.kv_cache_shape(self.num_kv_blocks), dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(self.kv_cache_shape(self.num_kv_blocks), dtype=self.kv_dtype, device=self.device)
         # Host staging for step inputs: two pinned buffers used in turn, each with an event for
         # its last copy, so preparing step N+1 never waits on step N's copy (overlap scheduling).
         self._pinned: list[torch.Tensor | None] = [None, None]
@@ -89,7 +92,12 @@ class ModelRunner:
                     for name in f.keys():
                         yield name, f.get_tensor(name)
 
-        model.load_weights(from_files() if weights is None else weights)
+        scale_reader = KVScaleReader(self.hf_config.num_hidden_layers)
+        model.load_weights(scale_reader.filter(from_files() if weights is None else weights))
+        if self.config.kv_cache_dtype != "auto":
+            self.kv_scales = scale_reader.scales()
+            for layer, k_scale, v_scale in zip(model.layers, self.kv_scales.k, self.kv_scales.v):
+                layer.self_attn.k_scale, layer.self_attn.v_scale = k_scale, v_scale
         if self.device.type == "cuda" and not ops.skinny_gemv_enabled():
             # Column-major weights help cuBLAS (small batches, and 3-5% in mixed steps), but the
             # batch-1 GEMV needs row-major ones and gains more (engine_nvidia_h100_80gb_hbm3.md).
@@ -110,7 +118,7 @@ class ModelRunner:
         n = 1
         for s in shape:
             n *= s
-        return n * torch.tensor([], dtype=self.dtype).element_size()
+        return n * torch.tensor([], dtype=self.kv_dtype).element_size()
 
     def _num_blocks_from_memory(self) -> int:
         if self.device.type == "cuda":
