@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SCHEDULING_POLICIES = ("fcfs", "lof")
+# EngineConfig.kv_cache_dtype: "auto" (the model dtype), or FP8 e4m3 under vLLM's two spellings.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and newer convert e4m3 in hardware
 
 
 def check_device(device: str) -> None:
@@ -17,6 +20,30 @@ def check_device(device: str) -> None:
     if kind == "cuda" and not torch.cuda.is_available():
         why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
         raise ValueError(f"device {device!r}: {why} (torch {torch.__version__}); use device cpu")
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str, device: str) -> None:
+    """ValueError, saying why, unless this KV cache dtype can run on `device`."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        hint = " (only e4m3 FP8 is supported)" if kv_cache_dtype.startswith("fp8") else ""
+        raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}{hint}; use one of {KV_CACHE_DTYPES}")
+    import torch
+
+    if kv_cache_dtype == "auto" or torch.device(device).type != "cuda":
+        return  # the CPU runs the plain-torch reference path, which converts in software
+    gpu = torch.device(device)
+    why = fp8_kv_unsupported_reason(torch.cuda.get_device_capability(gpu), torch.cuda.get_device_name(gpu))
+    if why:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: {why}. Use kv_cache_dtype='auto'.")
+
+
+def fp8_kv_unsupported_reason(capability: tuple[int, int], gpu_name: str) -> str | None:
+    """Why a GPU of this compute capability cannot hold an FP8 KV cache, or None if it can."""
+    if tuple(capability) >= FP8_MIN_CAPABILITY:
+        return None
+    want = ".".join(map(str, FP8_MIN_CAPABILITY))
+    return (f"an FP8 KV cache needs a GPU with FP8 support (compute capability >= {want}: Ada, Hopper or "
+            f"newer); {gpu_name} has {capability[0]}.{capability[1]}")
 
 
 @dataclass(frozen=True)
@@ -59,8 +86,6 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from tandem.engine.kv_quant import check_kv_cache_dtype
-
         check_device(self.device)
         check_kv_cache_dtype(self.kv_cache_dtype, self.device)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -1,5 +1,5 @@
-"""The KV cache's storage format: `EngineConfig.kv_cache_dtype` ("auto": the model's dtype;
-"fp8": e4m3, half the bytes of bf16), the GPU check for FP8, and the per-layer K/V scales an
+"""The KV cache's storage format (`EngineConfig.kv_cache_dtype`, checked in engine/config.py:
+"auto", the model's dtype; "fp8", e4m3, half the bytes of bf16) and the per-layer K/V scales an
 FP8 cache is written and read with.
 
 Scales follow vLLM's convention: per tensor (one K and one V scale per layer), the cache holds
@@ -23,31 +23,6 @@ from tandem.kernels.write_kv import FP8_KV_DTYPE
 
 log = logging.getLogger(__name__)
 
-# Accepted spellings (vLLM's): "fp8" and "fp8_e4m3" are the same format.
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
-FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and newer convert e4m3 in hardware
-
-
-def check_kv_cache_dtype(kv_cache_dtype: str, device: str) -> None:
-    """ValueError, saying why, unless this KV cache dtype can run on `device`."""
-    if kv_cache_dtype not in KV_CACHE_DTYPES:
-        hint = " (only e4m3 FP8 is supported)" if kv_cache_dtype.startswith("fp8") else ""
-        raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}{hint}; use one of {KV_CACHE_DTYPES}")
-    if kv_cache_dtype == "auto" or torch.device(device).type != "cuda":
-        return  # the CPU runs the plain-torch reference path, which converts in software
-    gpu = torch.device(device)
-    why = fp8_kv_unsupported_reason(torch.cuda.get_device_capability(gpu), torch.cuda.get_device_name(gpu))
-    if why:
-        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: {why}. Use kv_cache_dtype='auto'.")
-
-
-def fp8_kv_unsupported_reason(capability: tuple[int, int], gpu_name: str) -> str | None:
-    """Why a GPU of this compute capability cannot hold an FP8 KV cache, or None if it can."""
-    if tuple(capability) >= FP8_MIN_CAPABILITY:
-        return None
-    want = ".".join(map(str, FP8_MIN_CAPABILITY))
-    return (f"an FP8 KV cache needs a GPU with FP8 support (compute capability >= {want}: Ada, Hopper or "
-            f"newer); {gpu_name} has {capability[0]}.{capability[1]}")
 
 
 def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:

@@ -23,7 +23,7 @@ from transformers import AutoConfig
 
 from tandem import LLM, SamplingParams
 from tandem.engine.config import EngineConfig
-from tandem.engine.kv_quant import fp8_kv_unsupported_reason
+from tandem.engine.config import fp8_kv_unsupported_reason
 
 MAX_LOGPROB_DIFF = 0.15
 MIN_TOP1_AGREEMENT = 0.85
