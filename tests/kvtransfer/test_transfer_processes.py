@@ -33,7 +33,7 @@ def workers():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
 def test_streamed_blocks_land_bit_exact_in_other_block_ids(workers, dtype):
     receiver = workers("receiver", seed=1, dtype=dtype, min_message_bytes=0)
     sender = workers("sender", seed=2, dtype=dtype, min_message_bytes=0)
@@ -44,7 +44,8 @@ def test_streamed_blocks_land_bit_exact_in_other_block_ids(workers, dtype):
     src, dst = [3, 0, 17, 9], [11, 20, 2, 5]
     assert receiver.call("expect", "stream", dst, 4) == "ok"
     sender.call("send", "stream", receiver.address, src, dst, [(0, 1), (1, 2), (2, 3), (3, 4)], 0.05)
-    assert sender.call("join", "stream", 20)[0] == "ok"
+    result = sender.call("join", "stream", 20)
+    assert result[0] == "ok", result
     assert receiver.call("wait", "stream", 10)[0] == "ok"
     _expect_copy(expected, src_cache, src, dst)
 
