@@ -46,7 +46,7 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.kv_dtype = config.kv_cache_torch_dtype
         self.block_size = config.block_size
-        self.kv_scales = KVScales.ones(hf_config.num_hidden_layers)  # replaced by _load_model for FP8
+        self.kv_scales: KVScales | None = None  # an FP8 cache's per-layer scales (set by _load_model)
         self.model = self._load_model(weights)
         self.num_kv_blocks = config.num_kv_blocks or self._num_blocks_from_memory()
         self.kv_cache = torch.zeros(self.kv_cache_shape(self.num_kv_blocks), dtype=self.kv_dtype, device=self.device)

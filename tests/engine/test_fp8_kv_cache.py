@@ -23,6 +23,8 @@ from transformers import AutoConfig
 
 from tandem import LLM, SamplingParams
 from tandem.engine.config import EngineConfig
+from tandem.engine.kv_connector import KVConnector
+from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.config import fp8_kv_unsupported_reason
 
 MAX_LOGPROB_DIFF = 0.15
@@ -162,3 +164,21 @@ def test_fp8_kv_on_this_gpu_starts_or_fails_clearly(llama_dir):
     else:
         with pytest.raises(ValueError, match="FP8 support"):
             EngineConfig(model=llama_dir, device="cuda", kv_cache_dtype="fp8")
+
+
+class ScalesSeen(KVConnector):
+    """A connector that loads and saves nothing and keeps what the engine bound it with."""
+
+    def bind(self, kv_cache, block_size, wakeup, kv_scales=()):
+        self.dtype, self.kv_scales = kv_cache.dtype, list(kv_scales)
+
+
+@pytest.mark.parametrize("kv_cache_dtype, expected", [("fp8", [0.5, 2.0, 0.25, 4.0]), ("auto", [])])
+def test_the_kv_connector_is_bound_with_the_cache_scales(scaled_model, kv_cache_dtype, expected):
+    """What kvtransfer announces and checks (workers/disagg.py hands these to KVSender/KVReceiver)."""
+    write_kv_scales(scaled_model, {"model.layers.0.self_attn.k_scale": 0.5, "model.layers.0.self_attn.v_scale": 2.0,
+                                   "model.layers.1.self_attn.k_scale": 0.25, "model.layers.1.self_attn.v_scale": 4.0})
+    seen = ScalesSeen()
+    LLMEngine(EngineConfig(model=scaled_model, num_kv_blocks=8, kv_cache_dtype=kv_cache_dtype), kv_connector=seen)
+    assert seen.kv_scales == expected
+    assert seen.dtype == (torch.float8_e4m3fn if kv_cache_dtype == "fp8" else torch.float32)
