@@ -41,7 +41,8 @@ def mixed_prompts(vocab: int) -> list[list[int]]:
 
 
 def generate(model_dir: str, prompts, **config):
-    llm = LLM(model_dir, dtype="float32", num_kv_blocks=512, max_num_batched_tokens=64, max_num_seqs=8, **config)
+    config.setdefault("dtype", "float32")
+    llm = LLM(model_dir, num_kv_blocks=512, max_num_batched_tokens=64, max_num_seqs=8, **config)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=20, detokenize=False)
     return llm, [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
 
@@ -65,10 +66,13 @@ def compare(ref_outs, fp8_outs) -> dict:
                 margins_where_top1_differs=tie_flips)
 
 
-def test_fp8_kv_logits_within_tolerance_of_fp32_cache(llama_dir):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp8_kv_logits_within_tolerance_of_fp32_cache(llama_dir, device):
+    """On the CPU the references; on a GPU the Triton kernels and CUDA graphs (float32 model, so
+    the FP8 cache is the only difference)."""
     prompts = mixed_prompts(AutoConfig.from_pretrained(llama_dir).vocab_size)
-    _, ref = generate(llama_dir, prompts)
-    llm, fp8 = generate(llama_dir, prompts, kv_cache_dtype="fp8")
+    _, ref = generate(llama_dir, prompts, device=device)
+    llm, fp8 = generate(llama_dir, prompts, device=device, kv_cache_dtype="fp8")
     assert llm.engine.runner.kv_cache.dtype == torch.float8_e4m3fn
     assert llm.engine.stats().prefix_cache_hits > 0  # FP8 blocks were hashed, cached and hit
     got = compare(ref, fp8)
