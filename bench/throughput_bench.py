@@ -126,6 +126,12 @@ def is_fp8_weights(model: torch.nn.Module) -> bool:
 def run(args) -> dict:
     gpu = args.device.startswith("cuda")
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+    try:
+        workloads = [Workload.parse(s) for s in (args.workloads or (GPU_WORKLOADS if gpu else CPU_WORKLOADS)).split(",")]
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"--workloads: {e}") from None
+    if args.num_prompts:
+        workloads = [dataclasses.replace(w, num_prompts=args.num_prompts) for w in workloads]
     results: dict = {
         "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
         "torch": torch.__version__, "python": platform.python_version(),
@@ -154,9 +160,6 @@ def run(args) -> dict:
     log(f"copy {results['copy_bandwidth_gb_s']:.0f} GB/s, matmul {results['matmul_tflops']:.0f} TFLOP/s, "
         f"fp8 matmul {results['fp8_matmul_tflops']}")
 
-    workloads = [Workload.parse(s) for s in (args.workloads or (GPU_WORKLOADS if gpu else CPU_WORKLOADS)).split(",")]
-    if args.num_prompts:
-        workloads = [dataclasses.replace(w, num_prompts=args.num_prompts) for w in workloads]
     scale = 1.0 if gpu else CPU_SHAREGPT_SCALE
     tmp = Path(tempfile.mkdtemp(prefix="tandem-tp-"))
     if gpu:
