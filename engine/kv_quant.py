@@ -46,6 +46,9 @@ class KVScales:
 
 
 _SCALE_NAME = re.compile(r"(?:model\.)?layers\.(\d+)\.self_attn\.(k_scale|v_scale|kv_scale|k_proj\.k_scale|v_proj\.v_scale)$")
+# Scales of FP8 *attention* (queries, probabilities), which Tandem does not run: dropped, as vLLM
+# drops them when its attention is not FP8.
+_UNUSED_ATTENTION_SCALE = re.compile(r"(?:model\.)?layers\.\d+\.self_attn\.(q_scale|prob_scale)$")
 
 
 @dataclass
@@ -59,7 +62,8 @@ class KVScaleReader:
         for name, tensor in weights:
             m = _SCALE_NAME.search(name)
             if m is None:
-                yield name, tensor
+                if not _UNUSED_ATTENTION_SCALE.search(name):
+                    yield name, tensor
                 continue
             layer, kind = int(m.group(1)), m.group(2).split(".")[-1]
             if not 0 <= layer < self.num_layers:

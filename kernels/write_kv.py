@@ -63,8 +63,10 @@ def _write_kv_kernel(
     k = tl.load(k_ptr + token * stride_k_t + heads * stride_k_h + dims, mask=mask)
     v = tl.load(v_ptr + token * stride_v_t + heads * stride_v_h + dims, mask=mask)
     if QUANTIZE:  # FP8 cache: scale in fp32, saturate, round to nearest e4m3 on the store
-        k = tl.clamp(k.to(tl.float32) * inv_k_scale, -FP8_MAX, FP8_MAX).to(k_cache_ptr.dtype.element_ty)
-        v = tl.clamp(v.to(tl.float32) * inv_v_scale, -FP8_MAX, FP8_MAX).to(v_cache_ptr.dtype.element_ty)
+        k = tl.clamp(k.to(tl.float32) * inv_k_scale, -FP8_MAX, FP8_MAX).to(k_cache_ptr.dtype.element_ty,
+                                                                         fp_downcast_rounding="rtne")
+        v = tl.clamp(v.to(tl.float32) * inv_v_scale, -FP8_MAX, FP8_MAX).to(v_cache_ptr.dtype.element_ty,
+                                                                         fp_downcast_rounding="rtne")
     tl.store(k_cache_ptr + block * stride_kc_blk + offset * stride_kc_tok + heads * stride_kc_h + dims, k, mask=mask)
     tl.store(v_cache_ptr + block * stride_vc_blk + offset * stride_vc_tok + heads * stride_vc_h + dims, v, mask=mask)
 

@@ -112,7 +112,9 @@ def test_checkpoint_kv_scales_are_used_and_ignored_for_a_16_bit_cache(scaled_mod
 
 
 def test_deprecated_single_kv_scale_sets_both(scaled_model):
-    write_kv_scales(scaled_model, {"model.layers.0.self_attn.kv_scale": 0.5, "model.layers.1.self_attn.kv_scale": 2.0})
+    # (q_scale / prob_scale belong to FP8 attention, which is not run: dropped.)
+    write_kv_scales(scaled_model, {"model.layers.0.self_attn.kv_scale": 0.5, "model.layers.1.self_attn.kv_scale": 2.0,
+                                   "model.layers.0.self_attn.q_scale": 3.0, "model.layers.1.self_attn.prob_scale": 1.0})
     llm = LLM(scaled_model, num_kv_blocks=8, kv_cache_dtype="fp8")
     assert llm.engine.runner.kv_scales.k == llm.engine.runner.kv_scales.v == (0.5, 2.0)
 
