@@ -163,6 +163,26 @@ def static_tokens_per_step(outs: list[int], batch: int) -> float:
     return sum(outs) / steps
 
 
+def measure_decode_b1(engine, prompt: list[int], device: str, new_tokens: int = 257) -> float:
+    """Median seconds per decode step of one sequence after `prompt` (context len(prompt) to
+    len(prompt) + new_tokens): the time between consecutive tokens in steady state. Steps are
+    timed back to back without a device sync between them (a sync per step would serialise the
+    host work that overlap scheduling hides). Each step waits for the previous step's token, so a
+    step's wall time is the decode time of one token, whichever of host or GPU is the bottleneck."""
+    engine.add_request("b1", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=new_tokens, ignore_eos=True,
+                                                                            temperature=0, detokenize=False))
+    engine.step()  # prefill
+    step_times = []
+    sync(device)
+    while engine.has_unfinished_requests():
+        t = time.perf_counter()
+        engine.step()
+        step_times.append(time.perf_counter() - t)
+    sync(device)
+    step_times.sort()
+    return step_times[len(step_times) // 2]
+
+
 def hf_greedy(model, prompt, n, device) -> list[int]:
     with torch.inference_mode():
         out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=n, do_sample=False,
@@ -343,22 +363,7 @@ def main() -> int:
     # 1. batch-1 decode: time decode-only steps of one sequence.
     rng = random.Random(1)
     prompt = [rng.randrange(10, vocab - 10) for _ in range(128)]
-    engine.add_request("b1", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=257, ignore_eos=True,
-                                                                            temperature=0, detokenize=False))
-    engine.step()  # prefill
-    # The time between consecutive tokens in steady state: steps are timed back to back without
-    # a device sync between them (a sync per step would serialise the host work that overlap
-    # scheduling hides). Each step waits for the previous step's token, so a step's wall time is
-    # the decode time of one token, whichever of host or GPU is the bottleneck.
-    step_times = []
-    sync(args.device)
-    while engine.has_unfinished_requests():
-        t = time.perf_counter()
-        engine.step()
-        step_times.append(time.perf_counter() - t)
-    sync(args.device)
-    step_times.sort()
-    decode_s = step_times[len(step_times) // 2]
+    decode_s = measure_decode_b1(engine, prompt, args.device)
     cfg = engine.hf_config
     shape = ModelShape.from_config(cfg.to_dict(), 2 if gpu else 4)
     bytes_per_step = weight_bytes(engine.runner.model) + shape.kv_bytes_per_token * (128 + 128)  # median context

@@ -15,6 +15,14 @@ Both read the same tokens: the per-request sums equal what `bench/step_trace.py`
 run without preemption (the tests check that). One token per request per step is assumed: no
 speculative decoding, which trades more work per step for fewer steps.
 
+The number of steps is at least the longest request's output, and, given the engine's limits
+(`WorkloadCounts.of(..., max_num_seqs=, kv_pool_tokens=, block_size=)`), at least the decode
+tokens over `max_num_seqs` (a step decodes at most that many sequences) and at least the KV the
+decode tokens hold over the pool (a decode token of a sequence with context c holds c tokens'
+blocks in that step; one step's sequences together hold at most the pool): the KV-capacity
+limit on concurrency, which is what an FP8 cache's twice-as-large pool relaxes. Weights and KV
+may have different element sizes (`ModelShape.kv_dtype_bytes`: an FP8 cache under bf16 weights).
+
     python -m tandem.bench.throughput_bound bench/results/engine_nvidia_h100_80gb_hbm3.json
 
 recomputes the bound of a committed run from its workload parameters, its measured rates and the
@@ -39,15 +47,17 @@ class ModelShape:
     head_dim: int
     intermediate: int
     vocab: int
-    dtype_bytes: int
+    dtype_bytes: int  # of a weight element
+    kv_dtype_bytes: int | None = None  # of a KV cache element (None: as the weights)
 
     @classmethod
-    def from_config(cls, cfg: dict, dtype_bytes: int) -> "ModelShape":
+    def from_config(cls, cfg: dict, dtype_bytes: int, kv_dtype_bytes: int | None = None) -> "ModelShape":
         heads = cfg["num_attention_heads"]
         return cls(layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], heads=heads,
                    kv_heads=cfg.get("num_key_value_heads", heads),
                    head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                   intermediate=cfg["intermediate_size"], vocab=cfg["vocab_size"], dtype_bytes=dtype_bytes)
+                   intermediate=cfg["intermediate_size"], vocab=cfg["vocab_size"], dtype_bytes=dtype_bytes,
+                   kv_dtype_bytes=kv_dtype_bytes)
 
     @property
     def layer_matmul_params(self) -> int:
@@ -67,32 +77,48 @@ class ModelShape:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return self.layers * 2 * self.kv_heads * self.head_dim * self.dtype_bytes
+        return self.layers * 2 * self.kv_heads * self.head_dim * (self.kv_dtype_bytes or self.dtype_bytes)
 
 
 @dataclass(frozen=True)
 class WorkloadCounts:
     """The per-request sums the bound reads, for a workload run without prefix hits or preemption."""
 
-    min_steps: int  # the longest request's output length
+    min_steps: int  # the longest request's output length, or more under the engine's limits (below)
     computed_tokens: int  # every prompt token plus every output token but each request's last
     decode_tokens: int  # output tokens computed in one-token steps (all but each request's first)
     decode_context: int  # sum over decode tokens of the context they attend to (themselves included)
     prompt_attention_pairs: int  # sum over prompts of the causal (query, key) pairs: P (P + 1) / 2
     sampled_rows: int  # rows that go through the lm_head: one per output token
+    # What set min_steps: "longest request", "max_num_seqs" or "kv capacity" (module docstring).
+    min_steps_by: str = "longest request"
+    max_num_seqs: int | None = None
+    kv_pool_tokens: int | None = None
 
     @classmethod
-    def of(cls, prompt_lens: list[int], outs: list[int]) -> "WorkloadCounts":
+    def of(cls, prompt_lens: list[int], outs: list[int], max_num_seqs: int | None = None,
+           kv_pool_tokens: int | None = None, block_size: int = 1) -> "WorkloadCounts":
         if len(prompt_lens) != len(outs) or not outs or min(outs) < 1 or min(prompt_lens) < 1:
             raise ValueError("one prompt length and one output length (both >= 1) per request")
+        if (max_num_seqs is not None and max_num_seqs < 1) or (kv_pool_tokens is not None and kv_pool_tokens < 1):
+            raise ValueError("max_num_seqs and kv_pool_tokens must be >= 1")
         # Decode token j (1..O-1) of a request with prompt P sees P + j positions.
+        decode_tokens = sum(o - 1 for o in outs)
+        steps = {"longest request": max(outs)}
+        if max_num_seqs is not None:
+            steps["max_num_seqs"] = -(-decode_tokens // max_num_seqs)
+        if kv_pool_tokens is not None:
+            held = sum(-(-(p + j) // block_size) * block_size for p, o in zip(prompt_lens, outs) for j in range(1, o))
+            steps["kv capacity"] = -(-held // kv_pool_tokens)
+        by = max(steps, key=lambda k: steps[k])
         return cls(
-            min_steps=max(outs),
+            min_steps=steps[by],
             computed_tokens=sum(p + o - 1 for p, o in zip(prompt_lens, outs)),
-            decode_tokens=sum(o - 1 for o in outs),
+            decode_tokens=decode_tokens,
             decode_context=sum((o - 1) * p + o * (o - 1) // 2 for p, o in zip(prompt_lens, outs)),
             prompt_attention_pairs=sum(p * (p + 1) // 2 for p in prompt_lens),
             sampled_rows=sum(outs),
+            min_steps_by=by, max_num_seqs=max_num_seqs, kv_pool_tokens=kv_pool_tokens,
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from tandem.engine.config import KV_CACHE_DTYPES
 from tandem.engine.make_model import default_model
 
 DEFAULT_PROMPT = "Tandem serves large language models with"
@@ -19,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (float32 on cpu, bfloat16 on cuda), float32, "
                                                         "float16 or bfloat16")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="what the KV cache stores: auto (the model dtype) or fp8 (e4m3, half the bytes; "
+                             "a GPU of compute capability >= 8.9, or the CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
                             seed=args.seed)
     model = args.model or default_model()
     prompts = args.prompt or [DEFAULT_PROMPT]
-    llm = LLM(model, device=args.device, dtype=args.dtype)
+    llm = LLM(model, device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
     for prompt, out in zip(prompts, llm.generate(prompts, params)):
         completion = out.outputs[0]
         print(f"prompt: {prompt!r}")

@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 
+from tandem.engine.config import KV_CACHE_DTYPES
 from tandem.router.policy import POLICY_NAMES
 
 API_KEY_ENV = "TANDEM_API_KEY"
@@ -85,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV} if set, "
                                           "else no key: anyone who reaches the port may use it)")
     parser.add_argument("--device", default="cpu", help="the engines' device: cpu or cuda")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="what the engines' KV cache stores: auto (the model dtype) or fp8 (e4m3, half the "
+                             "bytes per token; GPUs of compute capability >= 8.9); the same as "
+                             "--engine-arg kv_cache_dtype=fp8")
     parser.add_argument("--engine-arg", action="append", type=_engine_arg, default=[], metavar="KEY=VALUE",
                         help="an EngineConfig field, e.g. max_model_len=4096 (repeatable; values parsed as JSON; "
                              "default: the engine's defaults)")
@@ -93,6 +98,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the interface Serve's HTTP proxies listen on; 0.0.0.0 for all (see docs/CLUSTER.md)")
     parser.add_argument("--port", type=int, default=8000, help="the HTTP port")
     parser.add_argument("--app-name", default="tandem", help="the Serve application's name")
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = dict(args.engine_arg)
+    kv = getattr(args, "kv_cache_dtype", "auto")
+    if kv != "auto":
+        if kwargs.get("kv_cache_dtype", kv) != kv:
+            raise ValueError(f"--kv-cache-dtype {kv} contradicts --engine-arg kv_cache_dtype={kwargs['kv_cache_dtype']}")
+        kwargs["kv_cache_dtype"] = kv
+    return kwargs
 
 
 def _pools(args: argparse.Namespace) -> tuple[str, int, int]:
@@ -116,7 +131,7 @@ def app_args(args: argparse.Namespace) -> dict:
     built = {
         "mode": mode, "num_replicas": num_replicas, "prefill_replicas": prefill_replicas,
         "pool_resources": bool(getattr(args, "pool_resources", False)), "ingress_replicas": args.ingress_replicas,
-        "routing_policy": args.routing_policy, "device": args.device, "engine_kwargs": dict(args.engine_arg),
+        "routing_policy": args.routing_policy, "device": args.device, "engine_kwargs": _engine_kwargs(args),
         "max_in_flight": args.max_in_flight,
     }
     if mode == "colocated":

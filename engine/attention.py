@@ -28,12 +28,15 @@ class ForwardContext:
 
 
 def paged_attention(
-    layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ctx: ForwardContext
+    layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ctx: ForwardContext,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] for the step's new tokens -> [T, Hq, D]."""
+    """q [T, Hq, D], k/v [T, Hkv, D] for the step's new tokens -> [T, Hq, D]. `k_scale`/`v_scale`:
+    the layer's FP8 KV cache scales (ignored by a cache in the model dtype)."""
     k_cache, v_cache = ctx.kv_cache[layer_idx, 0], ctx.kv_cache[layer_idx, 1]
-    ops.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+    ops.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping, k_scale, v_scale)
     if ctx.is_decode:
-        return ops.paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
+        return ops.paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale,
+                                          k_scale, v_scale)
     return ops.paged_prefill_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.block_tables,
-                                       ctx.context_lens, scale)
+                                       ctx.context_lens, scale, k_scale, v_scale)

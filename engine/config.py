@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SCHEDULING_POLICIES = ("fcfs", "lof")
+# EngineConfig.kv_cache_dtype: "auto" (the model dtype), or FP8 e4m3 under vLLM's two spellings.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and newer convert e4m3 in hardware
 
 
 def check_device(device: str) -> None:
@@ -19,11 +22,38 @@ def check_device(device: str) -> None:
         raise ValueError(f"device {device!r}: {why} (torch {torch.__version__}); use device cpu")
 
 
+def check_kv_cache_dtype(kv_cache_dtype: str, device: str) -> None:
+    """ValueError, saying why, unless this KV cache dtype can run on `device`."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        hint = " (only e4m3 FP8 is supported)" if kv_cache_dtype.startswith("fp8") else ""
+        raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}{hint}; use one of {KV_CACHE_DTYPES}")
+    import torch
+
+    if kv_cache_dtype == "auto" or torch.device(device).type != "cuda":
+        return  # the CPU runs the plain-torch reference path, which converts in software
+    gpu = torch.device(device)
+    why = fp8_kv_unsupported_reason(torch.cuda.get_device_capability(gpu), torch.cuda.get_device_name(gpu))
+    if why:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: {why}. Use kv_cache_dtype='auto'.")
+
+
+def fp8_kv_unsupported_reason(capability: tuple[int, int], gpu_name: str) -> str | None:
+    """Why a GPU of this compute capability cannot hold an FP8 KV cache, or None if it can."""
+    if tuple(capability) >= FP8_MIN_CAPABILITY:
+        return None
+    want = ".".join(map(str, FP8_MIN_CAPABILITY))
+    return (f"an FP8 KV cache needs a GPU with FP8 support (compute capability >= {want}: Ada, Hopper or "
+            f"newer); {gpu_name} has {capability[0]}.{capability[1]}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
     device: str = "cpu"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    # What the KV cache stores: "auto" (the model dtype) or "fp8" (e4m3 with per-layer K/V scales,
+    # half the bytes of bf16, so twice the tokens in the same pool; engine/kv_quant.py).
+    kv_cache_dtype: str = "auto"
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from memory (cpu_kv_cache_gb or gpu_memory_utilization)
     cpu_kv_cache_gb: float = 0.5  # the KV pool itself when the device is the CPU (not the host tier)
@@ -57,6 +87,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        check_kv_cache_dtype(self.kv_cache_dtype, self.device)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_batched_tokens < 1:
@@ -85,3 +116,9 @@ class EngineConfig:
                     "float64": torch.float64}[self.dtype]
         except KeyError:
             raise ValueError(f"unsupported dtype {self.dtype!r}") from None
+
+    @property
+    def kv_cache_torch_dtype(self):
+        from tandem.engine.kv_quant import kv_cache_torch_dtype
+
+        return kv_cache_torch_dtype(self.kv_cache_dtype, self.torch_dtype)

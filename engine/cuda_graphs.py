@@ -4,7 +4,10 @@ launches from Python.
 
 - `CudaGraphDecoder`: decode steps (one token per sequence), per padded batch size. Padded rows
   write nowhere (slot -1) and have context length 0 (the attention kernel returns zeros for
-  them); their logits are dropped.
+  them); their logits are dropped. Every size's graph writes its float32 logits into one shared
+  buffer (rows [0, bs)), made before capture: a static output per size would hold
+  sum(sizes) x vocab x 4 bytes for as long as the graphs live (1.5 GB at a 128k vocabulary and
+  sizes up to 512); one step's logits are read before the next replay anyway.
 - `CudaGraphMixed`: any other step (prompt chunks, with or without decodes), per padded token
   count, up to `max_num_seqs` sequences. Eagerly, such a step costs ~20 ms of host time on an
   H100 host (bench/results: step traces), so small-budget chunked prefill was host-bound.
@@ -46,7 +49,7 @@ class CudaGraphDecoder:
                  max_batch_size: int) -> None:
         self.model = model
         self.kv_cache = kv_cache
-        self.batch_sizes = [b for b in DEFAULT_BATCH_SIZES if b <= max_batch_size] or [1]
+        self.batch_sizes = decode_batch_sizes(max_batch_size)
         max_bs = self.batch_sizes[-1]
         dev = kv_cache.device
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
@@ -55,8 +58,9 @@ class CudaGraphDecoder:
         self.context_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros((max_bs, max_blocks_per_seq), dtype=torch.int32, device=dev)
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self.logits_out = torch.empty((max_bs, model.lm_head.weight.shape[0]), dtype=torch.float32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # views of logits_out
         self.pool = None
 
     @property
@@ -67,7 +71,9 @@ class CudaGraphDecoder:
         ctx = ForwardContext(self.slot_mapping[:bs], self.block_tables[:bs], self.context_lens[:bs],
                              self.cu_seqlens_q[: bs + 1], True, self.kv_cache)
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], ctx)
-        return self.model.compute_logits(hidden).float()
+        out = self.logits_out[:bs]
+        out.copy_(self.model.compute_logits(hidden))  # the float32 conversion, into the shared buffer
+        return out
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -97,12 +103,28 @@ class CudaGraphDecoder:
 DEFAULT_MIXED_TOKEN_SIZES = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
+def decode_batch_sizes(max_num_seqs: int) -> list[int]:
+    return [b for b in DEFAULT_BATCH_SIZES if b <= max_num_seqs] or [1]
+
+
+def mixed_token_sizes(max_num_batched_tokens: int) -> list[int]:
+    return [t for t in DEFAULT_MIXED_TOKEN_SIZES if t <= max_num_batched_tokens]
+
+
+def static_output_bytes(max_num_seqs: int, max_num_batched_tokens: int, vocab: int, hidden: int,
+                        dtype_bytes: int, mixed: bool) -> int:
+    """What the graphs' outputs hold for as long as they live: the decode graphs' shared logits
+    buffer and each mixed graph's hidden-state output (memory planning, engine/memory_plan.py)."""
+    decode = decode_batch_sizes(max_num_seqs)[-1] * vocab * 4
+    return decode + (sum(mixed_token_sizes(max_num_batched_tokens)) * hidden * dtype_bytes if mixed else 0)
+
+
 class CudaGraphMixed:
     def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, max_blocks_per_seq: int,
                  max_num_seqs: int, max_tokens: int, pool=None) -> None:
         self.model = model
         self.kv_cache = kv_cache
-        self.token_sizes = [t for t in DEFAULT_MIXED_TOKEN_SIZES if t <= max_tokens]
+        self.token_sizes = mixed_token_sizes(max_tokens)
         self.max_num_seqs = max_num_seqs
         max_t = self.token_sizes[-1] if self.token_sizes else 0
         dev = kv_cache.device

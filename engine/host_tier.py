@@ -129,11 +129,12 @@ class TorchBlockCopier:
 
     def __init__(self, kv_cache: torch.Tensor, num_host_blocks: int) -> None:
         layers, two, _, block_size, heads, head_dim = kv_cache.shape
-        self.kv_cache = kv_cache
+        # Blocks move as bytes: torch has no index_copy_ for FP8 tensors, and a byte is a byte.
+        self.kv_cache = kv_cache.view(torch.uint8) if kv_cache.element_size() == 1 else kv_cache
         self.block_shape = (layers, two, block_size, heads, head_dim)
         self.cuda = kv_cache.is_cuda
         # Never read before written, so not zeroed (pinning tens of GB is slow enough already).
-        self.host_cache = torch.empty((num_host_blocks, *self.block_shape), dtype=kv_cache.dtype)
+        self.host_cache = torch.empty((num_host_blocks, *self.block_shape), dtype=self.kv_cache.dtype)
         self._registered = self.cuda and _pin_exactly(self.host_cache)
         if self.cuda and not self._registered:
             self.host_cache = self.host_cache.pin_memory()

@@ -24,6 +24,7 @@ or a transport. `workers.disagg` implements both halves over `kvtransfer`; tests
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,10 +47,13 @@ class LoadResult:
 class KVConnector:
     """A connector that neither loads nor saves; roles override their half."""
 
-    def bind(self, kv_cache: torch.Tensor, block_size: int, wakeup: threading.Event) -> None:
+    def bind(self, kv_cache: torch.Tensor, block_size: int, wakeup: threading.Event,
+             kv_scales: Sequence[float] = ()) -> None:
         """Called once by the engine, when its KV cache [layers, 2, blocks, block_size, heads,
         head_dim] exists and before its first step. `wakeup` is set by the connector when a
-        transfer resolves, so an engine with nothing but transfers in flight sleeps on it."""
+        transfer resolves, so an engine with nothing but transfers in flight sleeps on it.
+        `kv_scales`: an FP8 cache's per-layer scales, k0, v0, k1, v1, ... (empty otherwise):
+        KV from a worker with other scales must not land here."""
 
     # ------------------------------------------------------------------------------- load
     @property

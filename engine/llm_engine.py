@@ -116,7 +116,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.kv_connector = kv_connector or KVConnector()
         self._transfer_wakeup = threading.Event()  # set by the connector when a transfer resolves
-        self.kv_connector.bind(self.runner.kv_cache, config.block_size, self._transfer_wakeup)
+        self.kv_connector.bind(self.runner.kv_cache, config.block_size, self._transfer_wakeup,
+                               kv_scales=self.runner.kv_scales.flat() if self.runner.kv_scales else [])
         # Evicted prefix blocks spill to host memory and come back on a hit (None: off).
         self.host_tier = make_host_tier(self.block_manager, self.runner.kv_cache, config.host_kv_cache_gb,
                                         config.max_num_batched_tokens)

@@ -16,6 +16,8 @@ import torch
 from tandem.kernels import ops
 from tandem.engine.attention import ForwardContext
 from tandem.engine.config import EngineConfig
+from tandem.engine.kv_quant import KVScaleReader, KVScales
+from tandem.engine.memory_plan import MemoryPlan, plan_kv_pool
 from tandem.engine.models import model_class_for
 from tandem.engine.models.llama import head_dim_of
 from tandem.engine.scheduler import SchedulerOutput
@@ -43,10 +45,13 @@ class ModelRunner:
         self.hf_config = hf_config
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
+        self.kv_dtype = config.kv_cache_torch_dtype
         self.block_size = config.block_size
+        self.kv_scales: KVScales | None = None  # an FP8 cache's per-layer scales (set by _load_model)
         self.model = self._load_model(weights)
+        self.memory_plan: MemoryPlan | None = None  # how the device's memory was divided (CUDA, sized from memory)
         self.num_kv_blocks = config.num_kv_blocks or self._num_blocks_from_memory()
-        self.kv_cache = torch.zeros(self.kv_cache_shape(self.num_kv_blocks), dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(self.kv_cache_shape(self.num_kv_blocks), dtype=self.kv_dtype, device=self.device)
         # Host staging for step inputs: two pinned buffers used in turn, each with an event for
         # its last copy, so preparing step N+1 never waits on step N's copy (overlap scheduling).
         self._pinned: list[torch.Tensor | None] = [None, None]
@@ -80,7 +85,10 @@ class ModelRunner:
             raise FileNotFoundError(f"no *.safetensors weights in {self.config.model!r}")
         with torch.device("meta"):
             model = self._build_model(cls)
-        model = model.to_empty(device=self.device).to(self.dtype)
+        # The dtype is set on the meta skeleton, so the device allocates the weights once, in
+        # their own dtype: materialised in float32 first, the freed float32 copy stayed in the
+        # caching allocator and was counted as in use when the KV pool was sized.
+        model = model.to(self.dtype).to_empty(device=self.device)
         model.build_rope_table(self.device)
 
         def from_files():
@@ -89,7 +97,12 @@ class ModelRunner:
                     for name in f.keys():
                         yield name, f.get_tensor(name)
 
-        model.load_weights(from_files() if weights is None else weights)
+        scale_reader = KVScaleReader(self.hf_config.num_hidden_layers)
+        model.load_weights(scale_reader.filter(from_files() if weights is None else weights))
+        if self.config.kv_cache_dtype != "auto":
+            self.kv_scales = scale_reader.scales()
+            for layer, k_scale, v_scale in zip(model.layers, self.kv_scales.k, self.kv_scales.v):
+                layer.self_attn.k_scale, layer.self_attn.v_scale = k_scale, v_scale
         if self.device.type == "cuda" and not ops.skinny_gemv_enabled():
             # Column-major weights help cuBLAS (small batches, and 3-5% in mixed steps), but the
             # batch-1 GEMV needs row-major ones and gains more (engine_nvidia_h100_80gb_hbm3.md).
@@ -110,20 +123,92 @@ class ModelRunner:
         n = 1
         for s in shape:
             n *= s
-        return n * torch.tensor([], dtype=self.dtype).element_size()
+        return n * torch.tensor([], dtype=self.kv_dtype).element_size()
 
     def _num_blocks_from_memory(self) -> int:
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = total * self.config.gpu_memory_utilization - used - 2 * 1024**3  # activations
-        else:
-            budget = self.config.cpu_kv_cache_gb * 1024**3
-        num = int(budget // self.bytes_per_block)
+            self.memory_plan = self._plan_memory()
+            return self.memory_plan.num_blocks
+        num = int(self.config.cpu_kv_cache_gb * 1024**3 // self.bytes_per_block)
         if num < 1:
-            raise RuntimeError("not enough memory for even one KV block; lower the model size or raise the "
-                               "memory setting")
+            raise RuntimeError("not enough memory for even one KV block; raise cpu_kv_cache_gb")
         return num
+
+    def _plan_memory(self) -> MemoryPlan:
+        """The KV pool from measured needs (engine/memory_plan.py): profile steps at the token
+        budget and at the largest CUDA-graph step, then what is in use with the cache emptied."""
+        c = self.config
+        activation = self._profile_peak(c.max_num_batched_tokens, sample=True)
+        graphs = 0
+        if not c.enforce_eager:
+            from tandem.engine.cuda_graphs import decode_batch_sizes, mixed_token_sizes, static_output_bytes
+
+            mixed = getattr(self.model, "mixed_step_graphs", False)
+            largest = max([decode_batch_sizes(c.max_num_seqs)[-1]]
+                          + (mixed_token_sizes(c.max_num_batched_tokens)[-1:] if mixed else []))
+            graphs = self._profile_peak(largest, sample=False) + static_output_bytes(
+                c.max_num_seqs, c.max_num_batched_tokens, self.hf_config.vocab_size, self.hf_config.hidden_size,
+                torch.tensor([], dtype=self.dtype).element_size(), mixed)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        weights = sum(t.numel() * t.element_size() for t in itertools.chain(self.model.parameters(),
+                                                                             self.model.buffers()))
+        return plan_kv_pool(total, free, c.gpu_memory_utilization, weights, activation, graphs, self.bytes_per_block)
+
+    def _profile_peak(self, num_tokens: int, sample: bool) -> int:
+        """Bytes allocated at the peak of `_profile_step(num_tokens)` beyond what was allocated before."""
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        self._profile_step(num_tokens, sample)
+        torch.cuda.synchronize(dev)
+        return torch.cuda.max_memory_allocated(dev) - before
+
+    @torch.inference_mode()
+    def _profile_step(self, num_tokens: int, sample: bool) -> None:
+        """A throw-away step of `num_tokens` tokens shaped like the most demanding real one: as many
+        sequences as may sample in a step (each reaching its end, so each gets logits), K/V written
+        nowhere, attention over a one-block cache; with `sample`, raw logprobs and the sampler's
+        top-k/top-p/min-p path over those rows (the largest sampling workspace)."""
+        from tandem.engine.sampler import Sampler
+        from tandem.protocol.sampling_params import SamplingParams
+
+        dev, bs = self.device, self.block_size
+        max_positions = self.hf_config.max_position_embeddings
+        max_len = min(self.config.max_model_len or max_positions, max_positions)
+        rows = max(1, min(self.config.max_num_seqs, num_tokens), -(-num_tokens // max_len))
+        counts = torch.full((rows,), num_tokens // rows, dtype=torch.int32)
+        counts[: num_tokens % rows] += 1
+        cu = torch.zeros(rows + 1, dtype=torch.int32)
+        torch.cumsum(counts, 0, out=cu[1:])
+        positions = torch.arange(num_tokens) - torch.repeat_interleave(cu[:-1].long(), counts.long())
+        width = -(-int(counts.max()) // bs)
+        ctx = ForwardContext(
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=dev),
+            block_tables=torch.zeros((rows, width), dtype=torch.int32, device=dev),
+            context_lens=counts.to(dev),
+            cu_seqlens_q=cu.to(dev),
+            is_decode=num_tokens == rows,
+            kv_cache=torch.zeros(self.kv_cache_shape(1), dtype=self.kv_dtype, device=dev),
+        )
+        load = getattr(self.model, "expert_load", None)
+        if load is not None:
+            load.paused = True  # a profile step is not traffic
+        try:
+            hidden = self.model(torch.zeros(num_tokens, dtype=torch.int64, device=dev), positions.to(dev), ctx)
+        finally:
+            if load is not None:
+                load.paused = False
+        logits = self.model.compute_logits(hidden[(cu[1:] - 1).long().to(dev)]).float()
+        del hidden
+        if sample:
+            raw = Sampler.raw_logprobs(logits)
+            probs = torch.softmax(logits.clone(), dim=-1)
+            params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05)
+            torch.multinomial(Sampler._filter(probs, [params] * rows), 1)
+            del raw
 
     @torch.inference_mode()
     def _warm_up(self) -> None:

@@ -14,6 +14,8 @@ from tandem.kernels import ops
 from tandem.protocol.logprob import Logprob
 
 
+# Sampler._filter's rows per pass (its workspace is this many rows' sort).
+FILTER_ROWS = 64
 # Rows at most this many: argmax in two stages (see greedy_argmax).
 _SPLIT_ARGMAX_MAX_ROWS = 16
 _SPLIT_ARGMAX_CHUNKS = 256
@@ -120,7 +122,13 @@ class Sampler:
 
     @staticmethod
     def _filter(probs: torch.Tensor, params) -> torch.Tensor:
-        """Top-k, top-p (nucleus) and min-p on rows of probabilities; renormalised."""
+        """Top-k, top-p (nucleus) and min-p on rows of probabilities; renormalised. Rows are
+        filtered `FILTER_ROWS` at a time: the sort and its companions take ~40 bytes per element,
+        over 2 GB for 512 rows of a 128k vocabulary at once, memory the KV pool would have to
+        leave free (engine/memory_plan.py)."""
+        if probs.shape[0] > FILTER_ROWS:
+            return torch.cat([Sampler._filter(probs[i : i + FILTER_ROWS], params[i : i + FILTER_ROWS])
+                              for i in range(0, probs.shape[0], FILTER_ROWS)])
         top_k = [p.top_k if p.top_k > 0 else probs.shape[-1] for p in params]
         top_p = [p.top_p for p in params]
         min_p = [p.min_p for p in params]

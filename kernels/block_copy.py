@@ -11,6 +11,9 @@ def gather_blocks_ref(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Ten
 
 def scatter_blocks_ref(staging: torch.Tensor, cache: torch.Tensor, block_ids: torch.Tensor) -> None:
     """staging [n, bs, H, D] -> cache[block_ids]."""
+    if cache.dtype.is_floating_point and cache.element_size() == 1:
+        # FP8: torch has no index_copy_ for float8; the blocks move as the bytes they are.
+        cache, staging = cache.view(torch.uint8), staging.view(torch.uint8)
     cache.index_copy_(0, block_ids.long(), staging)
 
 

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from tandem.kernels.pdl import launch_kwargs, pdl_prologue
+from tandem.kernels.write_kv import is_fp8
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -19,6 +20,11 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int)
     num_blocks = (length + block_size - 1) // block_size
     blocks = cache[block_table[:num_blocks].long()]  # [nb, bs, H, D]
     return blocks.reshape(-1, *cache.shape[2:])[:length]
+
+
+def dequantize_kv_ref(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Cache contents as values: an FP8 cache's e4m3 numbers times its scale (float32)."""
+    return x.float() * scale if is_fp8(x.dtype) else x
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -44,6 +50,8 @@ def paged_prefill_attention_ref(
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     context_lens: torch.Tensor,  # [B] int32, total length incl. the new tokens
     scale: float,
+    k_scale: float = 1.0,  # FP8 cache only: values = stored * k_scale (ignored otherwise)
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     out = torch.empty_like(q)
     starts = cu_seqlens_q.tolist()
@@ -52,8 +60,8 @@ def paged_prefill_attention_ref(
         lo, hi = starts[b], starts[b + 1]
         if hi == lo:
             continue
-        k = _gather_context(k_cache, block_tables[b], length)
-        v = _gather_context(v_cache, block_tables[b], length)
+        k = dequantize_kv_ref(_gather_context(k_cache, block_tables[b], length), k_scale)
+        v = dequantize_kv_ref(_gather_context(v_cache, block_tables[b], length), v_scale)
         out[lo:hi] = _attend(q[lo:hi], k, v, scale)
     return out
 
@@ -65,9 +73,11 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     context_lens: torch.Tensor,  # [B] int32
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     cu = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
-    return paged_prefill_attention_ref(q, k_cache, v_cache, cu, block_tables, context_lens, scale)
+    return paged_prefill_attention_ref(q, k_cache, v_cache, cu, block_tables, context_lens, scale, k_scale, v_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +88,11 @@ def paged_decode_attention_ref(
 # block size works and a tile may span several cache blocks. Query heads that share a KV head
 # (GQA) are handled by the same program and stacked as rows of one matrix, so each K/V tile is
 # read once per KV head, not once per query head.
+#
+# An FP8 cache is dequantized in registers: each tile is converted to the query's dtype for the
+# dot products (a no-op for a cache in that dtype), K's per-layer scale is folded into the softmax
+# scale and V's into the final normalisation (per-tensor constants: the loops do no extra
+# multiplies; with a scale of 1 the arithmetic is the 16-bit cache's, bit for bit).
 
 _LOG2E = 1.4426950408889634
 
@@ -104,7 +119,7 @@ def _split_len(context_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale,
+    qk_scale, v_scale,
     stride_q_b, stride_q_h,
     stride_k_blk, stride_k_tok, stride_k_h,
     stride_v_blk, stride_v_tok, stride_v_h,
@@ -146,7 +161,7 @@ def _paged_decode_kernel(
         positions = n0 + offs_n
         mask_n = positions < end
         k = _load_kv_tile(k_cache_ptr, block_table_row, positions, mask_n, kv_head, offs_d, mask_d,
-                          stride_k_blk, stride_k_tok, stride_k_h, CACHE_BLOCK)
+                          stride_k_blk, stride_k_tok, stride_k_h, CACHE_BLOCK).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -154,19 +169,20 @@ def _paged_decode_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv_tile(v_cache_ptr, block_table_row, positions, mask_n, kv_head, offs_d, mask_d,
-                          stride_v_blk, stride_v_tok, stride_v_h, CACHE_BLOCK)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                          stride_v_blk, stride_v_tok, stride_v_h, CACHE_BLOCK).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out_mask = mask_g[:, None] & mask_d[None, :]
     if NUM_SPLITS == 1:
         # An empty context (a padded batch slot) leaves l_i = 0 and acc = 0: write zeros.
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        out = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + seq.to(tl.int64) * stride_o_b + q_heads[:, None] * stride_o_h + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         row = (seq.to(tl.int64) * NUM_Q_HEADS + q_heads) * NUM_SPLITS + split
-        tl.store(part_out_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc / l_i[:, None], mask=out_mask)
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc * v_scale / l_i[:, None],
+                 mask=out_mask)
         tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=mask_g)
 
 
@@ -207,7 +223,7 @@ def _reduce_splits_kernel(
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt_b"])
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_q_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
-    qk_scale, num_seqs,
+    qk_scale, v_scale, num_seqs,
     stride_q_t, stride_q_h,
     stride_k_blk, stride_k_tok, stride_k_h,
     stride_v_blk, stride_v_tok, stride_v_h,
@@ -259,15 +275,15 @@ def _paged_prefill_kernel(
         positions = n0 + offs_n
         all_n = positions >= 0
         k = _load_kv_tile(k_cache_ptr, block_table_row, positions, all_n, kv_head, offs_d, mask_d,
-                          stride_k_blk, stride_k_tok, stride_k_h, CACHE_BLOCK)
+                          stride_k_blk, stride_k_tok, stride_k_h, CACHE_BLOCK).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv_tile(v_cache_ptr, block_table_row, positions, all_n, kv_head, offs_d, mask_d,
-                          stride_v_blk, stride_v_tok, stride_v_h, CACHE_BLOCK)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                          stride_v_blk, stride_v_tok, stride_v_h, CACHE_BLOCK).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     # The diagonal: causal mask per row. Position 0 is visible to every row, so the first tile
     # processed always gives each row a finite maximum.
@@ -276,7 +292,7 @@ def _paged_prefill_kernel(
         positions = n0 + offs_n
         mask_n = positions < kv_end
         k = _load_kv_tile(k_cache_ptr, block_table_row, positions, mask_n, kv_head, offs_d, mask_d,
-                          stride_k_blk, stride_k_tok, stride_k_h, CACHE_BLOCK)
+                          stride_k_blk, stride_k_tok, stride_k_h, CACHE_BLOCK).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         visible = (positions[None, :] <= query_pos[:, None]) & mask_n[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -285,11 +301,11 @@ def _paged_prefill_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv_tile(v_cache_ptr, block_table_row, positions, mask_n, kv_head, offs_d, mask_d,
-                          stride_v_blk, stride_v_tok, stride_v_h, CACHE_BLOCK)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                          stride_v_blk, stride_v_tok, stride_v_h, CACHE_BLOCK).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    out = acc / l_i[:, None]
+    out = acc * v_scale / l_i[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_o_t + q_heads[:, None] * stride_o_h + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
@@ -300,6 +316,11 @@ def _paged_prefill_kernel(
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get exact fp32 products (Triton's default would be tf32); 16-bit ones ignore it.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _kv_scale(cache: torch.Tensor, scale: float) -> float:
+    """The dequantization scale the kernels apply: an FP8 cache's, 1 for any other (as the ref)."""
+    return scale if is_fp8(cache.dtype) else 1.0
 
 
 def _num_sms(device: torch.device) -> int:
@@ -344,6 +365,9 @@ def paged_decode_attention_split(
     block_n: int,
     num_warps: int = 4,
     num_stages: int = 2,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """`paged_decode_attention` with the split plan and tile given (tests force several splits,
     the benchmark sweeps tiles). Each sequence's context is divided over `num_splits` splits
@@ -364,7 +388,7 @@ def paged_decode_attention_split(
         part_out = part_lse = out  # unused
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
-        scale * _LOG2E,
+        scale * _LOG2E * _kv_scale(k_cache, k_scale), _kv_scale(v_cache, v_scale),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -393,6 +417,8 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Triton version of `paged_decode_attention_ref` (flash-decoding; a sequence with
     context length 0, e.g. a padded slot of a CUDA-graph batch, gets zeros, as in the ref)."""
@@ -405,7 +431,8 @@ def paged_decode_attention(
     max_context = block_tables.shape[1] * k_cache.shape[1]
     num_splits, _ = plan_decode_splits(q.shape[0], k_cache.shape[2], max_context, block_n, _num_sms(q.device))
     return paged_decode_attention_split(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                        num_splits, block_n, block_n, num_warps, num_stages)
+                                        num_splits, block_n, block_n, num_warps, num_stages,
+                                        k_scale=k_scale, v_scale=v_scale)
 
 
 def paged_prefill_attention(
@@ -416,6 +443,8 @@ def paged_prefill_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Triton version of `paged_prefill_attention_ref` (no host sync: the grid comes from shapes)."""
     if not q.is_cuda:
@@ -424,7 +453,8 @@ def paged_prefill_attention(
         tile = (64, 32, 4, 2)  # keeps the K/V stages within shared memory
     else:  # near the best of a sweep on H100 (bench/results/kernels_h100.json), modest shared memory
         tile = (64, 64, 4, 3)
-    return paged_prefill_attention_tiled(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale, *tile)
+    return paged_prefill_attention_tiled(q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, scale, *tile,
+                                         k_scale=k_scale, v_scale=v_scale)
 
 
 def _seqs_pad(num_seqs: int) -> int:
@@ -446,6 +476,9 @@ def paged_prefill_attention_tiled(
     num_warps: int,
     num_stages: int,
     maxnreg: int | None = None,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """`paged_prefill_attention` with the tile given: `rows` query rows (tokens x grouped heads)
     against `block_n` context positions per step; `maxnreg` caps the registers per thread
@@ -465,7 +498,7 @@ def paged_prefill_attention_tiled(
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, cu_seqlens_q, block_tables, context_lens, out,
-        scale * _LOG2E, num_seqs,
+        scale * _LOG2E * _kv_scale(k_cache, k_scale), _kv_scale(v_cache, v_scale), num_seqs,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -8,7 +8,8 @@ Receiver → sender: `Welcome`, `Done`, `Error`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any, Union
 
 import msgpack
@@ -60,6 +61,9 @@ class Begin:
     num_layers: int
     dtype: str
     block_shape: list[int]  # [block_size, num_kv_heads, head_dim]
+    # An FP8 cache's dequantization scales, k0, v0, k1, v1, ... (one pair per layer); empty for a
+    # 16/32-bit cache. Blocks written with other scales would decode to other values.
+    kv_scales: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,8 @@ def decode(frame: bytes) -> Message:
         raise MessageError(f"{kind}: unexpected fields {sorted(extra)}")
     values = {}
     for name in names:
+        if name not in body and (kind, name) in _OPTIONAL:
+            continue  # the dataclass default
         if name not in body:
             raise MessageError(f"{kind}: missing field {name!r}")
         values[name] = _check(kind, name, body[name])
@@ -172,11 +178,25 @@ def _int_list(min_len: int, max_len: int, lo: int, hi: int = _INT_MAX):
     return check
 
 
+def _scales(v: Any) -> list[float]:
+    if not isinstance(v, list):
+        raise MessageError(f"expected list, got {type(v).__name__}")
+    if len(v) > 2 * (1 << 16):
+        raise MessageError(f"length {len(v)} not in [0, {2 * (1 << 16)}]")
+    for x in v:
+        if type(x) is not float or not math.isfinite(x) or x <= 0:
+            raise MessageError(f"expected finite positive floats, got {x!r}")
+    return v
+
+
 def _dtype(v: Any) -> str:
     if not isinstance(v, str) or v not in WIRE_DTYPES:
         raise MessageError(f"unsupported dtype {v!r}")
     return v
 
+
+# Fields added after version 1: a peer that predates them omits them (and gets the default).
+_OPTIONAL = {("begin", "kv_scales")}
 
 # An Error reply may name no request (e.g. it answers a frame that could not be parsed).
 _NULLABLE = {("error", "request_id")}
@@ -192,6 +212,7 @@ _FIELD_CHECKS = {
     "num_layers": _int(1, 1 << 16),
     "dtype": _dtype,
     "block_shape": _int_list(3, 3, 1, 1 << 20),
+    "kv_scales": _scales,
     "seq": _int(0),
     "layer_start": _int(0, 1 << 16),
     "layer_end": _int(1, 1 << 16),

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -34,7 +34,7 @@ from tandem.kvtransfer.metrics import MetricsCounter, TransferMetrics
 from tandem.kvtransfer.pair import (
     RECEIVER_RANK, Mailbox, abort_group, make_pair_group, pair_prefix, wait_work,
 )
-from tandem.kvtransfer.staging import block_id_tensor, check_kv_cache, scatter_layers
+from tandem.kvtransfer.staging import block_id_tensor, check_kv_cache, check_kv_scales, scatter_layers
 
 _MAX_FRAME_BYTES = 64 << 20
 
@@ -129,9 +129,13 @@ class _SenderLink:
 class KVReceiver:
     """Receives KV blocks into `kv_cache` [L, 2, num_blocks, bs, H, D] (CPU or CUDA, any dtype)."""
 
-    def __init__(self, kv_cache: torch.Tensor, config: KVTransferConfig = KVTransferConfig()) -> None:
+    def __init__(self, kv_cache: torch.Tensor, config: KVTransferConfig = KVTransferConfig(),
+                 kv_scales: Sequence[float] = ()) -> None:
+        """`kv_scales`: an FP8 cache's per-layer (k, v) scales, k0, v0, k1, ... (default all 1.0);
+        a sender announcing others is refused (its blocks would decode to other values here)."""
         check_kv_cache(kv_cache)
         dtype_name(kv_cache.dtype)  # fails early on an untransferable dtype
+        self._kv_scales = check_kv_scales(kv_cache, kv_scales)
         self.config = config
         self.kv_cache = kv_cache
         self.worker_id = config.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:10]}"
@@ -341,6 +345,9 @@ class KVReceiver:
         elif msg.dtype != self._dtype or msg.block_shape != self._block_shape:
             problem = (f"layout {msg.dtype}{msg.block_shape} != receiver's "
                        f"{self._dtype}{self._block_shape}")
+        elif msg.kv_scales != self._kv_scales:
+            problem = (f"KV cache scales differ: the sender's {_brief(msg.kv_scales)} != the receiver's "
+                       f"{_brief(self._kv_scales)} (both sides must quantize with the same per-layer scales)")
         if problem is None:
             with request.lock:
                 if request.state != "expecting":
@@ -556,6 +563,10 @@ def _call(fn: Callable[[], None]) -> None:
         fn()
     except Exception:  # a caller's callback must not take down a receiver thread
         pass
+
+
+def _brief(scales: list[float]) -> str:
+    return f"[{', '.join(f'{s:g}' for s in scales[:4])}{', ...' if len(scales) > 4 else ''}] ({len(scales)})"
 
 
 def _itemsize(dtype: str) -> int:

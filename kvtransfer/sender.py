@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -31,7 +32,7 @@ from tandem.kvtransfer.metrics import MetricsCounter, TransferMetrics
 from tandem.kvtransfer.pair import (
     SENDER_RANK, Mailbox, abort_group, make_pair_group, pair_prefix, wait_work,
 )
-from tandem.kvtransfer.staging import block_id_tensor, check_kv_cache, gather_layers, staging_shape
+from tandem.kvtransfer.staging import block_id_tensor, check_kv_cache, check_kv_scales, gather_layers, staging_shape
 
 
 class SendSession:
@@ -133,9 +134,13 @@ class SendSession:
 class KVSender:
     """Sends blocks of `kv_cache` [L, 2, num_blocks, bs, H, D] (CPU or CUDA, any dtype)."""
 
-    def __init__(self, kv_cache: torch.Tensor, config: KVTransferConfig = KVTransferConfig()) -> None:
+    def __init__(self, kv_cache: torch.Tensor, config: KVTransferConfig = KVTransferConfig(),
+                 kv_scales: Sequence[float] = ()) -> None:
+        """`kv_scales`: an FP8 cache's per-layer (k, v) scales, k0, v0, k1, ... (default all 1.0),
+        announced with each transfer so the receiver can refuse blocks it would misread."""
         check_kv_cache(kv_cache)
         dtype_name(kv_cache.dtype)
+        self.kv_scales = check_kv_scales(kv_cache, kv_scales)
         self.kv_cache = kv_cache
         self.config = config
         self.worker_id = config.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:10]}"
@@ -307,7 +312,8 @@ class _ReceiverLink:
         session.t_begin = time.monotonic()
         self.sessions[session.request_id] = session
         self._send(Begin(session.request_id, self.epoch, session.dst_list, session.num_layers,
-                         dtype_name(self.sender.kv_cache.dtype), list(self.sender.kv_cache.shape[3:])))
+                         dtype_name(self.sender.kv_cache.dtype), list(self.sender.kv_cache.shape[3:]),
+                         self.sender.kv_scales))
 
     def _chunk(self, session: SendSession, layer_start: int, layer_end: int, event) -> None:
         if session.done():

@@ -6,6 +6,8 @@ contiguous, layers [a, b) of it are one [(b-a)*2*num_blocks, bs, H, D] block arr
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tandem.kernels import ops
@@ -19,6 +21,22 @@ def check_kv_cache(kv_cache: torch.Tensor) -> None:
                          f"head_dim], got shape {tuple(kv_cache.shape)}")
     if not kv_cache.is_contiguous():
         raise ValueError("kv_cache must be contiguous")
+
+
+def check_kv_scales(kv_cache: torch.Tensor, kv_scales) -> list[float]:
+    """The scales a sender announces / a receiver expects, as floats: an FP8 cache's per-layer
+    (k, v) dequantization scales (all 1.0 if none were given); none for a 16/32-bit cache."""
+    scales = [float(s) for s in kv_scales]
+    if kv_cache.element_size() != 1 or not kv_cache.dtype.is_floating_point:
+        if scales:
+            raise ValueError(f"kv_scales are only for an FP8 cache, not {kv_cache.dtype}")
+        return []
+    if not scales:
+        return [1.0] * (2 * kv_cache.shape[0])
+    if len(scales) != 2 * kv_cache.shape[0] or not all(math.isfinite(s) and s > 0 for s in scales):
+        raise ValueError(f"kv_scales must be {2 * kv_cache.shape[0]} finite positive numbers (k, v per layer), "
+                         f"got {len(scales)}")
+    return scales
 
 
 def staging_shape(kv_cache: torch.Tensor, num_layers: int, num_blocks: int) -> list[int]:

@@ -104,8 +104,9 @@ class DecodeConnector(KVConnector):
         self._lock = threading.Lock()
         self._counters = DisaggCounters()
 
-    def bind(self, kv_cache: torch.Tensor, block_size: int, wakeup: threading.Event) -> None:
-        self.receiver = KVReceiver(kv_cache, self._transfer)
+    def bind(self, kv_cache: torch.Tensor, block_size: int, wakeup: threading.Event,
+             kv_scales: list[float] | tuple[float, ...] = ()) -> None:
+        self.receiver = KVReceiver(kv_cache, self._transfer, kv_scales)
         self.block_size = block_size
         self.num_layers = kv_cache.shape[0]
         self._wakeup = wakeup
@@ -290,8 +291,9 @@ class PrefillConnector(KVConnector):
         self.exports_ok = 0
         self.exports_failed = 0
 
-    def bind(self, kv_cache: torch.Tensor, block_size: int, wakeup: threading.Event) -> None:
-        self.sender = KVSender(kv_cache, self._transfer)
+    def bind(self, kv_cache: torch.Tensor, block_size: int, wakeup: threading.Event,
+             kv_scales: list[float] | tuple[float, ...] = ()) -> None:
+        self.sender = KVSender(kv_cache, self._transfer, kv_scales)
 
     def transfer_metrics(self) -> TransferMetrics:
         return self.sender.metrics()

@@ -61,6 +61,8 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
+        # An FP8 KV cache's per-layer dequantization scales (engine/kv_quant.py); set by the runner.
+        self.k_scale = self.v_scale = 1.0
         self.qk_norm = config.model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -76,7 +78,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ops.rope(q, k, positions, cos_sin)
         # v stays a strided view of qkv: the KV write takes strided rows (one copy kernel less per layer).
-        out = paged_attention(self.layer_idx, q, k, v, self.scale, ctx)
+        out = paged_attention(self.layer_idx, q, k, v, self.scale, ctx, self.k_scale, self.v_scale)
         return ops.linear(out.reshape(-1, self.q_size), self.o_proj)
 
 

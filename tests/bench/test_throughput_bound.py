@@ -3,6 +3,7 @@ weight bytes against a real model's parameters, and its counts against what the 
 run's step trace recorded."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -75,3 +76,46 @@ def test_the_committed_h100_run_bound_reads_the_tokens_its_trace_recorded():
     assert fig["counts"]["computed_tokens"] == sum(g["decode_tokens"] + g["prefill_tokens"] for g in groups)
     assert fig["counts"]["min_steps"] <= res["tandem"]["step_trace"]["steps"]
     assert fig["output_tok_s"] >= res["throughput_tok_s"]["tandem"]  # a bound the run itself respects
+
+
+def test_engine_limits_raise_the_steps():
+    """Two requests of prompt 3 and 4 outputs: 3 decode tokens each, contexts 4, 5, 6."""
+    free = WorkloadCounts.of([3, 3], [4, 4])
+    assert (free.min_steps, free.min_steps_by) == (4, "longest request")
+    # One sequence per step: the 6 decode tokens take 6 steps.
+    one_seq = WorkloadCounts.of([3, 3], [4, 4], max_num_seqs=1)
+    assert (one_seq.min_steps, one_seq.min_steps_by) == (6, "max_num_seqs")
+    # A 5-token pool: the decode tokens hold 2 x (4 + 5 + 6) = 30 token-steps of KV, 6 steps at least.
+    small_pool = WorkloadCounts.of([3, 3], [4, 4], kv_pool_tokens=5)
+    assert (small_pool.min_steps, small_pool.min_steps_by) == (6, "kv capacity")
+    # Blocks of 4 tokens: contexts 4, 5, 6 hold 4, 8, 8 tokens' blocks -> 2 x 20 = 40 over 8 tokens: 5.
+    blocks = WorkloadCounts.of([3, 3], [4, 4], kv_pool_tokens=8, block_size=4)
+    assert (blocks.min_steps, blocks.min_steps_by) == (5, "kv capacity")
+    # Everything else is the same work.
+    assert dataclasses.replace(blocks, min_steps=free.min_steps, min_steps_by=free.min_steps_by,
+                               kv_pool_tokens=None) == free
+
+
+def test_a_larger_pool_lifts_a_capacity_bound_workload():
+    """1000/1000 x 1000 at max_num_seqs 512: a 300k-token pool bounds the steps by KV capacity
+    (each request holds ~1.5M token-steps of blocks), a 1M-token one (FP8 halves the bytes per
+    token) leaves max_num_seqs as the limit."""
+    shape16 = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336,
+                         vocab=128256, dtype_bytes=2)
+    shape8 = dataclasses.replace(shape16, kv_dtype_bytes=1)
+    assert shape8.kv_bytes_per_token * 2 == shape16.kv_bytes_per_token
+    lens, outs = [1000] * 1000, [1000] * 1000
+    bf16 = WorkloadCounts.of(lens, outs, max_num_seqs=512, kv_pool_tokens=300_000, block_size=16)
+    fp8 = WorkloadCounts.of(lens, outs, max_num_seqs=512, kv_pool_tokens=1_000_000, block_size=16)
+    assert bf16.min_steps_by == "kv capacity" and fp8.min_steps_by == "max_num_seqs"
+    assert fp8.min_steps < bf16.min_steps
+    b16 = throughput_bound(shape16, bf16, copy_gb_s=3000, matmul_tflops=700)
+    b8 = throughput_bound(shape8, fp8, copy_gb_s=3000, matmul_tflops=700)
+    assert b8["output_tok_s"] > b16["output_tok_s"]
+
+
+def test_engine_limits_must_be_positive():
+    with pytest.raises(ValueError):
+        WorkloadCounts.of([3], [2], max_num_seqs=0)
+    with pytest.raises(ValueError):
+        WorkloadCounts.of([3], [2], kv_pool_tokens=0)

@@ -62,6 +62,14 @@ def test_serve_listens_on_loopback_unless_told_and_warns_when_open_without_a_key
     assert serve_cli.app_args(cli.build_parser().parse_args(["serve"]))["api_key"] == "from-env"
 
 
+def test_serve_kv_cache_dtype_reaches_the_engines():
+    parse = cli.build_parser().parse_args
+    assert "kv_cache_dtype" not in serve_cli.app_args(parse(["serve"]))["engine_kwargs"]
+    assert serve_cli.app_args(parse(["serve", "--kv-cache-dtype", "fp8"]))["engine_kwargs"] == {"kv_cache_dtype": "fp8"}
+    with pytest.raises(ValueError, match="contradicts"):
+        serve_cli.app_args(parse(["serve", "--kv-cache-dtype", "fp8", "--engine-arg", "kv_cache_dtype=auto"]))
+
+
 CASES = [
     # (argv, what the line says, exit status)
     (["generate", "--model", "{tmp}/missing"], "is not a Hugging Face model folder", 1),
@@ -70,6 +78,8 @@ CASES = [
     (["serve", "--model", "{tmp}/missing"], "is not a Hugging Face model folder", 1),
     (["serve", "--prefill", "1"], "--prefill and --decode go together", 1),
     (["serve", "--autoscale", "decode"], "expected POOL=MIN:MAX", 2),
+    (["serve", "--kv-cache-dtype", "int8"], "argument --kv-cache-dtype: invalid choice: 'int8'", 2),
+    (["generate", "--kv-cache-dtype", "fp8_e5m2"], "argument --kv-cache-dtype: invalid choice", 2),
     (["status", "--address", "not-an-address"], "not-an-address", 1),
     (["bench", "run"], "the following arguments are required: --url", 2),
     (["bench", "compare", "{tmp}/a.json", "{tmp}/b.json"], "a.json", 1),

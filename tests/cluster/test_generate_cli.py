@@ -27,3 +27,12 @@ def test_generate_default_model(tmp_path, monkeypatch, capsys):
     assert main(["generate", "--max-tokens", "3"]) == 0
     assert "(3 tokens, length)" in capsys.readouterr().out
     assert (tmp_path / "tiny-llama" / "config.json").exists()
+
+
+def test_generate_with_an_fp8_kv_cache(tmp_path, capsys):
+    out_dir = tmp_path / "llama"
+    assert main(["make-model", str(out_dir), "--arch", "llama"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out_dir), "--prompt", "Hello", "--max-tokens", "4",
+                 "--kv-cache-dtype", "fp8"]) == 0
+    assert "(4 tokens, length)" in capsys.readouterr().out

@@ -40,7 +40,7 @@ class FakeDecodeConnector(KVConnector):
         self.cancelled: list[str] = []  # transfer ids
         self._resolved: list[tuple[Sequence, LoadResult]] = []
 
-    def bind(self, kv_cache: torch.Tensor, block_size: int, wakeup: threading.Event) -> None:
+    def bind(self, kv_cache: torch.Tensor, block_size: int, wakeup: threading.Event, kv_scales=()) -> None:
         self.kv_cache, self.block_size, self.wakeup = kv_cache, block_size, wakeup
 
     @property
@@ -89,7 +89,7 @@ class FakePrefillConnector(KVConnector):
         self._in_step: list[_Save] = []
         self.cancelled: list[str] = []
 
-    def bind(self, kv_cache: torch.Tensor, block_size: int, wakeup: threading.Event) -> None:
+    def bind(self, kv_cache: torch.Tensor, block_size: int, wakeup: threading.Event, kv_scales=()) -> None:
         self.kv_cache = kv_cache
 
     @property

@@ -87,7 +87,8 @@ def _chat(llm: LLM, conversations: list[list[int]], turns: int) -> list[list[int
 TINY_POOL = dict(num_kv_blocks=24, block_size=4, max_num_batched_tokens=32)
 
 
-@pytest.mark.parametrize("kw", [{}, {"async_scheduling": False, "long_prefill_token_threshold": 8}])
+@pytest.mark.parametrize("kw", [{}, {"async_scheduling": False, "long_prefill_token_threshold": 8},
+                                {"kv_cache_dtype": "fp8"}])  # FP8 blocks go out and back byte for byte
 def test_greedy_tokens_identical_with_host_tier_on_and_off(llama_dir, kw):
     conversations = _conversations(4)
     off = LLM(llama_dir, **TINY_POOL, **kw)
@@ -106,11 +107,12 @@ def test_greedy_tokens_identical_with_host_tier_on_and_off(llama_dir, kw):
 
 
 @pytest.mark.gpu
-def test_greedy_tokens_identical_with_host_tier_on_and_off_on_a_gpu(llama_dir):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_greedy_tokens_identical_with_host_tier_on_and_off_on_a_gpu(llama_dir, kv_cache_dtype):
     """The same on a GPU: pinned host memory, copies on side streams beside the steps (and
     CUDA graphs), float32 so that equal KV gives equal tokens."""
     conversations = _conversations(4)
-    kw = dict(TINY_POOL, device="cuda", dtype="float32")
+    kw = dict(TINY_POOL, device="cuda", dtype="float32", kv_cache_dtype=kv_cache_dtype)
     answers_off = _chat(LLM(llama_dir, **kw), conversations, turns=3)
     on = LLM(llama_dir, **kw, host_kv_cache_gb=0.002)
     assert _chat(on, conversations, turns=3) == answers_off

@@ -133,3 +133,17 @@ def test_stop_token_ids_eos_and_ignore_eos(llm):
         assert len(min_tok.token_ids) >= first + 2 and stop_tok not in min_tok.token_ids[: first + 1]
     finally:
         llm.engine.eos_token_ids.discard(stop_tok)
+
+
+def test_filtering_in_row_chunks_equals_all_rows_at_once(monkeypatch):
+    import tandem.engine.sampler as sampler_mod
+    from tandem.engine.sampler import Sampler
+
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(10, 50), dim=-1)
+    params = [SamplingParams(temperature=1.0, top_k=k, top_p=p, min_p=m)
+              for k, p, m in zip([5, 0, 3, 0, 7, 2, 0, 9, 1, 4], [0.9, 0.5, 1.0, 0.8, 0.95, 1.0, 0.3, 0.7, 1.0, 0.6],
+                                 [0.0, 0.1, 0.0, 0.05, 0.0, 0.0, 0.2, 0.0, 0.0, 0.01])]
+    whole = Sampler._filter(probs, params)
+    monkeypatch.setattr(sampler_mod, "FILTER_ROWS", 3)
+    assert torch.equal(Sampler._filter(probs, params), whole)

@@ -29,6 +29,7 @@ def run(num_blocks, block_size, num_heads, head_dim, num_ids, dtype, id_dtype=to
         (6, 16, 2, 8, 6, torch.float16, torch.int32),  # every block, int32 ids
         (5, 3, 1, 5, 2, torch.float32, torch.int32),  # 15-element blocks: masked tail
         (4, 4, 2, 8, 0, torch.float16, torch.int64),  # nothing to move
+        (9, 4, 2, 16, 5, torch.float8_e4m3fn, torch.int64),  # an FP8 KV cache
     ],
 )
 def test_block_copy_matches_ref(num_blocks, block_size, num_heads, head_dim, num_ids, dtype, id_dtype):
@@ -49,7 +50,7 @@ def test_views_of_a_layered_cache():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
 def test_block_copy_llama3_8b_gpu(dtype):
     run(4096, 16, 8, 128, 256, dtype)  # a 4k-token request's blocks of one layer
     run(4096, 16, 8, 128, 1, dtype, torch.int32)

@@ -35,12 +35,12 @@ def make_cache(seed: int, shape=SHAPE, dtype=torch.float32) -> torch.Tensor:
     return (magnitude * sign).to(dtype)
 
 
-def _serve(conn, role: str, seed: int, shape, dtype, config_kwargs: dict) -> None:
+def _serve(conn, role: str, seed: int, shape, dtype, config_kwargs: dict, kv_scales=()) -> None:
     from tandem.kvtransfer import KVReceiver, KVSender, KVTransferConfig, TransferError
 
     cache = make_cache(seed, shape, dtype)
     config = KVTransferConfig(**config_kwargs)
-    worker = KVReceiver(cache, config) if role == "receiver" else KVSender(cache, config)
+    worker = (KVReceiver if role == "receiver" else KVSender)(cache, config, kv_scales)
     conn.send(getattr(worker, "address", worker.worker_id))
     handles: dict = {}
     jobs: dict = {}
@@ -111,13 +111,13 @@ def _serve(conn, role: str, seed: int, shape, dtype, config_kwargs: dict) -> Non
 class Worker:
     """Parent-side handle of one worker process."""
 
-    def __init__(self, role: str, seed: int, shape=SHAPE, dtype=torch.float32, **config_kwargs):
+    def __init__(self, role: str, seed: int, shape=SHAPE, dtype=torch.float32, kv_scales=(), **config_kwargs):
         self.role = role
         self.seed = seed
         self.shape = shape
         self.dtype = dtype
         self._conn, child = context().Pipe()
-        self.proc = context().Process(target=_serve, args=(child, role, seed, shape, dtype, config_kwargs),
+        self.proc = context().Process(target=_serve, args=(child, role, seed, shape, dtype, config_kwargs, kv_scales),
                                       daemon=True)
         self.proc.start()
         child.close()

@@ -13,8 +13,15 @@ from tandem.kvtransfer.staging import block_id_tensor, gather_layers, scatter_la
 def test_messages_round_trip():
     for msg in (Hello("w-1"), Ping(), Error(None, "bad"), Error("r", "bad"),
                 Begin("r", 3, [4, 5], 32, "bfloat16", [16, 8, 128]),
+                Begin("r", 3, [4, 5], 2, "float8_e4m3fn", [16, 8, 128], [0.5, 1.0, 0.25, 3.0]),
                 Chunk("r", 3, 7, 0, 2, 2 * 2 * 2 * 16 * 8 * 128 * 2, "bfloat16", [2, 2, 2, 16, 8, 128])):
         assert decode(encode(msg)) == msg
+
+
+def test_begin_from_a_peer_without_kv_scales_has_none():
+    body = {"type": "begin", "request_id": "r", "epoch": 0, "dst_block_ids": [1], "num_layers": 1,
+            "dtype": "bfloat16", "block_shape": [1, 1, 1]}
+    assert decode(msgpack.packb(body, use_bin_type=True)).kv_scales == []
 
 
 @pytest.mark.parametrize("body, fragment", [
@@ -28,6 +35,10 @@ def test_messages_round_trip():
       "nbytes": 4, "dtype": "float32", "shape": [1, 2, 1, 1, 1, 1]}, "out of range"),
     ({"type": "chunk", "request_id": "r", "epoch": 0, "seq": 0, "layer_start": 0, "layer_end": 1,
       "nbytes": 4, "dtype": "object", "shape": [1, 2, 1, 1, 1, 1]}, "dtype"),
+    ({"type": "begin", "request_id": "r", "epoch": 0, "dst_block_ids": [1], "num_layers": 1,
+      "dtype": "float8_e4m3fn", "block_shape": [1, 1, 1], "kv_scales": [1.0, -2.0]}, "finite positive"),
+    ({"type": "begin", "request_id": "r", "epoch": 0, "dst_block_ids": [1], "num_layers": 1,
+      "dtype": "float8_e4m3fn", "block_shape": [1, 1, 1], "kv_scales": [1, 1]}, "finite positive"),
     ({"type": "hello", "sender_id": "x"}, "missing field"),
     ({"type": "ping", "extra": 1}, "unexpected fields"),
     ({"type": 5}, "unknown message type"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 import zmq
 
-from kv_procs import Worker
+from kv_procs import SHAPE, Worker
 
 FAST = dict(timeout_s=6.0, connect_timeout_s=6.0, heartbeat_s=0.2, peer_timeout_s=1.5)
 
@@ -33,7 +33,7 @@ def workers():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
 def test_streamed_blocks_land_bit_exact_in_other_block_ids(workers, dtype):
     receiver = workers("receiver", seed=1, dtype=dtype, min_message_bytes=0)
     sender = workers("sender", seed=2, dtype=dtype, min_message_bytes=0)
@@ -44,7 +44,8 @@ def test_streamed_blocks_land_bit_exact_in_other_block_ids(workers, dtype):
     src, dst = [3, 0, 17, 9], [11, 20, 2, 5]
     assert receiver.call("expect", "stream", dst, 4) == "ok"
     sender.call("send", "stream", receiver.address, src, dst, [(0, 1), (1, 2), (2, 3), (3, 4)], 0.05)
-    assert sender.call("join", "stream", 20)[0] == "ok"
+    result = sender.call("join", "stream", 20)
+    assert result[0] == "ok", result
     assert receiver.call("wait", "stream", 10)[0] == "ok"
     _expect_copy(expected, src_cache, src, dst)
 
@@ -65,6 +66,47 @@ def test_streamed_blocks_land_bit_exact_in_other_block_ids(workers, dtype):
     assert metrics["messages_received"] == 4 + 2
     sent = sender.call("metrics")
     assert sent["bytes_sent"] == metrics["bytes_received"] and sent["transfers_ok"] == 2
+
+
+@pytest.mark.timeout(60)
+def test_fp8_blocks_need_the_same_dtype_and_scales_on_both_sides(workers):
+    fp8 = torch.float8_e4m3fn
+    scales = [0.5, 2.0] * SHAPE[0]
+    receiver = workers("receiver", seed=1, dtype=fp8, kv_scales=scales, min_message_bytes=0)
+    expected = receiver.initial_cache()
+    cases = [  # (sender's dtype, sender's scales, what the refusal says)
+        (fp8, [], "KV cache scales differ"),             # all 1.0
+        (fp8, [0.5, 2.0] * (SHAPE[0] - 1) + [0.5, 4.0], "KV cache scales differ"),
+        (torch.bfloat16, [], "layout bfloat16"),
+    ]
+    for i, (dtype, sender_scales, says) in enumerate(cases):
+        sender = workers("sender", seed=2, dtype=dtype, kv_scales=sender_scales, min_message_bytes=0)
+        assert receiver.call("expect", f"bad{i}", [1, 2], 4) == "ok"
+        sender.call("send", f"bad{i}", receiver.address, [3, 4], [1, 2], [(0, 4)], 0.0)
+        result = sender.call("join", f"bad{i}", 20)
+        assert result[0] == "error" and says in result[1], result
+        receiver.call("abort", f"bad{i}")
+    # The same dtype and scales: delivered byte for byte.
+    sender = workers("sender", seed=2, dtype=fp8, kv_scales=scales, min_message_bytes=0)
+    assert receiver.call("expect", "good", [5, 6], 4) == "ok"
+    sender.call("send", "good", receiver.address, [3, 4], [5, 6], [(0, 2), (2, 4)], 0.0)
+    assert sender.call("join", "good", 20)[0] == "ok"
+    assert receiver.call("wait", "good", 10)[0] == "ok"
+    _expect_copy(expected, sender.initial_cache(), [3, 4], [5, 6])
+    got = receiver.call("cache")
+    assert got.dtype == fp8 and torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_kv_scales_are_checked_at_construction():
+    from tandem.kvtransfer import KVReceiver, KVSender
+
+    cache = torch.zeros(SHAPE, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="finite positive"):
+        KVSender(cache, kv_scales=[1.0])
+    with pytest.raises(ValueError, match="finite positive"):
+        KVSender(cache, kv_scales=[1.0, -1.0] * SHAPE[0])
+    with pytest.raises(ValueError, match="only for an FP8 cache"):
+        KVReceiver(torch.zeros(SHAPE), kv_scales=[1.0, 1.0] * SHAPE[0])
 
 
 @pytest.mark.timeout(90)
