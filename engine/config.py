@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SCHEDULING_POLICIES = ("fcfs", "lof")
+QUANTIZATIONS = ("fp8",)
 
 
 def check_device(device: str) -> None:
@@ -54,9 +55,16 @@ class EngineConfig:
     # so the host's per-step work runs while the GPU computes (engine/llm_engine.py).
     async_scheduling: bool = True
     seed: int = 0
+    # "fp8": e4m3 weights for the decoder's linear layers, quantized while loading a bf16/fp32
+    # checkpoint (per-channel weight scales, per-token activation scales). None: the checkpoint's
+    # own format (an FP8 checkpoint, one whose config.json has an fp8 quantization_config, loads
+    # as FP8 either way). engine/fp8.py.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unsupported quantization {self.quantization!r}; supported: {QUANTIZATIONS}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_batched_tokens < 1:

@@ -16,6 +16,7 @@ import torch
 from tandem.kernels import ops
 from tandem.engine.attention import ForwardContext
 from tandem.engine.config import EngineConfig
+from tandem.engine.fp8 import check_fp8_device, fp8_scheme
 from tandem.engine.models import model_class_for
 from tandem.engine.models.llama import head_dim_of
 from tandem.engine.scheduler import SchedulerOutput
@@ -75,12 +76,17 @@ class ModelRunner:
         from safetensors import safe_open
 
         cls = model_class_for(self.hf_config)
+        fp8 = fp8_scheme(self.hf_config, self.config.quantization)  # refuses unsupported checkpoints first
+        if fp8 is not None:
+            check_fp8_device(self.device)
         files = sorted(glob.glob(os.path.join(self.config.model, "*.safetensors")))
         if not files and weights is None:
             raise FileNotFoundError(f"no *.safetensors weights in {self.config.model!r}")
         with torch.device("meta"):
             model = self._build_model(cls)
         model = model.to_empty(device=self.device).to(self.dtype)
+        if fp8 is not None:
+            model.quantize_fp8(fp8)  # empty FP8 layers, filled (or quantized) by load_weights
         model.build_rope_table(self.device)
 
         def from_files():
