@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (float32 on cpu, bfloat16 on cuda), float32, "
                                                         "float16 or bfloat16")
+    parser.add_argument("--quantization", choices=("fp8",), default=None,
+                        help="fp8: e4m3 weights, quantized while loading a bf16/fp32 checkpoint (an FP8 "
+                             "checkpoint loads as FP8 without it); default: none, the checkpoint's own format")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
                             seed=args.seed)
     model = args.model or default_model()
     prompts = args.prompt or [DEFAULT_PROMPT]
-    llm = LLM(model, device=args.device, dtype=args.dtype)
+    llm = LLM(model, device=args.device, dtype=args.dtype, quantization=args.quantization)
     for prompt, out in zip(prompts, llm.generate(prompts, params)):
         completion = out.outputs[0]
         print(f"prompt: {prompt!r}")

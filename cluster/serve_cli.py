@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV} if set, "
                                           "else no key: anyone who reaches the port may use it)")
     parser.add_argument("--device", default="cpu", help="the engines' device: cpu or cuda")
+    parser.add_argument("--quantization", choices=("fp8",), default=None,
+                        help="fp8: e4m3 weights, quantized while loading a bf16/fp32 checkpoint (an FP8 "
+                             "checkpoint loads as FP8 without it); default: none, the checkpoint's own format")
     parser.add_argument("--engine-arg", action="append", type=_engine_arg, default=[], metavar="KEY=VALUE",
                         help="an EngineConfig field, e.g. max_model_len=4096 (repeatable; values parsed as JSON; "
                              "default: the engine's defaults)")
@@ -116,7 +119,9 @@ def app_args(args: argparse.Namespace) -> dict:
     built = {
         "mode": mode, "num_replicas": num_replicas, "prefill_replicas": prefill_replicas,
         "pool_resources": bool(getattr(args, "pool_resources", False)), "ingress_replicas": args.ingress_replicas,
-        "routing_policy": args.routing_policy, "device": args.device, "engine_kwargs": dict(args.engine_arg),
+        "routing_policy": args.routing_policy, "device": args.device,
+        "engine_kwargs": {**dict(args.engine_arg),
+                          **({"quantization": args.quantization} if getattr(args, "quantization", None) else {})},
         "max_in_flight": args.max_in_flight,
     }
     if mode == "colocated":

@@ -208,7 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=tuple(_SIZES), default="tiny", help="the model's shapes")
     parser.add_argument("--quantization", choices=("fp8",), default=None,
                         help="fp8: write the weights as an FP8 checkpoint (e4m3, 128x128 block scales, the "
-                             "layout transformers and vLLM load)")
+                             "layout transformers and vLLM load); default: none, float32 weights")
 
 
 def run(args: argparse.Namespace) -> int:
