@@ -248,3 +248,43 @@ def test_high_precision_layer_in_an_fp8_checkpoint_is_refused(fp8_dirs, model_di
     config = json.loads((Path(src) / "config.json").read_text())["quantization_config"]
     with pytest.raises(ValueError, match="stores this layer as torch.float32"):
         LLM(str(rewrite_checkpoint(src, tmp_path / "m", config, unquantize_one)), num_kv_blocks=8)
+
+
+# ------------------------------------------------------------------ on a GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3_moe"])
+def test_fp8_on_gpu_computes_the_reference_function(model_dirs, arch):
+    """The GPU's paths (`torch._scaled_mm` with per-token activation scales, the FP8 GEMV at one
+    row, the FP8 fused MoE) against the CPU reference that rounds activations the same way: float32
+    model dtype on both, so only the GEMM's bf16 output rounding and accumulation order differ."""
+    gpu = LLM(model_dirs[arch], device="cuda", dtype="float32", num_kv_blocks=64, quantization="fp8").engine.runner.model
+    cpu = LLM(model_dirs[arch], num_kv_blocks=64, quantization="fp8").engine.runner.model
+    set_quantize_input(cpu, True)
+    prompts = prompts_for(cpu.config.vocab_size, lens=[1, 7, 64, 129])
+    got, expected = prefill_logits(gpu, prompts, every_position=True), prefill_logits(cpu, prompts, every_position=True)
+    assert ((got - expected).norm() / expected.norm()).item() < 2e-2
+    one_row = prefill_logits(gpu, [prompts[0]])  # a one-token prompt: every projection through the GEMV
+    assert torch.allclose(one_row, prefill_logits(cpu, [prompts[0]]), rtol=0, atol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_fp8_on_gpu_graphs_give_the_eager_tokens(fp8_dirs, arch):
+    """An FP8 checkpoint on the GPU in bf16 (block-wise scales: the dequantizing path at M > 1),
+    decode steps replayed from CUDA graphs: the same greedy tokens as eager steps."""
+    prompts = prompts_for(1000, lens=[5, 40, 100])
+    graphs = greedy(LLM(fp8_dirs[arch], device="cuda", num_kv_blocks=64), prompts, 16)
+    eager = greedy(LLM(fp8_dirs[arch], device="cuda", num_kv_blocks=64, enforce_eager=True), prompts, 16)
+    assert graphs == eager
+
+
+@pytest.mark.gpu
+def test_load_time_fp8_on_gpu_halves_the_linear_weights(model_dirs):
+    bf16 = LLM(model_dirs["llama"], device="cuda", num_kv_blocks=64).engine.runner.model
+    fp8 = LLM(model_dirs["llama"], device="cuda", num_kv_blocks=64, quantization="fp8").engine.runner.model
+    qkv_bf16, qkv_fp8 = bf16.layers[0].self_attn.qkv_proj.weight, fp8.layers[0].self_attn.qkv_proj.weight
+    assert qkv_fp8.dtype == FP8_DTYPE and qkv_fp8.nbytes * 2 == qkv_bf16.nbytes
+    prompts = prompts_for(bf16.config.vocab_size, lens=[3, 50])
+    assert all(len(t) == 8 for t in greedy(LLM(model_dirs["llama"], device="cuda", num_kv_blocks=64,
+                                               quantization="fp8"), prompts))
