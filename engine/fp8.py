@@ -213,6 +213,7 @@ class Fp8Linear(nn.Module):
         # Shards of a fused layer may bring different static scales: the largest keeps them all in range.
         self.input_scale = (nn.Parameter(torch.zeros((), dtype=torch.float32, device=device), requires_grad=False)
                             if scheme.static_activations else None)
+        self._input_scale_loaded = False
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False)
                      if bias else None)
         # CPU only: round activations through e4m3 as the GPU's FP8 GEMM does (accuracy checks).
@@ -235,7 +236,9 @@ class Fp8Linear(nn.Module):
         if leaf == "input_scale":
             if self.input_scale is None:
                 return []  # dynamic scheme: per-token scales are computed, a stored one is unused
-            self.input_scale.copy_(torch.maximum(self.input_scale, tensor.float().max().to(self.input_scale.device)))
+            scale = tensor.float().max().to(self.input_scale.device)
+            self.input_scale.copy_(torch.maximum(self.input_scale, scale) if self._input_scale_loaded else scale)
+            self._input_scale_loaded = True
             return ["input_scale"]
         filled = load_fp8_rows(self.weight[rows], self.weight_scale[rows], leaf, tensor, self.scheme, what)
         return ["weight", "weight_scale"] if filled == "weight+scale" else [filled]

@@ -83,10 +83,12 @@ class ModelRunner:
         if not files and weights is None:
             raise FileNotFoundError(f"no *.safetensors weights in {self.config.model!r}")
         with torch.device("meta"):
-            model = self._build_model(cls)
-        model = model.to_empty(device=self.device).to(self.dtype)
-        if fp8 is not None:
-            model.quantize_fp8(fp8)  # empty FP8 layers, filled (or quantized) by load_weights
+            model = self._build_model(cls).to(self.dtype)
+            if fp8 is not None:
+                # FP8 layers replace the linear ones before any memory is taken: the device never
+                # holds the high-precision weights of a layer load_weights quantizes.
+                model.quantize_fp8(fp8)
+        model = model.to_empty(device=self.device)
         model.build_rope_table(self.device)
 
         def from_files():

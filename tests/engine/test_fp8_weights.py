@@ -271,7 +271,7 @@ def test_fp8_on_gpu_computes_the_reference_function(model_dirs, arch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])
 def test_fp8_on_gpu_graphs_give_the_eager_tokens(fp8_dirs, arch):
-    """An FP8 checkpoint on the GPU in bf16 (block-wise scales: the dequantizing path at M > 1),
+    """The FP8 checkpoint make-model writes, on the GPU in bf16,
     decode steps replayed from CUDA graphs: the same greedy tokens as eager steps."""
     prompts = prompts_for(1000, lens=[5, 40, 100])
     graphs = greedy(LLM(fp8_dirs[arch], device="cuda", num_kv_blocks=64), prompts, 16)
