@@ -10,11 +10,19 @@ whose row counts are not multiples of the block stay exact).
 
 Activations are quantized per token (dynamic: amax of the row / 448) or with one static
 per-tensor scale from the checkpoint (`input_scale`).
+
+Where cuBLASLt's FP8 GEMM does not apply (block-wise scales, shapes that are not multiples of 16,
+GPUs before Hopper), `fp8_weight_gemm` (Triton) multiplies in the activation dtype with the weight
+dequantized in registers: the weight is still read at one byte per element.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -110,3 +118,65 @@ def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out.to(x.dtype)
+
+
+@triton.jit
+def _fp8_weight_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                            group_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr):
+    """y[m, n] = sum_k x[m, k] * (w[n, k] * s[n, k // group_k]), the weight tile dequantized to x's
+    dtype before the dot, float32 accumulation."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w_mask = mask_k[:, None] & mask_n[None, :]
+        w = tl.load(w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None], mask=w_mask, other=0.0)
+        s = tl.load(s_ptr + offs_n[None, :] * stride_sn + (offs_k // group_k)[:, None], mask=w_mask, other=0.0)
+        acc = tl.dot(a, (w.to(tl.float32) * s).to(a.dtype), acc, input_precision=DOT_PRECISION)
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@dataclass(frozen=True)
+class GemmTiles:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def pick_gemm_tiles(rows: int, device: torch.device) -> GemmTiles:
+    if device.type != "cuda":
+        return GemmTiles(16, 32, 32)  # the interpreter: small tiles keep the tests fast
+    if rows <= 16:  # decode: the weight streams once
+        return GemmTiles(16, 64, 128, num_warps=4, num_stages=4)
+    if rows <= 64:
+        return GemmTiles(64, 64, 128, num_warps=4, num_stages=4)
+    return GemmTiles(128, 128, 64, num_warps=8, num_stages=3)
+
+
+def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, group_k: int,
+                    bias: torch.Tensor | None = None, tiles: GemmTiles | None = None) -> torch.Tensor:
+    """Triton version of `fp8_linear_ref` (without input quantization): x [M, K] @ dequant(weight)^T
+    in x's dtype, for any [N, G] scale layout. Returns [M, N] in x's dtype."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k or weight.stride(1) != 1 or weight_scale.shape[0] != n or weight_scale.stride(1) != 1:
+        raise ValueError(f"fp8_weight_gemm: x {tuple(x.shape)}, row-major weight {tuple(weight.shape)} "
+                         f"and [N, G] scales {tuple(weight_scale.shape)} expected")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    t = tiles or pick_gemm_tiles(m, x.device)
+    _fp8_weight_gemm_kernel[(triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n))](
+        x, weight, weight_scale, y, m, n, k, x.stride(0), weight.stride(0), weight_scale.stride(0), y.stride(0),
+        group_k, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=t.num_warps, num_stages=t.num_stages)
+    return y if bias is None else y + bias.to(y.dtype)

@@ -77,11 +77,14 @@ def _scaled_mm_on(device: torch.device) -> bool:
 
 def fp8_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     """An FP8-weight layer on rows x [M, K]: cuBLASLt's FP8 GEMM (`torch._scaled_mm`, activations
-    quantized per token or with the static scale) where the GPU and the shapes allow it, else the
-    reference (weights dequantized, then a matmul in x's dtype). The batch-1 GEMV multiplies
-    in x's precision, as the reference does."""
+    quantized per token or with the static scale) where the GPU and the shapes allow it (per-channel
+    scales, Hopper); else on a GPU the Triton GEMM that dequantizes the weight in registers
+    (block-wise checkpoints), and on a CPU the reference (weights dequantized, then a matmul in x's
+    dtype). Those two and the batch-1 GEMV multiply in x's precision."""
     if (x.is_cuda and _scaled_mm_on(x.device)
             and fp8_mod.scaled_mm_applies(x, layer.weight, layer.weight_scale)):
         return fp8_mod.fp8_linear_scaled_mm(x, layer.weight, layer.weight_scale, layer.bias, layer.input_scale)
+    if _takes_triton(x):
+        return fp8_mod.fp8_weight_gemm(x, layer.weight, layer.weight_scale, layer.group_k, layer.bias)
     return fp8_mod.fp8_linear_ref(x, layer.weight, layer.weight_scale, layer.group_k, layer.bias,
                                   layer.input_scale, quantize_input=getattr(layer, "quantize_input", False))

@@ -11,6 +11,8 @@ through enough weight copies (>= 256 MB) that each call reads its weight from HB
   bf16_linear      F.linear(x, W) in bf16 (cuBLAS): what the bf16 model runs at M >= 2
   fp8_scaled_mm    torch._scaled_mm on e4m3 x and W, row-wise scales (cuBLASLt): the GEMM alone
   fp8_linear       kernels.fp8.fp8_linear_scaled_mm: x quantized per token, then the GEMM (the layer)
+  fp8_triton_gemm  kernels.fp8.fp8_weight_gemm: bf16 x, the e4m3 weight dequantized in registers (the
+                   path of block-wise checkpoints), here with per-channel and with 128-wide block scales
   bf16_gemv        kernels/gemv.py on bf16 W (M = 1: the bf16 model's batch-1 path)
   fp8_gemv         kernels/gemv.py on e4m3 W with per-channel scales (M = 1), default tiles and a
                    small tile sweep
@@ -31,11 +33,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+if not torch.cuda.is_available() or ("--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1:][:1] == ["cpu"]):
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported: the CPU smoke run
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gemv_probe import SHAPES, time_graph  # noqa: E402  (a sibling probe, run from its folder)
 
-from tandem.kernels.fp8 import (fp8_linear_ref, fp8_linear_scaled_mm, quantize_rows,  # noqa: E402
-                                scaled_mm_supported)
+from tandem.kernels.fp8 import (fp8_linear_ref, fp8_linear_scaled_mm, fp8_weight_gemm,  # noqa: E402
+                                quantize_rows, scaled_mm_supported)
 
 GEMV_TILES = [(4, 1024, 4), (8, 1024, 4), (8, 2048, 8), (16, 512, 4), (16, 1024, 8), (32, 512, 8)]
 
@@ -76,6 +80,11 @@ def probe_one(name: str, n: int, k: int, m: int, dev: torch.device, tiles: bool)
                                                                    out_dtype=torch.bfloat16), len(w8))
         row["fp8_linear_us"] = timer(lambda i: fp8_linear_scaled_mm(x, w8[i], s8[i]), len(w8))
         row["fp8_linear_rel_err"] = rel_err(fp8_linear_scaled_mm(x, w8[0], s8[0]), ref)
+    row["fp8_triton_gemm_us"] = timer(lambda i: fp8_weight_gemm(x, w8[i], s8[i], k), len(w8))
+    row["fp8_triton_gemm_rel_err"] = rel_err(fp8_weight_gemm(x, w8[0], s8[0], k), exact)
+    if k % 128 == 0:  # the same weights with one scale per 128 columns (a block-wise checkpoint's layout)
+        blocks = [s.expand(n, k // 128).contiguous() for s in s8]
+        row["fp8_triton_gemm_block128_us"] = timer(lambda i: fp8_weight_gemm(x, w8[i], blocks[i], 128), len(w8))
     if m == 1:
         row["bf16_gemv_us"] = timer(lambda i: gemv(x, w_bf16[i]), len(w_bf16))
         row["fp8_gemv_us"] = timer(lambda i: gemv(x, w8[i], weight_scale=s8[i], group_k=k), len(w8))
@@ -107,8 +116,6 @@ def main() -> int:
     args = ap.parse_args()
     dev = torch.device(args.device)
     gpu = dev.type == "cuda"
-    if not gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton compiles anything
     shapes = SHAPES if gpu else {name: (max(16, n // 256), max(32, k // 128)) for name, (n, k) in SHAPES.items()}
     ms = args.m or ([1, 2, 4, 8, 4096] if gpu else [1, 4])
     rows = []
@@ -121,6 +128,7 @@ def main() -> int:
             print(f"M={m:5d} {name:8s} bf16 {r['bf16_linear_us']:9.1f} us"
                   + (f" | scaled_mm {r['fp8_scaled_mm_us']:9.1f} | fp8 layer {r['fp8_linear_us']:9.1f}"
                      if "fp8_scaled_mm_us" in r else "")
+                  + f" | triton w8 {r['fp8_triton_gemm_us']:9.1f}"
                   + (f" | gemv bf16 {r['bf16_gemv_us']:8.1f} fp8 {r['fp8_gemv_us']:8.1f}" if m == 1 else ""),
                   flush=True)
     result = {

@@ -101,7 +101,7 @@ class _Layer(torch.nn.Module):
 
 def test_ops_linear_on_fp8_layers(monkeypatch):
     """One row -> the FP8 GEMV (Triton under TANDEM_TRITON_ON_CPU); more rows, or a bias -> the
-    reference on a CPU. All give dequantize-then-matmul."""
+    Triton GEMM that dequantizes in registers. All give dequantize-then-matmul."""
     monkeypatch.setenv("TANDEM_TRITON_ON_CPU", "1")
     calls = []
     real = ops.gemv_mod.gemv
@@ -167,6 +167,19 @@ def test_scaled_mm_matches_ref_with_quantized_inputs(rows, static, bias):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows", [2, 8, 64, 1024])
+def test_fp8_weight_gemm_on_gpu_with_block_scales(rows):
+    """The GPU path of block-wise (128 x 128) checkpoints at Llama-3-8B's gate_up and down shapes."""
+    from tandem.kernels.fp8 import fp8_weight_gemm
+
+    for n, k in [(28672, 4096), (4096, 14336)]:
+        q, scale, gk = quantized_weight(n, k, 128, dev=torch.device("cuda"))
+        x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
+        assert_close(fp8_weight_gemm(x, q, scale, gk), fp8_linear_ref(x.float(), q, scale, gk),
+                     TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.gpu
 def test_fp8_gemv_on_gpu_at_8b_shapes():
     """The batch-1 GEMV with e4m3 weights at Llama-3-8B's projection shapes (compiled Triton)."""
     for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
@@ -174,3 +187,17 @@ def test_fp8_gemv_on_gpu_at_8b_shapes():
         x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
         assert_close(gemv(x, q, weight_scale=scale, group_k=gk),
                      gemv_ref(x.float(), q, weight_scale=scale, group_k=gk), TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("m, n, k, group_k", [(1, 24, 32, 0), (5, 40, 64, 0), (33, 70, 200, 64), (17, 48, 96, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_weight_gemm_matches_ref(m, n, k, group_k, dtype):
+    from tandem.kernels.fp8 import fp8_weight_gemm
+
+    q, scale, gk = quantized_weight(n, k, group_k)
+    x = torch.randn(m, k, device=device()).to(dtype)
+    bias = torch.randn(n, device=device()).to(dtype)
+    with poisoned_allocations():
+        y = fp8_weight_gemm(x, q, scale, gk, bias)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert_close(y, fp8_linear_ref(x.float(), q, scale, gk, bias.float()), TOLERANCE[dtype])
