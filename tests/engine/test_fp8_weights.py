@@ -169,15 +169,20 @@ def test_compressed_tensors_per_channel_checkpoint(model_dirs, tmp_path):
     src = model_dirs["qwen3"]
     dequantized: dict[str, torch.Tensor] = {}
 
+    kept = "model.layers.1.mlp.down_proj.weight"  # in the skip list: stays float32
+
     def per_channel(state):
         out = dict(state)
         for name in dense_linear_names(state):
+            if name == kept:
+                continue
             q, scale = quantize_rows(state[name])
             out[name], out[name.replace(".weight", ".weight_scale")] = q, scale
             dequantized[name] = dequantize_weight(q, scale, q.shape[1])
         return out
 
-    qc = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+    qc = {"quant_method": "compressed-tensors", "format": "float-quantized",
+          "ignore": ["lm_head", r"re:.*layers\.1\.mlp\.down_proj$"],
           "config_groups": {"group_0": {
               "targets": ["Linear"],
               "weights": {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": True, "dynamic": False},
@@ -186,6 +191,7 @@ def test_compressed_tensors_per_channel_checkpoint(model_dirs, tmp_path):
     plain = LLM(str(rewrite_checkpoint(src, tmp_path / "plain", None, lambda s: {**s, **dequantized})),
                 num_kv_blocks=64)
     assert fp8.engine.runner.model.layers[0].mlp.down_proj.input_scale is None
+    assert type(fp8.engine.runner.model.layers[1].mlp.down_proj) is torch.nn.Linear
     prompts = prompts_for(fp8.engine.runner.model.config.vocab_size, lens=[2, 33, 90])
     assert torch.equal(prefill_logits(fp8.engine.runner.model, prompts),
                        prefill_logits(plain.engine.runner.model, prompts))
@@ -210,6 +216,14 @@ def _with_config(src: str, dst: Path, qc: dict) -> str:
 def test_unsupported_quantization_configs_are_refused(fp8_dirs, tmp_path, qc, match):
     with pytest.raises(ValueError, match=match):
         LLM(_with_config(fp8_dirs["llama"], tmp_path / "m", qc), num_kv_blocks=8)
+
+
+def test_a_fused_layer_quantized_in_part_is_refused(fp8_dirs, tmp_path):
+    src = fp8_dirs["llama"]
+    config = json.loads((Path(src) / "config.json").read_text())["quantization_config"]
+    config["modules_to_not_convert"] = config["modules_to_not_convert"] + ["model.layers.0.self_attn.k_proj"]
+    with pytest.raises(ValueError, match="quantizes only some of"):
+        LLM(_with_config(src, tmp_path / "m", config), num_kv_blocks=8)
 
 
 def test_unknown_quantization_setting_is_refused(model_dirs):
