@@ -306,3 +306,22 @@ def test_load_time_fp8_on_gpu_halves_the_linear_weights(model_dirs):
     prompts = prompts_for(bf16.config.vocab_size, lens=[3, 50])
     assert all(len(t) == 8 for t in greedy(LLM(model_dirs["llama"], device="cuda", num_kv_blocks=64,
                                                quantization="fp8"), prompts))
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_fp8_layers_take_the_triton_kernels_in_the_model(model_dirs, arch, monkeypatch):
+    """The kernel seams with FP8 weights: TANDEM_TRITON_ON_CPU=1 sends an MoE layer (attention's
+    FP8 projections, the FP8 experts, qwen2_moe's FP8 shared expert) through the Triton kernels in
+    the interpreter: the FP8 GEMM at several rows, the FP8 GEMV at one; the outputs equal the
+    reference path's."""
+    layer = LLM(model_dirs[arch], num_kv_blocks=8, quantization="fp8").engine.runner.model.layers[0]
+    assert layer.mlp.experts.fp8_scales() is not None
+    for rows in (13, 1):
+        x = torch.randn(rows, layer.mlp.gate.in_features)
+        with torch.inference_mode():
+            monkeypatch.delenv("TANDEM_TRITON_ON_CPU", raising=False)
+            ref_mlp, ref_o = layer.mlp(x), layer.self_attn.o_proj(x)
+            monkeypatch.setenv("TANDEM_TRITON_ON_CPU", "1")
+            out_mlp, out_o = layer.mlp(x), layer.self_attn.o_proj(x)
+        torch.testing.assert_close(out_mlp, ref_mlp, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out_o, ref_o, rtol=1e-5, atol=1e-6)
