@@ -171,6 +171,9 @@ class LlamaForCausalLM(nn.Module):
                 with torch.no_grad():
                     module.weight.data = module.weight.data.t().contiguous().t()
 
+    # Linear layers never quantized: MoE routers (as in FP8 checkpoints, vLLM and transformers).
+    unquantized = (".mlp.gate",)
+
     def quantize_fp8(self, scheme: Fp8Scheme) -> None:
         """Replace the decoder layers' linear layers by empty `Fp8Linear`s before loading (the LM
         head and MoE routers stay in the model dtype; modules the checkpoint keeps unquantized too)."""
@@ -184,15 +187,12 @@ class LlamaForCausalLM(nn.Module):
             parent, leaf = name.rsplit(".", 1)
             setattr(self.get_submodule(parent), leaf, fp8_linear_like(module, scheme))
 
-    # Linear layers never quantized: MoE routers (as in FP8 checkpoints, vLLM and transformers).
-    unquantized = (".mlp.gate",)
-
     def checkpoint_names(self, name: str) -> list[str]:
         """The checkpoint's module names (without "model.") that load into our module `name`."""
-        for ckpt_frag, (our_frag, _) in self.fused_names.items():
-            if name.endswith("." + our_frag):
-                return [name.removesuffix(our_frag) + frag for frag, (ours, _) in self.fused_names.items()
-                        if ours == our_frag]
+        for fused in {ours for ours, _ in self.fused_names.values()}:
+            if name.endswith("." + fused):
+                return [name.removesuffix(fused) + frag for frag, (ours, _) in self.fused_names.items()
+                        if ours == fused]
         return [name]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -218,8 +218,11 @@ class LlamaForCausalLM(nn.Module):
                      fused: str | None, shard: int | None) -> list[str]:
         """Copies one checkpoint tensor (a fused layer's shard when `fused`); returns the names
         it filled (`name#shard` for shards)."""
-        prefix, leaf = name.rsplit(".", 1)
-        module = self.get_submodule(prefix) if "." in name else None
+        prefix, _, leaf = name.rpartition(".")
+        try:
+            module = self.get_submodule(prefix) if prefix else None
+        except AttributeError:
+            module = None  # not one of ours: reported below
         suffix = "" if shard is None else f"#{shard}"
         if isinstance(module, Fp8Linear):
             leaf = scale_leaf(leaf) or leaf
