@@ -92,6 +92,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn, stride_sn, GROUP_K
 # (`bench/results/probes/gemv_skinny_sweep_h100.json`, M = 1): within 4% of each shape's best tile (qkv
 # 18.4 vs 17.7 us), within 1% for the others.
 TILES = (8, 1024, 4)
+# e4m3 weights: twice the columns per tile and twice the warps, so a program keeps the bf16 tile's
+# bytes of weight in flight with the same registers per thread. Not yet measured against the
+# alternatives (`bench/probes/fp8_gemm_probe.py` sweeps them).
+FP8_TILES = (8, 2048, 8)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool = False, *,
@@ -120,7 +124,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool = False, *,
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, num_warps = tiles or TILES
+    block_n, block_k, num_warps = tiles or (TILES if weight_scale is None else FP8_TILES)
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, s, y, n, k, weight.stride(0), stride_sn, max(group_k, 1),
