@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from tandem.kernels.activation import silu_and_mul_ref
-from tandem.kernels.fp8 import dequantize_weight
+from tandem.kernels.fp8 import GemmTiles, dequantize_weight
 
 
 @dataclass(frozen=True)
@@ -200,13 +200,7 @@ def _down_kernel(
                  mask=valid[:, None] & n_mask[None, :])
 
 
-@dataclass(frozen=True)
-class MoeTiles:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 3
+MoeTiles = GemmTiles  # BLOCK_M x BLOCK_N x BLOCK_K, warps and stages of both launches
 
 
 def pick_tiles(num_pairs: int, num_experts: int, device: torch.device) -> MoeTiles:
