@@ -79,7 +79,7 @@ def measure_fp8_matmul(device: str) -> float | None:
         return None
     n = 8192
     a = torch.randn(n, n, device=device).to(FP8_DTYPE)
-    b = torch.randn(n, n, device=device).to(FP8_DTYPE).t()  # column-major, as cuBLASLt wants it
+    b = torch.randn(n, n, device=device).to(FP8_DTYPE).t()  # column-major, as _scaled_mm wants it
     sa, sb = torch.ones(n, 1, device=device), torch.ones(1, n, device=device)
     return _time_flops(lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16),
                        2 * n**3, device)

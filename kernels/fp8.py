@@ -1,5 +1,5 @@
 """FP8 (e4m3) linear algebra: quantizing weights and activations, the plain-torch reference of an
-FP8-weight linear layer, and its cuBLASLt path (`torch._scaled_mm`).
+FP8-weight linear layer, and its tensor-core path (`torch._scaled_mm`).
 
 Weights are e4m3 [N, K] (nn.Linear's row-major layout) with float32 scales `weight_scale`
 [N, G]: row n, columns [g * group_k, (g + 1) * group_k) dequantize as `weight * scale[n, g]`.
@@ -11,7 +11,7 @@ whose row counts are not multiples of the block stay exact).
 Activations are quantized per token (dynamic: amax of the row / 448) or with one static
 per-tensor scale from the checkpoint (`input_scale`).
 
-Where cuBLASLt's FP8 GEMM does not apply (block-wise scales, shapes that are not multiples of 16,
+Where `torch._scaled_mm` does not apply (block-wise scales, shapes that are not multiples of 16,
 GPUs before Hopper), `fp8_weight_gemm` (Triton) multiplies in the activation dtype with the weight
 dequantized in registers: the weight is still read at one byte per element.
 """
@@ -120,7 +120,8 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
 
 
 def scaled_mm_supported(device: torch.device) -> bool:
-    """`torch._scaled_mm` with row-wise scales: cuBLASLt FP8 on compute capability 9.0+ (Hopper);
+    """`torch._scaled_mm` with row-wise scales (torch runs a CUTLASS FP8 kernel for those) on compute
+    capability 9.0+ (Hopper);
     row-wise scaling arrived in torch 2.5."""
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
         return False
@@ -129,7 +130,7 @@ def scaled_mm_supported(device: torch.device) -> bool:
 
 
 def scaled_mm_applies(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
-    """The shapes cuBLASLt's FP8 GEMM takes: K and N multiples of 16, per-channel weight scales."""
+    """The shapes `torch._scaled_mm` takes: K and N multiples of 16, per-channel weight scales."""
     n, k = weight.shape
     return (weight_scale.shape[-1] == 1 and k % 16 == 0 and n % 16 == 0 and weight.stride(1) == 1
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
@@ -139,7 +140,7 @@ def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
                          bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ dequant(weight [N, K])^T on the tensor cores: x quantized per token (or with
     the static scale), row-wise scales on both sides. `weight.t()` is the column-major [K, N]
-    operand cuBLASLt requires. Returns x's dtype."""
+    operand `_scaled_mm` requires. Returns x's dtype."""
     rows = x.shape[0]
     if input_scale is None:
         xq, x_scale = quantize_rows_triton(x)

@@ -76,7 +76,7 @@ def _scaled_mm_on(device: torch.device) -> bool:
 
 
 def fp8_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
-    """An FP8-weight layer on rows x [M, K]: cuBLASLt's FP8 GEMM (`torch._scaled_mm`, activations
+    """An FP8-weight layer on rows x [M, K]: the FP8 tensor-core GEMM (`torch._scaled_mm`, activations
     quantized per token or with the static scale) where the GPU and the shapes allow it (per-channel
     scales, Hopper); else on a GPU the Triton GEMM that dequantizes the weight in registers
     (block-wise checkpoints), and on a CPU the reference (weights dequantized, then a matmul in x's

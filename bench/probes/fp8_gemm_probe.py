@@ -9,7 +9,7 @@ Per projection (N x K weight) and M it times, with CUDA graphs of back-to-back c
 through enough weight copies (>= 256 MB) that each call reads its weight from HBM
 (`gemv_probe.time_graph`):
   bf16_linear      F.linear(x, W) in bf16 (cuBLAS): what the bf16 model runs at M >= 2
-  fp8_scaled_mm    torch._scaled_mm on e4m3 x and W, row-wise scales (cuBLASLt): the GEMM alone
+  fp8_scaled_mm    torch._scaled_mm on e4m3 x and W, row-wise scales: the GEMM alone
   fp8_linear       kernels.fp8.fp8_linear_scaled_mm: x quantized per token, then the GEMM (the layer)
   fp8_triton_gemm  kernels.fp8.fp8_weight_gemm: bf16 x, the e4m3 weight dequantized in registers (the
                    path of block-wise checkpoints), here with per-channel and with 128-wide block scales
