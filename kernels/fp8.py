@@ -120,9 +120,8 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
 
 
 def scaled_mm_supported(device: torch.device) -> bool:
-    """`torch._scaled_mm` with row-wise scales (torch runs a CUTLASS FP8 kernel for those) on compute
-    capability 9.0+ (Hopper);
-    row-wise scaling arrived in torch 2.5."""
+    """`torch._scaled_mm` with row-wise scales (torch runs a CUTLASS FP8 kernel for those): compute
+    capability 9.0+ (Hopper) and torch 2.5+, where row-wise scaling arrived."""
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
         return False
     major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
