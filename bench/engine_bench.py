@@ -67,16 +67,35 @@ def measure_matmul(device: str, dtype: torch.dtype) -> float:
     n = 8192 if device.startswith("cuda") else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    return _time_flops(lambda: a @ b, 2 * n**3, device)
+
+
+def measure_fp8_matmul(device: str) -> float | None:
+    """The square e4m3 GEMM rate (`torch._scaled_mm`, row-wise scales, bf16 out), as the FP8
+    linear layers run it; None where the device has no FP8 GEMM."""
+    from tandem.kernels.fp8 import FP8_DTYPE, scaled_mm_supported
+
+    if not scaled_mm_supported(torch.device(device)):
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device).to(FP8_DTYPE)
+    b = torch.randn(n, n, device=device).to(FP8_DTYPE).t()  # column-major, as _scaled_mm wants it
+    sa, sb = torch.ones(n, 1, device=device), torch.ones(1, n, device=device)
+    return _time_flops(lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16),
+                       2 * n**3, device)
+
+
+def _time_flops(fn, flops: int, device: str) -> float:
     for _ in range(3):
-        a @ b
+        fn()
     sync(device)
     times = []
     for _ in range(10):
         t = time.perf_counter()
-        a @ b
+        fn()
         sync(device)
         times.append(time.perf_counter() - t)
-    return 2 * n**3 / sorted(times)[len(times) // 2]
+    return flops / sorted(times)[len(times) // 2]
 
 
 def hf_static(model, prompts, outs, batch: int, device: str, pad_id: int) -> tuple[float, int]:
@@ -211,13 +230,21 @@ def build_models(args, tmp: Path):
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step must read: every parameter except the embedding table (one row read)."""
+    """Bytes a decode step must read: every parameter except the embedding table (one row read).
+    FP8 weights count one byte each, their float32 scales four: the FP8 roofline."""
     total = 0
     for name, p in model.named_parameters():
         if "embed_tokens" in name:
             continue
         total += p.numel() * p.element_size()
     return total
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Weights of the matmuls a prompt token runs through, whatever their dtype: every parameter
+    but the embedding table, the norms, biases and FP8 scales."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if p.dim() >= 2 and "embed_tokens" not in name and not name.endswith("_scale"))
 
 
 def main() -> int:
@@ -244,6 +271,11 @@ def main() -> int:
                     help="record every throughput step's shape and host/device time (bench/step_trace.py)")
     ap.add_argument("--compare-no-overlap", action="store_true",
                     help="also measure decode b1 and throughput with async_scheduling off")
+    ap.add_argument("--quantization", choices=["fp8"], default=None,
+                    help="Tandem's weights: fp8 quantizes the bf16 weights while loading (EngineConfig.quantization; "
+                         "per-channel e4m3). The report goes to engine_<device>_fp8.{json,md}; decode is "
+                         "measured against the FP8 roofline (weight bytes halved), prefill against the FP8 "
+                         "matmul rate too")
     args = ap.parse_args()
     gpu = args.device.startswith("cuda")
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -251,6 +283,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu",
         "torch": torch.__version__, "python": platform.python_version(),
         "command": "python bench/engine_bench.py " + " ".join(sys.argv[1:]),
+        "quantization": args.quantization,
     }
     try:
         import triton
@@ -269,6 +302,9 @@ def main() -> int:
 
     results["copy_bandwidth_gb_s"] = measure_copy_bandwidth(args.device) / 1e9
     results["matmul_tflops"] = measure_matmul(args.device, dtype) / 1e12
+    if args.quantization == "fp8" and gpu:
+        fp8_rate = measure_fp8_matmul(args.device)
+        results["matmul_fp8_tflops"] = None if fp8_rate is None else fp8_rate / 1e12
     log(f"copy {results['copy_bandwidth_gb_s']:.0f} GB/s, matmul {results['matmul_tflops']:.0f} TFLOP/s")
 
     num = args.num_requests or (256 if gpu else 32)
@@ -336,7 +372,7 @@ def main() -> int:
     engine_budget = max([budget, 8192 if gpu else 2048] + [b for _, b in sweep])
     llm = LLM(str(folder), device=args.device, dtype="bfloat16" if gpu else "float32", weights=state.items(),
               max_num_seqs=256, max_num_batched_tokens=engine_budget, max_model_len=8192 if gpu else 2048,
-              scheduling_policy=args.scheduling_policy)
+              scheduling_policy=args.scheduling_policy, quantization=args.quantization)
     del state
     results["engine_start_s"] = time.perf_counter() - t0
     results["num_kv_blocks"] = llm.engine.block_manager.num_blocks
@@ -388,11 +424,13 @@ def main() -> int:
             times.append(time.perf_counter() - t)
         prefill_s = sorted(times[1:])[1]
         head_dim = cfg.hidden_size // cfg.num_attention_heads
-        linear_params = weight_bytes(engine.runner.model) // 2 - cfg.vocab_size * cfg.hidden_size  # lm_head: 1 row
+        linear_params = matmul_params(engine.runner.model) - cfg.vocab_size * cfg.hidden_size  # lm_head: 1 row
         flops = 2 * linear_params * T + 2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * T * T  # causal QK+PV
         results["prefill_4k_ms"] = prefill_s * 1e3
         results["prefill_4k_tflops"] = flops / prefill_s / 1e12
         results["prefill_4k_matmul_fraction"] = results["prefill_4k_tflops"] / results["matmul_tflops"]
+        if results.get("matmul_fp8_tflops"):
+            results["prefill_4k_fp8_matmul_fraction"] = results["prefill_4k_tflops"] / results["matmul_fp8_tflops"]
         log(f"prefill 4k: {prefill_s*1e3:.1f} ms, {results['prefill_4k_tflops']:.0f} TFLOP/s "
             f"({results['prefill_4k_matmul_fraction']:.1%} of matmul)")
 
@@ -512,7 +550,8 @@ def split_step_lists(results: dict, path: Path) -> None:
 
 def write_reports(results: dict, out: Path, gpu: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    name = f"engine_{device_tag(results['device'], gpu)}"
+    name = f"engine_{device_tag(results['device'], gpu)}" + (f"_{results['quantization']}"
+                                                              if results.get("quantization") else "")
     split_step_lists(results, out / f"{name}_steps.json")
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
 
@@ -523,7 +562,8 @@ def write_reports(results: dict, out: Path, gpu: bool) -> None:
     lines = [
         f"# Engine benchmark on {results['device']}",
         "",
-        f"torch {results['torch']}, triton {results.get('triton')}, transformers {results.get('transformers')}. "
+        f"torch {results['torch']}, triton {results.get('triton')}, transformers {results.get('transformers')}; "
+        f"weights {results.get('quantization') or 'in the model dtype'}. "
         "Command: `" + results["command"] + "`.",
         "",
         "| figure | value | meaning |",
@@ -538,6 +578,11 @@ def write_reports(results: dict, out: Path, gpu: bool) -> None:
         lines += [
             f"| prefill 4k | {f(results['prefill_4k_ms'], '{:.1f}')} ms, {f(results['prefill_4k_tflops'], '{:.0f}')} TFLOP/s | one 4096-token prompt, matmul + causal attention FLOPs |",
             f"| prefill vs matmul | {f(results['prefill_4k_matmul_fraction'], '{:.1%}')} | target >= 60% |",
+        ]
+    if "matmul_fp8_tflops" in results:
+        lines += [
+            f"| FP8 matmul rate | {f(results['matmul_fp8_tflops'], '{:.0f}')} TFLOP/s | square e4m3 `torch._scaled_mm`, row-wise scales, this run |",
+            f"| prefill vs FP8 matmul | {f(results.get('prefill_4k_fp8_matmul_fraction'), '{:.1%}')} | the 4k prefill's rate / the FP8 matmul rate |",
         ]
     w = results["workload"]
     hs, hc = results.get("hf_static", {}), results.get("hf_continuous", {})

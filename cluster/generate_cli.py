@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                         help="what the KV cache stores: auto (the model dtype) or fp8 (e4m3, half the bytes; "
                              "a GPU of compute capability >= 8.9, or the CPU)")
+    parser.add_argument("--quantization", choices=("fp8",), default=None,
+                        help="fp8: e4m3 weights, quantized while loading a bf16/fp32 checkpoint (an FP8 "
+                             "checkpoint loads as FP8 without it); default: none, the checkpoint's own format")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
                             seed=args.seed)
     model = args.model or default_model()
     prompts = args.prompt or [DEFAULT_PROMPT]
-    llm = LLM(model, device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
+    llm = LLM(model, device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+              quantization=args.quantization)
     for prompt, out in zip(prompts, llm.generate(prompts, params)):
         completion = out.outputs[0]
         print(f"prompt: {prompt!r}")

@@ -90,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what the engines' KV cache stores: auto (the model dtype) or fp8 (e4m3, half the "
                              "bytes per token; GPUs of compute capability >= 8.9); the same as "
                              "--engine-arg kv_cache_dtype=fp8")
+    parser.add_argument("--quantization", choices=("fp8",), default=None,
+                        help="fp8: e4m3 weights, quantized while loading a bf16/fp32 checkpoint (an FP8 "
+                             "checkpoint loads as FP8 without it); default: none, the checkpoint's own format")
     parser.add_argument("--engine-arg", action="append", type=_engine_arg, default=[], metavar="KEY=VALUE",
                         help="an EngineConfig field, e.g. max_model_len=4096 (repeatable; values parsed as JSON; "
                              "default: the engine's defaults)")
@@ -107,6 +110,12 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         if kwargs.get("kv_cache_dtype", kv) != kv:
             raise ValueError(f"--kv-cache-dtype {kv} contradicts --engine-arg kv_cache_dtype={kwargs['kv_cache_dtype']}")
         kwargs["kv_cache_dtype"] = kv
+    quantization = getattr(args, "quantization", None)
+    if quantization is not None:
+        if kwargs.get("quantization", quantization) != quantization:
+            raise ValueError(f"--quantization {quantization} contradicts --engine-arg "
+                             f"quantization={kwargs['quantization']}")
+        kwargs["quantization"] = quantization
     return kwargs
 
 

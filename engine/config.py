@@ -7,6 +7,7 @@ SCHEDULING_POLICIES = ("fcfs", "lof")
 # EngineConfig.kv_cache_dtype: "auto" (the model dtype), or FP8 e4m3 under vLLM's two spellings.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and newer convert e4m3 in hardware
+QUANTIZATIONS = ("fp8",)
 
 
 def check_device(device: str) -> None:
@@ -84,10 +85,17 @@ class EngineConfig:
     # so the host's per-step work runs while the GPU computes (engine/llm_engine.py).
     async_scheduling: bool = True
     seed: int = 0
+    # "fp8": e4m3 weights for the decoder's linear layers, quantized while loading a bf16/fp32
+    # checkpoint (per-channel weight scales, per-token activation scales). None: the checkpoint's
+    # own format (an FP8 checkpoint, one whose config.json has an fp8 quantization_config, loads
+    # as FP8 either way). engine/fp8.py.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         check_device(self.device)
         check_kv_cache_dtype(self.kv_cache_dtype, self.device)
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unsupported quantization {self.quantization!r}; supported: {QUANTIZATIONS}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_batched_tokens < 1:

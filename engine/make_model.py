@@ -124,8 +124,12 @@ def _moe_config(arch: str, common: dict, moe: dict):
                                        rope_parameters=rope)
 
 
-def make_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, size: str = "tiny") -> Path:
-    """Write a random-weight model folder and return its path."""
+def make_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, size: str = "tiny",
+               quantization: str | None = None) -> Path:
+    """Write a random-weight model folder and return its path. `quantization="fp8"` writes the
+    same model's weights as an FP8 checkpoint (`write_fp8_checkpoint`)."""
+    if quantization not in (None, "fp8"):
+        raise ValueError(f"unsupported quantization {quantization!r}; supported: fp8")
     import torch
     import transformers
 
@@ -140,8 +144,61 @@ def make_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, size: st
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / "tandem_model.json").write_text(json.dumps({"arch": arch, "size": size, "seed": seed}) + "\n")
+    if quantization == "fp8":
+        write_fp8_checkpoint(model, out)
+    meta = {"arch": arch, "size": size, "seed": seed, **({"quantization": quantization} if quantization else {})}
+    (out / "tandem_model.json").write_text(json.dumps(meta) + "\n")
     return out
+
+
+FP8_BLOCK = (128, 128)
+
+
+def _expert_names(config) -> dict[str, str]:
+    if config.model_type == "mixtral":
+        return {"gate": "w1", "up": "w3", "down": "w2"}
+    return {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def write_fp8_checkpoint(model, out: Path) -> None:
+    """Rewrite `out`'s weights as the FP8 checkpoint transformers' FineGrainedFP8 and vLLM's Fp8Config
+    both load (as DeepSeek-V3 and Qwen3-FP8 ship): every decoder linear layer and stacked expert
+    weight e4m3 with a float32 `weight_scale_inv` per 128 x 128 block, activations dynamic; the
+    LM head, embeddings, norms and MoE routers stay float32 (`modules_to_not_convert`)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tandem.kernels.fp8 import quantize_blocks
+
+    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    linears = {name for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")
+               and not name.endswith(".gate")}
+    keep = sorted({"lm_head"} | {name for name, _ in model.named_modules() if name.endswith((".mlp.gate",))})
+    quantized: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        module, leaf = name.rsplit(".", 1)
+        if leaf == "weight" and module in linears:
+            quantized[name], quantized[f"{module}.weight_scale_inv"] = quantize_blocks(tensor, FP8_BLOCK)
+        elif module.endswith(".experts") and leaf in ("gate_up_proj", "down_proj") and tensor.dim() == 3:
+            # Per expert, as FP8 MoE checkpoints ship (transformers stacks them while loading).
+            for expert, w in enumerate(tensor):
+                halves = zip(("gate", "up"), w.chunk(2, dim=0)) if leaf == "gate_up_proj" else [("down", w)]
+                for kind, part in halves:
+                    prefix = f"{module}.{expert}.{_expert_names(model.config)[kind]}"
+                    quantized[f"{prefix}.weight"], quantized[f"{prefix}.weight_scale_inv"] = \
+                        quantize_blocks(part.contiguous(), FP8_BLOCK)
+        else:
+            quantized[name] = tensor
+    for path in out.glob("*.safetensors*"):
+        path.unlink()
+    save_file(quantized, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(FP8_BLOCK), "modules_to_not_convert": keep}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,11 +206,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=ARCHITECTURES, default="llama", help="the model's architecture")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--size", choices=tuple(_SIZES), default="tiny", help="the model's shapes")
+    parser.add_argument("--quantization", choices=("fp8",), default=None,
+                        help="fp8: write the weights as an FP8 checkpoint (e4m3, 128x128 block scales, the "
+                             "layout transformers and vLLM load); default: none, float32 weights")
 
 
 def run(args: argparse.Namespace) -> int:
-    path = make_model(args.out_dir, args.arch, args.seed, args.size)
-    print(f"wrote a random {args.size} {args.arch} model to {path}")
+    path = make_model(args.out_dir, args.arch, args.seed, args.size, args.quantization)
+    kind = f"{args.quantization} " if args.quantization else ""
+    print(f"wrote a random {args.size} {kind}{args.arch} model to {path}")
     return 0
 
 

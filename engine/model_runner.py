@@ -18,6 +18,7 @@ from tandem.engine.attention import ForwardContext
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_quant import KVScaleReader, KVScales
 from tandem.engine.memory_plan import MemoryPlan, plan_kv_pool
+from tandem.engine.fp8 import check_fp8_device, fp8_scheme
 from tandem.engine.models import model_class_for
 from tandem.engine.models.llama import head_dim_of
 from tandem.engine.scheduler import SchedulerOutput
@@ -80,15 +81,22 @@ class ModelRunner:
         from safetensors import safe_open
 
         cls = model_class_for(self.hf_config)
+        fp8 = fp8_scheme(self.hf_config, self.config.quantization)  # refuses unsupported checkpoints first
+        if fp8 is not None:
+            check_fp8_device(self.device)
         files = sorted(glob.glob(os.path.join(self.config.model, "*.safetensors")))
         if not files and weights is None:
             raise FileNotFoundError(f"no *.safetensors weights in {self.config.model!r}")
         with torch.device("meta"):
-            model = self._build_model(cls)
-        # The dtype is set on the meta skeleton, so the device allocates the weights once, in
-        # their own dtype: materialised in float32 first, the freed float32 copy stayed in the
-        # caching allocator and was counted as in use when the KV pool was sized.
-        model = model.to(self.dtype).to_empty(device=self.device)
+            # The dtype is set on the meta skeleton, so the device allocates the weights once, in
+            # their own dtype: materialised in float32 first, the freed float32 copy stayed in the
+            # caching allocator and was counted as in use when the KV pool was sized.
+            model = self._build_model(cls).to(self.dtype)
+            if fp8 is not None:
+                # FP8 layers replace the linear ones before any memory is taken: the device never
+                # holds the high-precision weights of a layer load_weights quantizes.
+                model.quantize_fp8(fp8)
+        model = model.to_empty(device=self.device)
         model.build_rope_table(self.device)
 
         def from_files():

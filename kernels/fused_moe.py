@@ -14,6 +14,11 @@ silu(gate) * up; launch 2 multiplies by the expert's down weight, scales each ro
 weight and stores it at its pair's row; a sum over k finishes. The sorting and the grids are
 sized from shapes alone (the worst-case padding), so there is no host sync and a decode step can
 be captured in a CUDA graph.
+
+FP8 expert weights (e4m3, `MoeFp8Scales`: per expert and row, optionally per column group) are
+dequantized in registers to the activation dtype before each tile's dot, so the products are
+those of the reference (`fused_moe_ref` dequantizes, then multiplies); the weights are read at
+one byte per element.
 """
 from __future__ import annotations
 
@@ -24,6 +29,18 @@ import triton
 import triton.language as tl
 
 from tandem.kernels.activation import silu_and_mul_ref
+from tandem.kernels.fp8 import GemmTiles, dequantize_weight
+
+
+@dataclass(frozen=True)
+class MoeFp8Scales:
+    """Float32 scales of e4m3 expert weights, per expert and row (`kernels/fp8.py`'s layout):
+    gate_up [E, 2I, G1] over groups of `gate_up_group_k` columns, down [E, H, G2]."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    gate_up_group_k: int
+    down_group_k: int
 
 
 def fused_moe_ref(
@@ -32,6 +49,7 @@ def fused_moe_ref(
     w_down: torch.Tensor,  # [E, H, I]
     topk_weights: torch.Tensor,  # [T, k], any float dtype
     topk_ids: torch.Tensor,  # [T, k] integer
+    scales: MoeFp8Scales | None = None,  # e4m3 weights: dequantized to x's dtype, then as below
 ) -> torch.Tensor:
     """Per-expert loop in plain torch, rounding like transformers' own expert loop; the weighted
     sum over the k experts is taken in float32."""
@@ -41,8 +59,12 @@ def fused_moe_ref(
         if not 0 <= expert < num_experts:
             continue
         token, slot = torch.where(topk_ids == expert)
-        hidden = silu_and_mul_ref(x[token] @ w_gate_up[expert].t())
-        y = hidden @ w_down[expert].t()
+        w1, w2 = w_gate_up[expert], w_down[expert]
+        if scales is not None:
+            w1 = dequantize_weight(w1, scales.gate_up[expert], scales.gate_up_group_k).to(x.dtype)
+            w2 = dequantize_weight(w2, scales.down[expert], scales.down_group_k).to(x.dtype)
+        hidden = silu_and_mul_ref(x[token] @ w1.t())
+        y = hidden @ w2.t()
         out.index_add_(0, token, y.float() * topk_weights[token, slot, None].float())
     return out.to(x.dtype)
 
@@ -90,13 +112,15 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> E
 
 @triton.jit
 def _gate_up_silu_kernel(
-    x_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
+    x_ptr, w_ptr, s_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr,
     num_pairs, top_k, hidden, inter,
-    stride_xt, stride_we, stride_wn, stride_wk, stride_om,
+    stride_xt, stride_we, stride_wn, stride_wk, stride_om, stride_se, stride_sn, group_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """out[row, n] = silu(x[tok] . w[e, n]) * (x[tok] . w[e, inter + n]) for one BLOCK_M run of
-    sorted rows (one expert) and BLOCK_N intermediate columns."""
+    sorted rows (one expert) and BLOCK_N intermediate columns. FP8: w is e4m3, dequantized in
+    registers with s[e, n, k // group_k] to x's dtype before the dot."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -120,6 +144,12 @@ def _gate_up_silu_kernel(
                              mask=w_mask, other=0.0)
             w_up = tl.load(w_base + (offs_n[None, :] + inter) * stride_wn + offs_k[:, None] * stride_wk,
                            mask=w_mask, other=0.0)
+            if FP8:
+                s_base = s_ptr + expert * stride_se + (offs_k // group_k)[:, None]
+                s_gate = tl.load(s_base + offs_n[None, :] * stride_sn, mask=w_mask, other=0.0)
+                s_up = tl.load(s_base + (offs_n[None, :] + inter) * stride_sn, mask=w_mask, other=0.0)
+                w_gate = (w_gate.to(tl.float32) * s_gate).to(a.dtype)
+                w_up = (w_up.to(tl.float32) * s_up).to(a.dtype)
             acc_gate = tl.dot(a, w_gate, acc_gate, input_precision=DOT_PRECISION)
             acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION)
         # Round as the reference does: the projection, then silu(gate), then the product.
@@ -133,10 +163,11 @@ def _gate_up_silu_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, topk_weights_ptr,
+    h_ptr, w_ptr, s_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, topk_weights_ptr,
     num_pairs, hidden, inter,
-    stride_hm, stride_we, stride_wn, stride_wk, stride_op,
+    stride_hm, stride_we, stride_wn, stride_wk, stride_op, stride_se, stride_sn, group_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """out[pair, n] = topk_weight[pair] * (h[row] . w[e, n]) for one BLOCK_M run of sorted rows."""
     pid_m = tl.program_id(0)
@@ -155,8 +186,12 @@ def _down_kernel(
             k_mask = offs_k < inter
             a = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hm + offs_k[None, :],
                         mask=valid[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            w = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
+            if FP8:
+                s = tl.load(s_ptr + expert * stride_se + offs_n[None, :] * stride_sn + (offs_k // group_k)[:, None],
+                            mask=w_mask, other=0.0)
+                w = (w.to(tl.float32) * s).to(a.dtype)
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         dtype = out_ptr.dtype.element_ty
         weight = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
@@ -165,13 +200,7 @@ def _down_kernel(
                  mask=valid[:, None] & n_mask[None, :])
 
 
-@dataclass(frozen=True)
-class MoeTiles:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 3
+MoeTiles = GemmTiles  # BLOCK_M x BLOCK_N x BLOCK_K, warps and stages of both launches
 
 
 def pick_tiles(num_pairs: int, num_experts: int, device: torch.device) -> MoeTiles:
@@ -192,6 +221,7 @@ def fused_moe(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     tiles: MoeTiles | None = None,
+    scales: MoeFp8Scales | None = None,
 ) -> torch.Tensor:
     """Triton version of `fused_moe_ref`."""
     num_tokens, hidden = x.shape
@@ -207,21 +237,25 @@ def fused_moe(
     num_blocks = blocks.block_expert_ids.numel()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     hidden_act = torch.empty((num_blocks * tiles.block_m, inter), dtype=x.dtype, device=x.device)
+    s1, s2 = (scales.gate_up, scales.down) if scales is not None else (w_gate_up, w_down)  # unread without FP8
+    fp8 = scales is not None
     _gate_up_silu_kernel[(num_blocks, triton.cdiv(inter, tiles.block_n))](
-        x, w_gate_up, hidden_act, blocks.sorted_pair_ids, blocks.block_expert_ids,
+        x, w_gate_up, s1, hidden_act, blocks.sorted_pair_ids, blocks.block_expert_ids,
         num_pairs, top_k, hidden, inter,
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2), hidden_act.stride(0),
+        s1.stride(0), s1.stride(1), scales.gate_up_group_k if fp8 else 1,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, DOT_PRECISION=precision,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        FP8=fp8, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     # Pairs routed nowhere (ids outside [0, E)) keep their zero row.
     per_pair = torch.zeros((num_pairs, hidden), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).contiguous()
     _down_kernel[(num_blocks, triton.cdiv(hidden, tiles.block_n))](
-        hidden_act, w_down, per_pair, blocks.sorted_pair_ids, blocks.block_expert_ids, weights,
+        hidden_act, w_down, s2, per_pair, blocks.sorted_pair_ids, blocks.block_expert_ids, weights,
         num_pairs, hidden, inter,
         hidden_act.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), per_pair.stride(0),
+        s2.stride(0), s2.stride(1), scales.down_group_k if fp8 else 1,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, DOT_PRECISION=precision,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        FP8=fp8, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return per_pair.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)

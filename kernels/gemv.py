@@ -19,7 +19,8 @@ it; slower than cuBLAS at every projection even at M = 2 (`gemv_rows_fma_sweep_h
 
 `silu_mul_input=True` takes x = [gate | up] (2K wide) and uses silu(gate) * up, rounded as
 `kernels.activation.silu_and_mul` rounds it, so the MLP's down projection needs no separate
-activation kernel. W must be row-major [N, K] (nn.Linear's own layout).
+activation kernel. W must be row-major [N, K] (nn.Linear's own layout). An FP8 (e4m3) W with
+its float32 scales (`kernels/fp8.py`'s layout) is dequantized in registers: half the bytes read.
 """
 from __future__ import annotations
 
@@ -28,13 +29,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from tandem.kernels.fp8 import dequantize_weight
 from tandem.kernels.pdl import launch_kwargs, pdl_prologue
 
 
-def gemv_ref(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool = False) -> torch.Tensor:
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool = False, *,
+             weight_scale: torch.Tensor | None = None, group_k: int = 0) -> torch.Tensor:
     if silu_mul_input:
         half = x.shape[-1] // 2
         x = F.silu(x[..., :half]) * x[..., half:]
+    if weight_scale is not None:
+        weight = dequantize_weight(weight, weight_scale, group_k).to(x.dtype)
     return F.linear(x, weight)
 
 
@@ -51,8 +56,11 @@ def _input_chunk(x_ptr, offs_k, mask_k, K, SILU_MUL: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn, stride_sn, GROUP_K,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
+                 SCALE: tl.constexpr):
+    """SCALE: 0 = none; 1 = FP8 weight with a per-channel scale s[n] (applied once to the sum);
+    2 = FP8 weight with per-group scales s[n, k // GROUP_K] (applied in registers, per tile)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
@@ -67,21 +75,36 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
         x = _input_chunk(x_ptr, offs, offs < K, K, SILU_MUL)
         nxt = offs + BLOCK_K
         w_next = tl.load(w_rows + nxt[None, :], mask=mask_n[:, None] & (nxt < K)[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
+        w32 = w.to(tl.float32)
+        if SCALE == 2:
+            s = tl.load(s_ptr + offs_n[:, None] * stride_sn + (offs // GROUP_K)[None, :],
+                        mask=mask_n[:, None] & (offs < K)[None, :], other=0.0)
+            w32 = w32 * s
+        acc += w32 * x[None, :]
         w = w_next
-    tl.store(y_ptr + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=mask_n)
+    y = tl.sum(acc, axis=1)
+    if SCALE == 1:
+        y = y * tl.load(s_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
 # (BLOCK_N, BLOCK_K, num_warps): among the best at every Llama-3-8B projection in the H100 sweep
 # (`bench/results/probes/gemv_skinny_sweep_h100.json`, M = 1): within 4% of each shape's best tile (qkv
 # 18.4 vs 17.7 us), within 1% for the others.
 TILES = (8, 1024, 4)
+# e4m3 weights: twice the columns per tile and twice the warps, so a program keeps the bf16 tile's
+# bytes of weight in flight with the same registers per thread. Not yet measured against the
+# alternatives (`bench/probes/fp8_gemm_probe.py` sweeps them).
+FP8_TILES = (8, 2048, 8)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool = False, *,
+         weight_scale: torch.Tensor | None = None, group_k: int = 0,
          tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Triton version of `gemv_ref` for one row: x [1, K] (or [1, 2K] with `silu_mul_input`) and a
-    row-major weight [N, K]. Returns [1, N] in x's dtype."""
+    row-major weight [N, K]. With `weight_scale` the weight is e4m3 and dequantizes as
+    `kernels.fp8.dequantize_weight(weight, weight_scale, group_k)` ([N, 1]: per channel).
+    Returns [1, N] in x's dtype."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"gemv takes one row, got x of shape {tuple(x.shape)}")
     n, k = weight.shape
@@ -89,13 +112,22 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool = False, *,
         raise ValueError(f"x has {x.shape[1]} columns for a weight of shape {tuple(weight.shape)}")
     if weight.stride(1) != 1:
         raise ValueError(f"gemv needs a row-major weight, got strides {weight.stride()}")
+    scale_mode, s, stride_sn = 0, weight, 0  # unused pointer when there is no scale
+    if weight_scale is not None:
+        if weight_scale.dim() != 2 or weight_scale.shape[0] != n or weight_scale.stride(1) != 1:
+            raise ValueError(f"weight_scale must be [N, G] row-major for a weight of shape {tuple(weight.shape)}, "
+                             f"got {tuple(weight_scale.shape)}")
+        scale_mode = 1 if weight_scale.shape[1] == 1 else 2
+        if scale_mode == 2 and weight_scale.shape[1] != -(-k // group_k):
+            raise ValueError(f"{weight_scale.shape[1]} scale groups for K={k} in groups of {group_k}")
+        s, stride_sn = weight_scale, weight_scale.stride(0)
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, num_warps = tiles or TILES
+    block_n, block_k, num_warps = tiles or (TILES if weight_scale is None else FP8_TILES)
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, y, n, k, weight.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=silu_mul_input, num_warps=num_warps,
+        x, weight, s, y, n, k, weight.stride(0), stride_sn, max(group_k, 1),
+        BLOCK_N=block_n, BLOCK_K=block_k, SILU_MUL=silu_mul_input, SCALE=scale_mode, num_warps=num_warps,
         **launch_kwargs(x.device))
     return y

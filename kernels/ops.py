@@ -10,7 +10,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.nn.functional as torch_F
 
-from tandem.kernels import activation, block_copy, fused_moe as fused_moe_mod, gemv as gemv_mod, paged_attention, rmsnorm, rope as rope_mod, token_bitmask, write_kv as write_kv_mod
+from tandem.kernels import activation, block_copy, fp8 as fp8_mod, fused_moe as fused_moe_mod, gemv as gemv_mod, paged_attention, rmsnorm, rope as rope_mod, token_bitmask, write_kv as write_kv_mod
 
 F = TypeVar("F", bound=Callable)
 
@@ -52,13 +52,39 @@ def skinny_gemv_enabled() -> bool:
     return os.environ.get("TANDEM_SKINNY_GEMV", "1") != "0"
 
 
-def linear(x: torch.Tensor, layer: torch.nn.Linear, silu_mul_input: bool = False) -> torch.Tensor:
+def linear(x: torch.Tensor, layer: torch.nn.Module, silu_mul_input: bool = False) -> torch.Tensor:
     """`layer(x)`, or `layer(silu_and_mul(x))` with `silu_mul_input`. One row with a row-major,
-    bias-free weight goes through the batch-1 GEMV (Triton, SiLU fused); everything else is cuBLAS."""
+    bias-free weight goes through the batch-1 GEMV (Triton, SiLU fused); everything else is cuBLAS.
+    A layer with a `weight_scale` holds an FP8 weight (`engine/fp8.Fp8Linear`): see `fp8_linear`."""
     weight = layer.weight
+    weight_scale = getattr(layer, "weight_scale", None)
     if (_takes_triton(x) and x.dim() == 2 and x.shape[0] == 1 and layer.bias is None
             and weight.stride(1) == 1 and skinny_gemv_enabled()):
-        return gemv_mod.gemv(x, weight, silu_mul_input)
+        if weight_scale is None:
+            return gemv_mod.gemv(x, weight, silu_mul_input)
+        return gemv_mod.gemv(x, weight, silu_mul_input, weight_scale=weight_scale, group_k=layer.group_k)
     if silu_mul_input:
         x = silu_and_mul(x)
+    if weight_scale is not None:
+        return fp8_linear(x, layer)
     return torch_F.linear(x, weight, layer.bias)
+
+
+@functools.cache
+def _scaled_mm_on(device: torch.device) -> bool:
+    return fp8_mod.scaled_mm_supported(device)
+
+
+def fp8_linear(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    """An FP8-weight layer on rows x [M, K]: the FP8 tensor-core GEMM (`torch._scaled_mm`, activations
+    quantized per token or with the static scale) where the GPU and the shapes allow it (per-channel
+    scales, Hopper); else on a GPU the Triton GEMM that dequantizes the weight in registers
+    (block-wise checkpoints), and on a CPU the reference (weights dequantized, then a matmul in x's
+    dtype). Those two and the batch-1 GEMV multiply in x's precision."""
+    if (x.is_cuda and _scaled_mm_on(x.device)
+            and fp8_mod.scaled_mm_applies(x, layer.weight, layer.weight_scale)):
+        return fp8_mod.fp8_linear_scaled_mm(x, layer.weight, layer.weight_scale, layer.bias, layer.input_scale)
+    if _takes_triton(x):
+        return fp8_mod.fp8_weight_gemm(x, layer.weight, layer.weight_scale, layer.group_k, layer.bias)
+    return fp8_mod.fp8_linear_ref(x, layer.weight, layer.weight_scale, layer.group_k, layer.bias,
+                                  layer.input_scale, quantize_input=getattr(layer, "quantize_input", False))

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from tandem.kernels import ops
+from tandem.kernels.fp8 import FP8_DTYPE
+from tandem.engine.fp8 import Fp8Linear, Fp8Scheme, fp8_linear_like, scale_leaf
 from tandem.kernels.rope import build_cos_sin_cache
 from tandem.engine.attention import ForwardContext, paged_attention
 
@@ -171,6 +173,30 @@ class LlamaForCausalLM(nn.Module):
                 with torch.no_grad():
                     module.weight.data = module.weight.data.t().contiguous().t()
 
+    # Linear layers never quantized: MoE routers (as in FP8 checkpoints, vLLM and transformers).
+    unquantized = (".mlp.gate",)
+
+    def quantize_fp8(self, scheme: Fp8Scheme) -> None:
+        """Replace the decoder layers' linear layers by empty `Fp8Linear`s before loading (the LM
+        head and MoE routers stay in the model dtype; modules the checkpoint keeps unquantized too)."""
+        for name, module in list(self.named_modules()):
+            if not isinstance(module, nn.Linear) or not name.startswith("layers.") or name.endswith(self.unquantized):
+                continue
+            if any(scheme.skips(hf) for hf in self.checkpoint_names(name)):
+                if not all(scheme.skips(hf) for hf in self.checkpoint_names(name)):
+                    raise ValueError(f"{name}: the checkpoint quantizes only some of {self.checkpoint_names(name)}")
+                continue
+            parent, leaf = name.rsplit(".", 1)
+            setattr(self.get_submodule(parent), leaf, fp8_linear_like(module, scheme))
+
+    def checkpoint_names(self, name: str) -> list[str]:
+        """The checkpoint's module names (without "model.") that load into our module `name`."""
+        for fused in {ours for ours, _ in self.fused_names.values()}:
+            if name.endswith("." + fused):
+                return [name.removesuffix(fused) + frag for frag, (ours, _) in self.fused_names.items()
+                        if ours == fused]
+        return [name]
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())
         loaded: set[str] = set()
@@ -181,29 +207,49 @@ class LlamaForCausalLM(nn.Module):
             for ckpt_frag, (our_frag, shard) in self.fused_names.items():
                 if f".{ckpt_frag}." in name:
                     target = name.replace(ckpt_frag, our_frag)
-                    self._load_shard(params[target], tensor, our_frag, shard)
-                    loaded.add(f"{target}#{shard}")
+                    loaded.update(self._load_tensor(params, target, tensor, our_frag, shard))
                     break
             else:
-                if name not in params:
-                    raise ValueError(f"unexpected weight {name!r} in checkpoint")
-                with torch.no_grad():
-                    params[name].copy_(tensor)
-                loaded.add(name)
+                loaded.update(self._load_tensor(params, name, tensor, None, None))
         if self.tie_word_embeddings and "lm_head.weight" not in loaded:
             self.lm_head.weight = self.embed_tokens.weight
             loaded.add("lm_head.weight")
         self._check_complete(params, loaded)
 
-    def _load_shard(self, param: nn.Parameter, tensor: torch.Tensor, fused: str, shard: int) -> None:
+    def _load_tensor(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor,
+                     fused: str | None, shard: int | None) -> list[str]:
+        """Copies one checkpoint tensor (a fused layer's shard when `fused`); returns the names
+        it filled (`name#shard` for shards)."""
+        prefix, _, leaf = name.rpartition(".")
+        try:
+            module = self.get_submodule(prefix) if prefix else None
+        except AttributeError:
+            module = None  # not one of ours: reported below
+        suffix = "" if shard is None else f"#{shard}"
+        if isinstance(module, Fp8Linear):
+            leaf = scale_leaf(leaf) or leaf
+            rows = slice(None) if fused is None else self._shard_rows(module.weight, fused, shard)
+            return [f"{prefix}.{p}{suffix}" for p in module.load(leaf, tensor, rows, name)]
+        if name not in params:
+            raise ValueError(f"unexpected weight {name!r} in checkpoint")
+        if tensor.dtype == FP8_DTYPE:
+            raise ValueError(f"{name}: the checkpoint stores it in FP8, Tandem keeps this layer in "
+                             f"{params[name].dtype} (a quantization_config is missing or lists it as quantized)")
+        target = params[name] if fused is None else params[name][self._shard_rows(params[name], fused, shard)]
+        if target.shape != tensor.shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(tensor)
+        return [name + suffix]
+
+    def _shard_rows(self, param: torch.Tensor, fused: str, shard: int) -> slice:
         if fused == "qkv_proj":
             attn = self.layers[0].self_attn
             sizes = [attn.q_size, attn.kv_size, attn.kv_size]
         else:
             sizes = [self.config.intermediate_size] * 2
         start = sum(sizes[:shard])
-        with torch.no_grad():
-            param[start : start + sizes[shard]].copy_(tensor)
+        return slice(start, start + sizes[shard])
 
     def _check_complete(self, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
         missing = []
@@ -216,4 +262,4 @@ class LlamaForCausalLM(nn.Module):
                 continue
             missing.append(name)
         if missing:
-            raise ValueError(f"checkpoint is missing weights: {missing[:8]}")
+            raise ValueError(f"checkpoint is missing weights (or their FP8 scales): {missing[:8]}")

@@ -23,17 +23,20 @@ import torch
 from torch import nn
 
 from tandem.kernels import fused_moe as fused_moe_mod
+from tandem.kernels.fp8 import FP8_DTYPE
+from tandem.kernels.fused_moe import MoeFp8Scales
+from tandem.engine.fp8 import Fp8Scheme, expand_weight_scale, load_fp8_rows, scale_leaf
 from tandem.engine.models.llama import MLP, Attention, DecoderLayer, LlamaForCausalLM, RMSNorm
 
 if TYPE_CHECKING:
     from tandem.engine.expert_parallel import ExpertParallelGroup
 
 
-def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids) -> torch.Tensor:
+def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, scales=None) -> torch.Tensor:
     """Triton on CUDA (or on CPU under TANDEM_TRITON_ON_CPU=1), the torch reference elsewhere."""
     if x.is_cuda or os.environ.get("TANDEM_TRITON_ON_CPU") == "1":
-        return fused_moe_mod.fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids)
-    return fused_moe_mod.fused_moe_ref(x, w_gate_up, w_down, topk_weights, topk_ids)
+        return fused_moe_mod.fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, scales=scales)
+    return fused_moe_mod.fused_moe_ref(x, w_gate_up, w_down, topk_weights, topk_ids, scales=scales)
 
 
 def num_experts_of(config) -> int:
@@ -120,16 +123,37 @@ class ExpertLoadRecorder(nn.Module):
 
 
 class Experts(nn.Module):
-    """The experts of one layer held here, stacked; `first` is the global id of row 0."""
+    """The experts of one layer held here, stacked; `first` is the global id of row 0. With FP8
+    (`quantize_fp8`), the weights are e4m3 with float32 scales per expert and row
+    (`gate_up_proj_scale` [E, 2I, G], `down_proj_scale` [E, H, G]; kernels/fp8.py's layout)."""
 
     def __init__(self, num_local: int, first: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.first = first
         self.gate_up_proj = nn.Parameter(torch.empty(num_local, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_local, hidden_size, intermediate_size))
+        self.scheme: Fp8Scheme | None = None
+
+    def quantize_fp8(self, scheme: Fp8Scheme) -> None:
+        """Replace the weights by empty e4m3 ones and their scales, for the loader to fill."""
+        self.scheme = scheme
+        for name in ("gate_up_proj", "down_proj"):
+            old = getattr(self, name)
+            num, rows, cols = old.shape
+            setattr(self, name, nn.Parameter(torch.empty(old.shape, dtype=FP8_DTYPE, device=old.device),
+                                             requires_grad=False))
+            setattr(self, f"{name}_scale", nn.Parameter(
+                torch.ones(num, rows, scheme.num_groups(cols), dtype=torch.float32, device=old.device),
+                requires_grad=False))
+
+    def fp8_scales(self) -> MoeFp8Scales | None:
+        if self.scheme is None:
+            return None
+        return MoeFp8Scales(self.gate_up_proj_scale, self.down_proj_scale,
+                            self.scheme.group_k(self.gate_up_proj.shape[2]), self.scheme.group_k(self.down_proj.shape[2]))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
-        return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, local_ids)
+        return fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, local_ids, scales=self.fp8_scales())
 
 
 class SparseMoeBlock(nn.Module):
@@ -212,8 +236,10 @@ class MoeForCausalLM(LlamaForCausalLM):
                          "down_proj": ("down_proj", None)}
     # Padded rows would be routed to experts and counted in the expert-load statistics.
     mixed_step_graphs = False
-    _per_expert = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
-    _stacked = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+    _per_expert = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\."
+                             r"(weight|weight_scale|weight_scale_inv|input_scale|activation_scale)$")
+    _stacked = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)"
+                          r"(?:_(scale_inv|scale|activation_scale|input_scale))?$")
 
     def __init__(self, config, ep: ExpertParallelGroup | None = None) -> None:
         nn.Module.__init__(self)  # LlamaForCausalLM's own __init__ would build dense layers
@@ -243,10 +269,18 @@ class MoeForCausalLM(LlamaForCausalLM):
         super().load_weights(self._take_expert_weights(weights))
         self.expert_load.reset()  # its buffers came from to_empty()
 
+    def quantize_fp8(self, scheme: Fp8Scheme) -> None:
+        super().quantize_fp8(scheme)
+        for name, module in self.named_modules():
+            if isinstance(module, Experts) and not scheme.skips(name):
+                module.quantize_fp8(scheme)
+
     def _take_expert_weights(self, weights):
         """Loads the experts' weights (this rank's slice) and passes every other weight on to the
         dense loader, with Mixtral's `block_sparse_moe` renamed to `mlp`."""
         params = dict(self.named_parameters())
+        stacked_leaf = {None: "weight", "scale_inv": "weight_scale", "scale": "weight_scale",
+                        "activation_scale": "input_scale", "input_scale": "input_scale"}
         for name, tensor in weights:
             name = name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
             if m := self._per_expert.match(name):
@@ -254,53 +288,75 @@ class MoeForCausalLM(LlamaForCausalLM):
                 if frag not in self._expert_fragments:
                     raise ValueError(f"unexpected weight {name!r} in checkpoint")
                 ours, shard = self._expert_fragments[frag]
-                self._load_expert(params, prefix, ours, shard, expert, tensor)
+                leaf = scale_leaf(m.group(4)) or m.group(4)
+                self._load_expert(params, prefix, ours, shard, expert, tensor, leaf)
             elif m := self._stacked.match(name):
-                prefix, ours = m.group(1), m.group(2)
+                prefix, ours, leaf = m.group(1), m.group(2), stacked_leaf[m.group(3)]
                 experts = self.get_submodule(prefix)
-                for local in range(experts.gate_up_proj.shape[0]):
+                weight = getattr(experts, ours)
+                for local in range(weight.shape[0]):
                     global_id = experts.first + local
-                    if ours == "down_proj":
-                        self._load_expert(params, prefix, ours, None, global_id, tensor[global_id])
-                    else:
-                        for shard, half in enumerate(tensor[global_id].chunk(2, dim=0)):
-                            self._load_expert(params, prefix, ours, shard, global_id, half)
+                    one = tensor[global_id] if tensor.dim() > 0 and tensor.shape[0] > 1 else tensor
+                    if ours == "down_proj" or leaf == "input_scale":
+                        self._load_expert(params, prefix, ours, None, global_id, one, leaf)
+                        continue
+                    if leaf == "weight_scale" and experts.scheme is not None:
+                        # The scale grid covers gate and up together: expand it to rows, then split.
+                        one = expand_weight_scale(one, weight.shape[1], experts.gate_up_proj_scale.shape[2],
+                                                  experts.scheme.weight_block, name)
+                    for shard, half in enumerate(one.chunk(2, dim=0) if one.dim() else (one, one)):
+                        self._load_expert(params, prefix, ours, shard, global_id, half, leaf)
             else:
                 yield name, tensor
 
     def _load_expert(self, params, prefix: str, ours: str, shard: int | None, expert: int,
-                     tensor: torch.Tensor) -> None:
+                     tensor: torch.Tensor, leaf: str = "weight") -> None:
         experts = self.get_submodule(prefix)
         local = expert - experts.first
         param = params[f"{prefix}.{ours}"]
         if not 0 <= local < param.shape[0]:
             return  # held by another rank
-        target = param[local]
+        what = f"{prefix}.{expert}.{ours}"
+        rows = slice(None)
         if shard is not None:
-            half = target.shape[0] // 2
-            target = target[shard * half : (shard + 1) * half]
+            half = param.shape[1] // 2
+            rows = slice(shard * half, (shard + 1) * half)
+        if experts.scheme is not None:
+            if leaf == "input_scale":
+                return  # the MoE kernel multiplies in the activation dtype: a static scale is unused
+            with torch.no_grad():
+                filled = load_fp8_rows(param[local][rows], params[f"{prefix}.{ours}_scale"][local][rows], leaf,
+                                       tensor, experts.scheme, what)
+            for p in (("weight", "weight_scale") if filled == "weight+scale" else (filled,)):
+                name = ours if p == "weight" else f"{ours}_scale"
+                self._experts_loaded.add(f"{prefix}.{name}#{local}#{shard}")
+            return
+        if leaf != "weight":
+            raise ValueError(f"{what}: unexpected {leaf!r} in a checkpoint without FP8 experts")
+        if tensor.dtype == FP8_DTYPE:
+            raise ValueError(f"{what}: the checkpoint stores it in FP8, but its config.json has no "
+                             "quantization_config for it")
+        target = param[local][rows]
         if target.shape != tensor.shape:
-            raise ValueError(f"{prefix}.{expert}.{ours}: checkpoint shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(target.shape)}")
+            raise ValueError(f"{what}: checkpoint shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
         with torch.no_grad():
             target.copy_(tensor)
         self._experts_loaded.add(f"{prefix}.{ours}#{local}#{shard}")
 
-    def _load_shard(self, param: nn.Parameter, tensor: torch.Tensor, fused: str, shard: int) -> None:
+    def _shard_rows(self, param: torch.Tensor, fused: str, shard: int) -> slice:
         if fused == "gate_up_proj":  # dense and shared-expert MLPs differ in width
             half = param.shape[0] // 2
-            with torch.no_grad():
-                param[shard * half : (shard + 1) * half].copy_(tensor)
-            return
-        super()._load_shard(param, tensor, fused, shard)
+            return slice(shard * half, (shard + 1) * half)
+        return super()._shard_rows(param, fused, shard)
 
     def _check_complete(self, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
         loaded = set(loaded)
         for name, param in params.items():
-            if not name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            if not name.endswith((".experts.gate_up_proj", ".experts.down_proj",
+                                  ".experts.gate_up_proj_scale", ".experts.down_proj_scale")):
                 continue
             prefix, ours = name.rsplit(".", 1)
-            shards = (0, 1) if ours == "gate_up_proj" else (None,)
+            shards = (0, 1) if ours.startswith("gate_up_proj") else (None,)
             if all(f"{prefix}.{ours}#{local}#{shard}" in self._experts_loaded
                    for local in range(param.shape[0]) for shard in shards):
                 loaded.add(name)

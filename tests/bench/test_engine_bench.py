@@ -58,3 +58,29 @@ def test_engine_bench_writes_the_contract_on_cpu(tmp_path):
     assert bound["counts"]["computed_tokens"] == w["prompt_tokens"] + w["output_tokens"] - w["num_requests"]
     assert 0 < bound["fraction"] and bound["vs_hf_static_at_bound"] > 0
     assert "throughput bound" in (tmp_path / "engine_cpu.md").read_text()
+
+
+def test_engine_bench_fp8_weights_on_cpu(tmp_path):
+    """`--quantization fp8`: its own report, the roofline from the FP8 weights' bytes."""
+    cmd = [sys.executable, "bench/engine_bench.py", "--device", "cpu", "--out", str(tmp_path),
+           "--num-requests", "3", "--skip-hf", "--quantization", "fp8"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "engine_cpu_fp8.json").read_text())
+    assert res["quantization"] == "fp8" and not (tmp_path / "engine_cpu.json").exists()
+    assert res["decode_b1_ms"] > 0 and res["throughput_tok_s"]["tandem"] > 0
+    assert "weights fp8" in (tmp_path / "engine_cpu_fp8.md").read_text()
+
+
+def test_fp8_weight_bytes_count_one_byte_per_weight(tmp_path):
+    from tandem import LLM
+    from tandem.bench.engine_bench import matmul_params, weight_bytes
+    from tandem.engine.make_model import make_model
+
+    folder = make_model(tmp_path / "m", "llama")
+    full = LLM(str(folder), num_kv_blocks=8).engine.runner.model
+    fp8 = LLM(str(folder), num_kv_blocks=8, quantization="fp8").engine.runner.model
+    assert matmul_params(full) == matmul_params(fp8)
+    linear = sum(p.numel() for n, p in fp8.named_parameters() if n.endswith("_proj.weight"))
+    scales = sum(p.numel() for n, p in fp8.named_parameters() if n.endswith("weight_scale"))
+    assert weight_bytes(full) - weight_bytes(fp8) == 3 * linear - 4 * scales  # float32 -> e4m3 + scales

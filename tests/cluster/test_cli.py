@@ -80,6 +80,7 @@ CASES = [
     (["serve", "--autoscale", "decode"], "expected POOL=MIN:MAX", 2),
     (["serve", "--kv-cache-dtype", "int8"], "argument --kv-cache-dtype: invalid choice: 'int8'", 2),
     (["generate", "--kv-cache-dtype", "fp8_e5m2"], "argument --kv-cache-dtype: invalid choice", 2),
+    (["generate", "--quantization", "int4"], "argument --quantization: invalid choice: 'int4'", 2),
     (["status", "--address", "not-an-address"], "not-an-address", 1),
     (["bench", "run"], "the following arguments are required: --url", 2),
     (["bench", "compare", "{tmp}/a.json", "{tmp}/b.json"], "a.json", 1),
@@ -96,6 +97,21 @@ def test_a_failing_command_prints_one_line_and_exits_non_zero(tmp_path, argv, sa
     assert lines[0].startswith(f"tandem {command}: " if command else "tandem: "), lines[0]
     assert says in lines[0] and "Traceback" not in done.stderr
     assert done.returncode == status and done.stdout == ""
+
+
+def test_fp8_flags_reach_the_engine(tmp_path):
+    """`serve --quantization fp8` becomes the engines' EngineConfig field; `make-model --quantization
+    fp8` writes a folder `generate` runs; an unsupported quantization_config is one line."""
+    args = cli.build_parser().parse_args(["serve", "--quantization", "fp8", "--engine-arg", "max_num_seqs=8"])
+    assert serve_cli.app_args(args)["engine_kwargs"] == {"max_num_seqs": 8, "quantization": "fp8"}
+    assert run_tandem("make-model", str(tmp_path / "m"), "--quantization", "fp8").returncode == 0
+    done = run_tandem("generate", "--model", str(tmp_path / "m"), "--max-tokens", "3")
+    assert done.returncode == 0 and "3 tokens" in done.stdout, done.stderr
+    config = tmp_path / "m" / "config.json"
+    config.write_text(config.read_text().replace('"quant_method": "fp8"', '"quant_method": "awq"'))
+    done = run_tandem("generate", "--model", str(tmp_path / "m"))
+    assert done.returncode == 1 and done.stderr.splitlines()[0].startswith(
+        "tandem generate: unsupported quantization_config.quant_method 'awq'"), done.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a torch without CUDA")

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.engine.hf_oracle import hf_greedy
+from tests.engine.model_logits import prefill_logits
 from tests.engine.test_moe_models import MAX_TOKENS, make_prompts
 from tandem.engine.expert_parallel import expert_range
 
@@ -33,33 +34,6 @@ def test_expert_range_splits_every_expert_once():
 
 
 # ----------------------------------------------------------------------------- child process
-def _prefill_logits(model, prompts: list[list[int]]) -> torch.Tensor:
-    """One packed prefill of `prompts` through `model` with a fresh paged KV cache; the logits of
-    each prompt's last token."""
-    from tandem.engine.attention import ForwardContext
-    from tandem.engine.models.llama import head_dim_of
-
-    cfg, block_size = model.config, 16
-    blocks = [-(-len(p) // block_size) for p in prompts]
-    kv_cache = torch.zeros(cfg.num_hidden_layers, 2, sum(blocks), block_size, cfg.num_key_value_heads,
-                           head_dim_of(cfg))
-    tables = torch.zeros(len(prompts), max(blocks), dtype=torch.int32)
-    slots, positions, first = [], [], 0
-    for i, (prompt, n) in enumerate(zip(prompts, blocks)):
-        tables[i, :n] = torch.arange(first, first + n)
-        slots += [first * block_size + pos for pos in range(len(prompt))]
-        positions += list(range(len(prompt)))
-        first += n
-    lens = torch.tensor([len(p) for p in prompts])
-    ctx = ForwardContext(slot_mapping=torch.tensor(slots), block_tables=tables,
-                         context_lens=lens.to(torch.int32),
-                         cu_seqlens_q=torch.cat([torch.zeros(1), lens.cumsum(0)]).to(torch.int32),
-                         is_decode=False, kv_cache=kv_cache)
-    with torch.inference_mode():
-        hidden = model(torch.tensor([t for p in prompts for t in p]), torch.tensor(positions), ctx)
-        return model.compute_logits(hidden[lens.cumsum(0) - 1]).float()
-
-
 def _ep_worker(rank: int, port: int, model_dirs: dict[str, str], results: mp.Queue) -> None:
     try:
         from torch.distributed import TCPStore
@@ -78,7 +52,7 @@ def _ep_worker(rank: int, port: int, model_dirs: dict[str, str], results: mp.Que
             whole = LLM(model_dir, device="cpu", dtype="float32").engine.runner.model
             prompts = make_prompts(whole.config.vocab_size)
             mine = prompts[:6] if rank == 0 else prompts[6:]  # data-parallel attention: own batches
-            expected_logits = _prefill_logits(whole, mine)
+            expected_logits = prefill_logits(whole, mine)
             for mode, ep in groups.items():
                 llm = LLM(model_dir, device="cpu", dtype="float32", max_num_batched_tokens=256,
                           runner_factory=functools.partial(ExpertParallelModelRunner, ep=ep))
@@ -88,7 +62,7 @@ def _ep_worker(rank: int, port: int, model_dirs: dict[str, str], results: mp.Que
                 params = [SamplingParams(temperature=0.0, max_tokens=m) for m in MAX_TOKENS]
                 outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
                 out[(mode, arch, "tokens")] = [o.outputs[0].token_ids for o in outs]
-                ep_logits = _prefill_logits(model, mine)
+                ep_logits = prefill_logits(model, mine)
                 out[(mode, arch, "logits_err")] = (ep_logits - expected_logits).abs().max().item()
                 out[(mode, arch, "argmax_equal")] = torch.equal(ep_logits.argmax(-1), expected_logits.argmax(-1))
 
