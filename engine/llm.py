@@ -95,8 +95,7 @@ class LLM:
                 for out in self.engine.step():
                     if out.finished:
                         finished[out.request_id] = out
-            if self._ranks is not None:
-                self._ranks.pause()  # idle ranks wait outside the collectives
+            self.engine.runner.idle()  # tensor parallel: the other ranks wait outside the collectives
         except Exception as e:
             if self._ranks is None:
                 raise

@@ -120,6 +120,9 @@ class ModelRunner:
         """The model skeleton (on the meta device); subclasses add constructor arguments."""
         return cls(self.hf_config)
 
+    def idle(self) -> None:
+        """The engine has nothing to step for now (a tensor-parallel leader pauses its followers)."""
+
     def _read_weight(self, f, name: str):
         """One checkpoint tensor from an open safetensors file (a tensor-parallel rank reads a
         lazy slice of it instead, and the model takes only its part)."""

@@ -20,7 +20,7 @@ import torch
 from tandem.engine.config import EngineConfig
 from tandem.engine.model_runner import load_hf_config
 from tandem.engine.tensor_parallel import TensorParallelGroup, check_tensor_parallel
-from tandem.engine.tp_runner import LockstepChannel, TensorParallelModelRunner
+from tandem.engine.tp_runner import LockstepChannel, TensorParallelModelRunner, check_engine_config
 
 SHUTDOWN_GRACE_S = 10.0
 
@@ -65,6 +65,7 @@ class TensorParallelRanks:
         from torch.distributed import TCPStore
 
         check_tensor_parallel(load_hf_config(config.model), world_size)
+        check_engine_config(config)
         check_devices(config.device, world_size)
         self.world_size = world_size
         self.store = TCPStore("127.0.0.1", 0, world_size, True, timeout=timedelta(seconds=timeout_s),
@@ -89,9 +90,6 @@ class TensorParallelRanks:
     @property
     def pids(self) -> list[int]:
         return [proc.pid for proc in self.procs]
-
-    def pause(self) -> None:
-        self.channel.pause()
 
     def failure(self, error: BaseException) -> BaseException:
         """A clearer error than a broken collective's when a rank has died."""

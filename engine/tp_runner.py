@@ -107,6 +107,13 @@ class LockstepChannel:
         return op, layout, self.tp.broadcast(buffer)
 
 
+def check_engine_config(config: EngineConfig) -> None:
+    """ValueError for the engine features that do not run under tensor parallelism yet."""
+    if config.host_kv_cache_gb > 0:
+        raise ValueError("the host KV tier is not supported with tensor parallelism yet "
+                         "(its copies would reach rank 0's cache only); set host_kv_cache_gb=0")
+
+
 class TensorParallelModelRunner(ModelRunner):
     """A `ModelRunner` whose model holds this rank's slice of every layer (`engine.tensor_parallel`)
     and whose KV cache holds only this rank's KV heads (same blocks, same block ids on every rank).
@@ -115,9 +122,7 @@ class TensorParallelModelRunner(ModelRunner):
     def __init__(self, config: EngineConfig, hf_config, weights=None, *, tp: TensorParallelGroup,
                  channel: LockstepChannel | None = None) -> None:
         check_tensor_parallel(hf_config, tp.world_size)
-        if config.host_kv_cache_gb > 0:
-            raise ValueError("the host KV tier is not supported with tensor parallelism yet "
-                             "(its copies would reach rank 0's cache only); set host_kv_cache_gb=0")
+        check_engine_config(config)
         self.tp = tp
         self.channel = channel or LockstepChannel(tp)
         super().__init__(config, hf_config, weights)
@@ -155,7 +160,7 @@ class TensorParallelModelRunner(ModelRunner):
         self.channel.send_step(layout, buffer)
         return self.forward(inputs, layout.num_seqs)
 
-    def pause_followers(self) -> None:
+    def idle(self) -> None:
         """Rank 0, going idle: the followers wait outside the collectives until the next step."""
         self.channel.pause()
 
