@@ -15,6 +15,7 @@ leader died sees its store connection close (or the collective fail) and exits.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -120,12 +121,21 @@ class TensorParallelModelRunner(ModelRunner):
     Rank 0's `execute` sends each step to the followers; a follower runs `follow()`."""
 
     def __init__(self, config: EngineConfig, hf_config, weights=None, *, tp: TensorParallelGroup,
-                 channel: LockstepChannel | None = None) -> None:
+                 channel: LockstepChannel | None = None, loaded: Callable[[], None] | None = None) -> None:
+        """`loaded()`: called once this rank's weights are loaded, before the first collective
+        (a Serve group waits there for every rank: big checkpoints load slower than a timeout)."""
         check_tensor_parallel(hf_config, tp.world_size)
         check_engine_config(config)
         self.tp = tp
         self.channel = channel or LockstepChannel(tp)
+        self._loaded = loaded
         super().__init__(config, hf_config, weights)
+
+    def _load_model(self, weights=None) -> torch.nn.Module:
+        model = super()._load_model(weights)
+        if self._loaded is not None:
+            self._loaded()
+        return model
 
     @property
     def tensor_parallel_size(self) -> int:
