@@ -50,6 +50,8 @@ def _follower_main(config: EngineConfig, rank: int, world_size: int, port: int, 
 
         if config.device == "cpu":
             torch.set_num_threads(1)  # N ranks share the host's cores
+        else:
+            torch.cuda.set_device(config.device)  # Triton launches and graph captures use the current device
         store = TCPStore("127.0.0.1", port, world_size, False, timeout=timedelta(seconds=timeout_s))
         tp = TensorParallelGroup(store, rank, world_size, config.device, prefix, timeout_s)
         TensorParallelModelRunner(config, load_hf_config(config.model), tp=tp).follow()
