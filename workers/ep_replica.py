@@ -51,7 +51,7 @@ from tandem.workers.prefill_worker import PrefillWorker
 from tandem.protocol.prefix_hash import hash_full_blocks
 from tandem.protocol.worker import WorkerDelta, WorkerRequest
 from tandem.workers.rank_group import RANK_NAMESPACE  # noqa: F401 (re-exported: the rank actors' namespace)
-from tandem.workers.rank_group import (RankSpec, check_rank_actors, kill_rank_actors, rank_actor_name,
+from tandem.workers.rank_group import (RankActorsHealth, RankSpec, kill_rank_actors, rank_actor_name,
                                        start_rank_actors, store_barrier)
 from tandem.workers.serve_worker import EngineReading, LLMWorker, autoscaling_stats, read_engine
 
@@ -265,7 +265,7 @@ def start_group(role: str, worker_args: tuple, worker_kwargs: dict, config: Engi
 
 
 # --------------------------------------------------------------------------- the group, as one
-class ExpertParallelEngine:
+class ExpertParallelEngine(RankActorsHealth):
     """What an expert-parallel replica holds in place of its `AsyncLLM`: rank 0's engine (in
     this process) and the actors of ranks 1..N-1.
 
@@ -274,6 +274,8 @@ class ExpertParallelEngine:
     `call_in_engine` of a function in `GROUP_READINGS` runs on every rank's engine thread and
     returns the merged answer (call it from the replica's event loop); any other function runs
     on rank 0's engine only."""
+
+    group_kind = "expert-parallel"
 
     def __init__(self, local: AsyncLLM, ranks: list, block_size: int, replica_id: str) -> None:
         self.local = local
@@ -285,7 +287,6 @@ class ExpertParallelEngine:
         self.outstanding = [0] * self.world_size  # requests in flight per rank
         self.num_served = [0] * self.world_size
         self._next_first = itertools.count()
-        self.rank_error: BaseException | None = None
         self.local_reading: EngineReading | None = None  # rank 0's part of the last group reading
 
     # AsyncLLM's face (rank 0) -------------------------------------------------------------
@@ -367,19 +368,6 @@ class ExpertParallelEngine:
     async def rank_stats(self) -> list:
         return list(await asyncio.gather(*(self._remote(r, a.stats.remote())
                                            for r, a in enumerate(self.ranks, start=1))))
-
-    async def check_ranks(self) -> None:
-        """Raises if a rank actor is gone or its engine died."""
-        await check_rank_actors(self.ranks, "expert-parallel", self._remote)
-        if self.rank_error is not None:
-            raise RuntimeError(f"an expert-parallel rank failed: {self.rank_error!r}")
-
-    async def _remote(self, rank: int, ref):
-        try:
-            return await ref
-        except ray.exceptions.RayActorError as error:
-            self.rank_error = error  # the group cannot step without it: health checks fail from now
-            raise RuntimeError(f"expert-parallel rank {rank} is dead: {error}") from error
 
 
 # ----------------------------------------------------------------------------- the replica side

@@ -139,10 +139,30 @@ def kill_rank_actors(actors: Sequence) -> None:
             logger.debug("killing a rank actor: %r", error)
 
 
-async def check_rank_actors(actors: Sequence, kind: str, remote: Callable) -> None:
-    """Every rank actor's `check_health()` (through `remote(rank, ref)`), within the timeout."""
-    try:
-        await asyncio.wait_for(asyncio.gather(*(remote(r, a.check_health.remote())
-                                                for r, a in enumerate(actors, start=1))), RANK_HEALTH_TIMEOUT_S)
-    except asyncio.TimeoutError:
-        raise RuntimeError(f"a {kind} rank did not answer its health check in {RANK_HEALTH_TIMEOUT_S:.0f} s") from None
+class RankActorsHealth:
+    """Mixed into a group's engine (the replica's view of its group): `ranks`, the actor handles
+    of ranks 1..N-1, and `rank_error`, set once one of them is found dead (the group cannot step
+    without it: health checks fail from then on, and Serve replaces the group)."""
+
+    group_kind = ""  # for messages
+    ranks: list
+    rank_error: BaseException | None = None
+
+    async def check_ranks(self) -> None:
+        """Raises if a rank actor is gone, failed or does not answer in time."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self._remote(r, a.check_health.remote())
+                                                    for r, a in enumerate(self.ranks, start=1))),
+                                   RANK_HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"a {self.group_kind} rank did not answer its health check in "
+                               f"{RANK_HEALTH_TIMEOUT_S:.0f} s") from None
+        if self.rank_error is not None:
+            raise RuntimeError(f"a {self.group_kind} rank failed: {self.rank_error!r}")
+
+    async def _remote(self, rank: int, ref):
+        try:
+            return await ref
+        except ray.exceptions.RayActorError as error:
+            self.rank_error = error
+            raise RuntimeError(f"{self.group_kind} rank {rank} is dead: {error}") from error

@@ -24,7 +24,7 @@ from tandem.engine.async_engine import AsyncLLM
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_connector import KVConnector
 from tandem.engine.llm_engine import LLMEngine
-from tandem.workers.rank_group import (RankSpec, StartingGroup, check_rank_actors, kill_rank_actors,
+from tandem.workers.rank_group import (RankActorsHealth, RankSpec, StartingGroup, kill_rank_actors,
                                        rank_actor_name, start_rank_actors, store_barrier)
 from tandem.workers.serve_worker import LLMWorker
 
@@ -53,15 +53,16 @@ def _join_group(config: EngineConfig, spec: RankSpec, store, check=None):
     return functools.partial(TensorParallelModelRunner, tp=tp, loaded=loaded)
 
 
-class TensorParallelEngine(AsyncLLM):
+class TensorParallelEngine(RankActorsHealth, AsyncLLM):
     """Rank 0's `AsyncLLM`, plus the actors of ranks 1..N-1: they stop with it, and it is dead
     when one of them is."""
+
+    group_kind = "tensor-parallel"
 
     def __init__(self, engine: LLMEngine, group: StartingGroup) -> None:
         super().__init__(engine)
         self.group = group
         self.ranks = group.actors
-        self.rank_error: BaseException | None = None
 
     @property
     def world_size(self) -> int:
@@ -78,18 +79,6 @@ class TensorParallelEngine(AsyncLLM):
         except Exception as error:  # a broken group: the actors are killed anyway
             logger.debug("stopping the tensor-parallel ranks: %r", error)
         kill_rank_actors(self.ranks)
-
-    async def check_ranks(self) -> None:
-        await check_rank_actors(self.ranks, "tensor-parallel", self._remote)
-        if self.rank_error is not None:
-            raise RuntimeError(f"a tensor-parallel rank failed: {self.rank_error!r}")
-
-    async def _remote(self, rank: int, ref):
-        try:
-            return await ref
-        except Exception as error:
-            self.rank_error = error  # the group cannot step without it: health checks fail from now
-            raise RuntimeError(f"tensor-parallel rank {rank} failed: {error}") from error
 
 
 def start_group(config: EngineConfig, world_size: int, rank_actor_options: dict[str, Any]) -> TensorParallelEngine:

@@ -180,3 +180,54 @@ def test_ranks_exit_when_rank_0_is_killed(llama_dir, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert _wait_gone(pids, timeout=30) == [], "orphaned rank processes after rank 0 was killed"
+
+
+# ------------------------------------------------------------------------- lockstep channel
+def test_paused_followers_outwait_the_collective_timeout():
+    """Between bursts the follower waits on the store (its polls time out and it waits again),
+    not in a collective: an idle gap over twice the group's timeout breaks nothing."""
+    import threading
+    from datetime import timedelta
+
+    import torch
+    from torch.distributed import TCPStore
+
+    from tandem.engine.model_runner import StepLayout
+    from tandem.engine.tensor_parallel import TensorParallelGroup
+    from tandem.engine.tp_runner import LockstepChannel, StepOp
+
+    store = TCPStore("127.0.0.1", 0, 2, True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    groups: dict[int, TensorParallelGroup] = {}
+
+    def join(rank: int) -> None:
+        groups[rank] = TensorParallelGroup(store, rank, 2, "cpu", "tp/channel-test", timeout_s=3.0)
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    leader, follower = LockstepChannel(groups[0]), LockstepChannel(groups[1])
+    follower.WAKE_POLL = timedelta(milliseconds=200)
+    received: list = []
+
+    def follow() -> None:
+        while True:
+            op, layout, buffer = follower.receive()
+            received.append((op, layout, None if buffer is None else buffer.tolist()))
+            if op == StepOp.STOP:
+                return
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    layout = StepLayout(1, 1, True, (1, 1, 1, 1, 2, 1, 0, 0, 1))
+    buffer = torch.arange(8, dtype=torch.int64)
+    leader.send_step(layout, buffer)
+    leader.pause()
+    time.sleep(7.0)  # idle: over twice the collective timeout
+    leader.send_step(layout, buffer + 1)
+    leader.stop()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert [r[0] for r in received] == [StepOp.STEP, StepOp.PAUSE, StepOp.STEP, StepOp.STOP]
+    assert received[0][1:] == (layout, list(range(8))) and received[2][2] == list(range(1, 9))
