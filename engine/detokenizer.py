@@ -35,8 +35,10 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def add_token(self, token_id: int) -> str | None:
-        """Append one generated token. Returns the stop string if one is now complete."""
+    def add_token(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Append one generated token. Returns the stop string if one is now complete and
+        `check_stop` (False while the output is shorter than min_tokens: as in vLLM, a stop
+        string there neither stops the request nor trims its text)."""
         self._ids.append(token_id)
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
@@ -46,15 +48,15 @@ class IncrementalDetokenizer:
         self.text += added
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        return self._check_stop(len(added))
+        return self._check_stop(len(added)) if check_stop else None
 
-    def resume(self, output_token_ids: list[int], num_streamed_chars: int) -> None:
+    def resume(self, output_token_ids: list[int], num_streamed_chars: int, min_tokens: int = 0) -> None:
         """Continue an output whose first tokens were generated elsewhere (a continuation after
         its replica died): replay them, so the decode window and the stop-string check see the
         same text as where they were generated (a stop string split across the seam is found),
         and take the first `num_streamed_chars` characters as already streamed."""
-        for token_id in output_token_ids:
-            self.add_token(token_id)
+        for i, token_id in enumerate(output_token_ids):
+            self.add_token(token_id, check_stop=i + 1 >= min_tokens)
         self.streamed_upto = min(num_streamed_chars, len(self.text))
 
     def _check_stop(self, num_new_chars: int) -> str | None:

@@ -250,7 +250,7 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer, prompt, params.skip_special_tokens,
                                            params.stop_list, params.include_stop_str_in_output)
             if request.continuation is not None and params.detokenize:
-                detok.resume(ids[len(prompt):], request.continuation.num_text_chars)
+                detok.resume(ids[len(prompt):], request.continuation.num_text_chars, params.min_tokens)
             detoks.append(detok)
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, text, prompt, params, seqs, detoks,
@@ -426,8 +426,8 @@ class LLMEngine:
         if logprobs is not None:
             seq.output_logprobs.append(logprobs)
         params = seq.sampling_params
-        stop_str = req.detoks[seq.output_index].add_token(token) if params.detokenize else None
         can_stop = seq.num_output_tokens >= params.min_tokens
+        stop_str = req.detoks[seq.output_index].add_token(token, can_stop) if params.detokenize else None
         if can_stop and not params.ignore_eos and token in self.eos_token_ids:
             self._finish(seq, "stop", None)
         elif can_stop and token in params.stop_token_ids:

@@ -23,8 +23,10 @@ only in the MoE layers' all-to-alls (`engine.expert_parallel`).
   stores it and "removed" when no rank holds it any more; `RankCaches`), and summing loads,
   engine counters and expert load. The same per-rank caches pick the rank for a request.
 - Rank actors die with the replica: the replica kills them on shutdown, Ray kills them with
-  their owner or their placement group, and the replica's health check fails while any rank is
-  dead (or its engine is), so Serve replaces the whole group.
+  their owner or their placement group. A group that loses a rank cannot step, so the replica
+  ends its own process as soon as it sees the loss (a rank's stream or call fails, or a health
+  check): Serve replaces the whole group, and the ingress continues the group's streams on a
+  live replica (`LLMWorker._end_replica`).
 """
 from __future__ import annotations
 
@@ -51,8 +53,8 @@ from tandem.workers.prefill_worker import PrefillWorker
 from tandem.protocol.prefix_hash import hash_full_blocks
 from tandem.protocol.worker import WorkerDelta, WorkerRequest
 from tandem.workers.rank_group import RANK_NAMESPACE  # noqa: F401 (re-exported: the rank actors' namespace)
-from tandem.workers.rank_group import (RankActorsHealth, RankSpec, kill_rank_actors, rank_actor_name,
-                                       start_rank_actors, store_barrier)
+from tandem.workers.rank_group import (RankActorsHealth, RankLostError, RankSpec, kill_rank_actors,
+                                       rank_actor_name, start_rank_actors, store_barrier)
 from tandem.workers.serve_worker import EngineReading, LLMWorker, autoscaling_stats, read_engine
 
 logger = logging.getLogger("ray.serve")
@@ -397,6 +399,8 @@ class ExpertParallelReplica:
             async for delta in stream:
                 delta.replica_id = self._replica_id
                 yield delta
+        except RankLostError as error:
+            self._end_replica(str(error))
         finally:
             group.end(rank)
             await stream.aclose()
@@ -424,7 +428,10 @@ class ExpertParallelReplica:
         super()._update_role_metrics(self._engine.local_reading or reading)
 
     async def check_health(self) -> None:
-        await self._engine.check_ranks()  # first: a dead rank also kills rank 0's engine loop
+        try:
+            await self._engine.check_ranks()  # first: a dead rank also kills rank 0's engine loop
+        except RankLostError as error:
+            self._end_replica(str(error))
         await super().check_health()
 
 

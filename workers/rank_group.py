@@ -7,8 +7,8 @@ unique to the replica), where each rank finds it (`RankSpec`), start-up barriers
 actors' creation, health and death.
 
 Rank actors die with the replica: the replica kills them on shutdown, Ray kills them with their
-owner or their placement group, and the replica's health check fails while any rank is dead, so
-Serve replaces the whole group.
+owner or their placement group. A group that loses a rank cannot step (`RankLostError`), so the
+replica ends its own process when it sees the loss and Serve replaces the whole group.
 """
 from __future__ import annotations
 
@@ -139,6 +139,10 @@ def kill_rank_actors(actors: Sequence) -> None:
             logger.debug("killing a rank actor: %r", error)
 
 
+class RankLostError(RuntimeError):
+    """A rank actor of the group is gone: the group cannot step any more."""
+
+
 class RankActorsHealth:
     """Mixed into a group's engine (the replica's view of its group): `ranks`, the actor handles
     of ranks 1..N-1, and `rank_error`, set once one of them is found dead (the group cannot step
@@ -155,14 +159,14 @@ class RankActorsHealth:
                                                     for r, a in enumerate(self.ranks, start=1))),
                                    RANK_HEALTH_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise RuntimeError(f"a {self.group_kind} rank did not answer its health check in "
-                               f"{RANK_HEALTH_TIMEOUT_S:.0f} s") from None
+            raise RankLostError(f"a {self.group_kind} rank did not answer its health check in "
+                                f"{RANK_HEALTH_TIMEOUT_S:.0f} s") from None
         if self.rank_error is not None:
-            raise RuntimeError(f"a {self.group_kind} rank failed: {self.rank_error!r}")
+            raise RankLostError(f"a {self.group_kind} rank failed: {self.rank_error!r}")
 
     async def _remote(self, rank: int, ref):
         try:
             return await ref
         except ray.exceptions.RayActorError as error:
             self.rank_error = error
-            raise RuntimeError(f"{self.group_kind} rank {rank} is dead: {error}") from error
+            raise RankLostError(f"{self.group_kind} rank {rank} is dead: {error}") from error

@@ -26,11 +26,12 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from typing import NoReturn
 from dataclasses import dataclass
 
 from ray import serve
 
-from tandem.engine.async_engine import AsyncLLM, EngineTiming
+from tandem.engine.async_engine import AsyncLLM, EngineDeadError, EngineTiming
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_connector import KVConnector
 from tandem.engine.llm_engine import LLMEngine
@@ -179,6 +180,8 @@ class LLMWorker:
             yield WorkerDelta(request.request_id, [], True, len(request.prompt_token_ids),
                               replica_id=self._replica_id, error=str(error))
             return
+        except EngineDeadError as error:
+            self._end_replica(repr(error))
         # Leaving this generator early (Serve cancels it when the caller goes away) closes
         # `stream`, and AsyncLLM aborts the request and frees its blocks.
         try:
@@ -189,6 +192,8 @@ class LLMWorker:
                 return
             async for out in stream:
                 yield to_delta(out, self._replica_id, top_n)
+        except EngineDeadError as error:
+            self._end_replica(repr(error))
         finally:
             await stream.aclose()
 
@@ -212,9 +217,21 @@ class LLMWorker:
     async def check_health(self) -> None:
         self._ensure_publishing()
         if self._engine.is_dead:
-            raise RuntimeError("the engine loop died; see the replica's log")
+            self._end_replica("the engine loop died")
         if self._publish_error is not None:
             logger.warning("KV event publishing failed: %r", self._publish_error)
+
+    def _end_replica(self, reason: str) -> NoReturn:
+        """This replica's engine can no longer step (its loop died, or a rank of its group is
+        gone): end the process. Serve drops a dead replica from routing at once and starts a new
+        one, and every stream the replica served fails with Ray's `RayActorError`, which the
+        ingress continues on a live replica (`router/continuation.py`). Left alive, the replica
+        would refuse requests until its health check failed and then drain its hopeless streams
+        for up to the pool's graceful-shutdown timeout."""
+        logger.error("replica %s ends its process: %s", self._replica_id, reason)
+        for handler in logging.getLogger().handlers + logger.handlers:
+            handler.flush()
+        os._exit(1)
 
     def _start_engine(self, config: EngineConfig, kv_connector: KVConnector | None) -> AsyncLLM:
         """This replica's engine. An expert-parallel replica (`workers.ep_replica`) starts its

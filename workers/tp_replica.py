@@ -24,8 +24,8 @@ from tandem.engine.async_engine import AsyncLLM
 from tandem.engine.config import EngineConfig
 from tandem.engine.kv_connector import KVConnector
 from tandem.engine.llm_engine import LLMEngine
-from tandem.workers.rank_group import (RankActorsHealth, RankSpec, StartingGroup, kill_rank_actors,
-                                       rank_actor_name, start_rank_actors, store_barrier)
+from tandem.workers.rank_group import (RankActorsHealth, RankLostError, RankSpec, StartingGroup,
+                                       kill_rank_actors, rank_actor_name, start_rank_actors, store_barrier)
 from tandem.workers.serve_worker import LLMWorker
 
 logger = logging.getLogger("ray.serve")
@@ -156,7 +156,10 @@ class TensorParallelReplica:
         return [rank_actor_name("tp", replica_id, r) for r in range(1, self._tp_size)]
 
     async def check_health(self) -> None:
-        await self._engine.check_ranks()
+        try:
+            await self._engine.check_ranks()
+        except RankLostError as error:
+            self._end_replica(str(error))
         await super().check_health()
 
 

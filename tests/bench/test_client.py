@@ -165,7 +165,7 @@ def test_ttft_counts_a_first_token_with_empty_text(fake_server):
     multi-byte character): TTFT is still the first token's chunk, as vLLM's benchmark takes it,
     and every token chunk gets its ITL gap. Chat's role chunk, sent before the wait, is not a
     token."""
-    ttft, gap, tokens = 0.080, 0.060, 5
+    ttft, gap, tokens = 0.050, 0.300, 5  # a gap wide enough for a busy machine
     for endpoint in ("chat", "completions"):
         server = fake_server(ttft_s=ttft, token_delay_s=gap, empty_tokens=2)
         stage = run_against(server.url, random_workload(tokens), StageConfig(ClosedLoop(2), num_requests=4),

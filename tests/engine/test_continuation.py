@@ -7,14 +7,16 @@ is found across the seam. Two engines on the same weights: the undisturbed one a
 takes over (a fresh replica: nothing of the request cached)."""
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 
+import jsonschema
 import pytest
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine
-from tandem.protocol.sampling_params import SamplingParams
+from tandem.protocol.sampling_params import SamplingParams, StructuredOutput
 from tandem.protocol.worker import Continuation
 
 MAX_TOKENS = 24
@@ -156,6 +158,32 @@ def test_a_stop_string_across_the_seam_is_found_and_held_back_text_is_not_lost(e
         if found == 3:
             break
     assert found == 3, "too few prompts gave a usable stop string"
+
+
+def test_a_grammar_constrained_continuation_gives_the_undisturbed_stream(engines):
+    """A JSON-schema request continued mid-object: the taking-over engine's matcher catches up
+    over the tokens already streamed (they are output, not prompt), so the rest obeys the same
+    grammar from the same state and, seeded, is the same stream; the joined text parses and
+    validates."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    first, second = engines
+    params = SamplingParams(temperature=1.0, seed=21, max_tokens=64,
+                            structured_output=StructuredOutput(json_schema=json.dumps(schema)))
+    prompt = prompt_of(300, first.vocab_size)
+    whole = run(first, "json", prompt, params)
+    assert whole.finish_reason == "stop" and len(whole.tokens) >= 4, whole
+    jsonschema.validate(json.loads(whole.text), schema)
+    for cut in (1, len(whole.tokens) // 2, len(whole.tokens) - 1):
+        assert_same(whole, continued(whole, second, f"json-{cut}", prompt, params, cut))
+    # The seam really matters: sent as prompt only, the earlier output is not in the grammar's
+    # state, which starts a new object: the joined text is no JSON.
+    cut = len(whole.tokens) // 2
+    before = [t for d in whole.tokens[:cut] for t in d]
+    fresh = run(second, "json-fresh", prompt + before, params)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads("".join(whole.texts[:cut]) + fresh.text)
 
 
 def test_a_continuation_is_checked(engines):

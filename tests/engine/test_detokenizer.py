@@ -40,3 +40,23 @@ def test_stop_string_is_held_back_and_trimmed(llama_dir):
     assert stop == "are you"
     assert detok.text == "Hello world, how "
     assert "".join(deltas) == "Hello world, how "
+
+
+def test_a_stop_string_before_min_tokens_neither_stops_nor_trims(llama_dir):
+    """As in vLLM, stop strings count only once min_tokens is met: one that completes earlier
+    leaves the text whole and the request running (it used to cut the text there while the
+    request went on)."""
+    from tandem import LLM, SamplingParams
+
+    llm = LLM(llama_dir, num_kv_blocks=64, max_model_len=256)
+    prompt = {"prompt_token_ids": [11, 42, 7, 99, 5]}
+    base = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))[0].outputs[0]
+    early = llm.engine.tokenizer.decode(base.token_ids[:3])
+    stop = early.strip()[-2:] or early[-1:]
+    assert stop and stop in base.text[:len(early)], (early, stop)
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, min_tokens=12,
+                                              stop=[stop]))[0].outputs[0]
+    assert len(out.token_ids) >= 12 and out.token_ids == base.token_ids[:len(out.token_ids)]
+    assert base.text.startswith(out.text) and len(out.text) > len(early)  # nothing cut at the early stop
+    if out.finish_reason == "stop":  # a later occurrence, found once min_tokens was met
+        assert base.text[len(out.text):].startswith(stop)

@@ -1,6 +1,6 @@
 """No stream lost in a disaggregated app (a real local Serve app: one `PrefillWorker`, two
 `DecodeWorker`s behind the OpenAI ingress, KV over kvtransfer; the `openai` client streaming):
-- the prefill replica SIGKILLed while it prefills and sends KV: every stream completes with the
+- the prefill replica SIGKILLed while remote prefills wait on it: every stream completes with the
   colocated engine's tokens (the decode replicas recompute what did not arrive), and afterwards
   both pools hold no block;
 - a decode replica SIGKILLed mid-stream: its streams continue on the other decode replica;
@@ -77,13 +77,13 @@ class Spec:
 _PROMPT_SEEDS = iter(range(10**6))
 
 
-def specs(count: int, max_tokens, seeded_every: int = 0) -> list[Spec]:
-    """Prompts of 64-160 token ids no worker has seen (a prefix hit would keep them off the
+def specs(count: int, max_tokens, seeded_every: int = 0, lengths: tuple[int, int] = (64, 160)) -> list[Spec]:
+    """Prompts of `lengths` token ids no worker has seen (a prefix hit would keep them off the
     prefill pool); `max_tokens(i)` for each."""
     out = []
     for i in range(count):
         rng = random.Random(next(_PROMPT_SEEDS))
-        prompt = [rng.randrange(5, 600) for _ in range(rng.randrange(64, 160))]
+        prompt = [rng.randrange(5, 600) for _ in range(rng.randrange(*lengths))]
         seed = 500 + i if seeded_every and i % seeded_every == 0 else None
         out.append(Spec(prompt, max_tokens(i), seed))
     return out
@@ -138,15 +138,15 @@ def check(results: list[Result], mix: list[Spec], want: list[tuple[str, int]]) -
 
 
 def decode_stats() -> dict[str, object]:
-    """Each decode replica's `DecodeWorkerStats` (round robin: successive calls reach each)."""
+    """Each live decode replica's `DecodeWorkerStats`. Serve sends each call to the less busy of two
+    replicas, so it takes as many calls as it takes to have reached every one (30 s at most)."""
     handle = serve.get_deployment_handle("DecodeWorker", APP)
     live = set(replica_names(APP, "DecodeWorker"))
     found: dict[str, object] = {}
-    for _ in range(4 * len(live)):
+    deadline = time.monotonic() + 30
+    while not set(found) >= live and time.monotonic() < deadline:
         stats = handle.stats.remote().result(timeout_s=30)
         found[stats.replica_id] = stats
-        if set(found) >= live:
-            break
     return {name: s for name, s in found.items() if name in live}
 
 
@@ -182,29 +182,50 @@ def kill(name: str) -> None:
 
 def test_prefill_replica_killed_mid_transfer_loses_no_stream(app, offline):
     wait_for(lambda: running("PrefillWorker") == 1 and running("DecodeWorker") == 2, 120, "the app")
-    mix = specs(16, max_tokens=lambda i: 24)
+    mix = specs(24, max_tokens=lambda i: 24, lengths=(300, 600))
     want = expected(offline, mix)
     before = {name: s.disagg for name, s in decode_stats().items()}
     [victim] = replica_names(APP, "PrefillWorker")
+    pid = replica_pid(victim)
+
+    def in_flight() -> int:
+        now = decode_stats().values()
+        return sum(s.disagg.remote_prefills_started - s.disagg.remote_prefills_ok - s.disagg.remote_prefills_failed
+                   for s in now) - sum(d.remote_prefills_started - d.remote_prefills_ok - d.remote_prefills_failed
+                                       for d in before.values())
+
+    waiting_at_kill = []
 
     def kill_while_prefilling() -> None:
-        def started() -> bool:
-            return sum(s.disagg.remote_prefills_started for s in decode_stats().values()) > \
-                sum(d.remote_prefills_started for d in before.values()) + 2
-        wait_for(started, 60, "remote prefills")
-        kill(victim)
+        # A remote prefill seen in flight may end before the kill lands, so the replica is frozen
+        # (SIGSTOP) first and the count read again: killed only if some still wait on it.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if in_flight() > 0:
+                os.kill(pid, signal.SIGSTOP)
+                if (waiting := in_flight()) > 0:
+                    os.kill(pid, signal.SIGKILL)
+                    waiting_at_kill.append(waiting)
+                    return
+                os.kill(pid, signal.SIGCONT)
+        raise AssertionError("no remote prefill seen in flight")
 
     results = run_streams(app["client"], mix, kill_while_prefilling)
     check(results, mix, want)
-    after = decode_stats()
-    failed = sum(s.disagg.remote_prefills_failed for s in after.values()) - \
-        sum(before[n].remote_prefills_failed for n in after if n in before)
-    assert failed >= 1, [s.disagg for s in after.values()]  # the kill landed mid-transfer
     wait_for(lambda: running("PrefillWorker") == 1 and victim not in replica_names(APP, "PrefillWorker"), 120,
              "the replacement prefill replica")
     stats = wait_until_idle(app["url"], num_decode=2)
-    print(f"\nprefill killed: {len(mix)} streams, 0 lost, {failed} remote prefills recomputed locally; blocks free "
-          f"{ {n.rsplit('#', 2)[-2]: s['num_free_blocks'] for n, s in stats.items()} }")
+    after = decode_stats()  # read once idle: Serve routes the calls to the less busy replica
+    # The remote prefills waiting on the victim when it died ended one of two ways: recomputed
+    # on the decode replica (its transfer had begun, or the call failed), or served by the
+    # replacement (Serve retries a call the dead replica had not started). Either way no
+    # stream was lost and no block is held (checked above).
+    failed = sum(s.disagg.remote_prefills_failed for s in after.values()) - \
+        sum(before[n].remote_prefills_failed for n in after if n in before)
+    assert waiting_at_kill and waiting_at_kill[0] >= 1, waiting_at_kill
+    print(f"\nprefill killed with {waiting_at_kill[0]} remote prefills waiting on it: {len(mix)} streams, 0 lost, "
+          f"{failed} remote prefills recomputed locally; blocks free "
+          f"{ {n.split('#', 1)[1]: s['num_free_blocks'] for n, s in stats.items()} }")
 
 
 def test_decode_replica_killed_mid_stream_loses_no_stream(app, offline):

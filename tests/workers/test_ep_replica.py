@@ -13,8 +13,9 @@ cancelling frees the ranks' blocks, and killing a rank actor fails the replica's
 from __future__ import annotations
 
 import dataclasses
-
+import os
 import random
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -350,27 +351,40 @@ def test_cancelling_frees_the_blocks_on_every_rank(served):
         time.sleep(0.1)
 
 
-@pytest.mark.timeout(180)
-def test_a_dead_rank_fails_the_health_check_and_serve_replaces_the_group(served, reference):
-    """Last in the module: it breaks the "ep" app's decode replica on purpose."""
+@pytest.mark.timeout(300)
+def test_a_rank_killed_mid_stream_ends_the_group_and_its_streams_continue(served, reference):
+    """Last in the module: it breaks the "ep" app's decode replica on purpose. Rank 1's process
+    is SIGKILLed while both ranks decode streams of the OpenAI endpoint: the group cannot step
+    without it, so the replica ends itself, Serve replaces the whole group, and the ingress
+    continues every stream (those of rank 0 too) on the new group, with the offline engine's
+    text."""
     decode = handle_of("ep", "DecodeWorker")
     [rank_name] = decode.rank_actor_names.remote().result(timeout_s=30)
     old_replica = decode_replica_id(decode)
-    ray.kill(ray.get_actor(rank_name, namespace=RANK_NAMESPACE), no_restart=True)
-    with pytest.raises(Exception, match="expert-parallel rank 1"):
-        decode.check_health.remote().result(timeout_s=30)
+    rank = ray.get_actor(rank_name, namespace=RANK_NAMESPACE)
+    rank_pid = ray.get(rank.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    prompts = make_prompts(seed=5, count=6)
+    max_tokens = 80
+    expected = reference(prompts, max_tokens=max_tokens)
+    client = openai.OpenAI(base_url=served["url"] + "/v1", api_key="unused", max_retries=0, timeout=200)
 
-    # Serve's own health check fails the same way: it replaces the replica, with a new group.
-    prompt = make_prompts(seed=5, count=1)[0]
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            names = decode.rank_actor_names.remote().result(timeout_s=30)
-            if names != [rank_name]:
-                break
-        except Exception:  # the old replica going away
-            pass
-        assert time.monotonic() < deadline, "Serve did not replace the replica"
-        time.sleep(0.5)
-    assert decode_replica_id(decode) != old_replica
+    def stream(prompt: list[int]) -> str:
+        chunks = client.completions.create(model="tiny-moe", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(stream, p) for p in prompts]
+        deadline = time.monotonic() + 60
+        while not all(r.engine.num_running >= 1 and r.engine.generation_tokens_total > 0
+                      for r in decode.rank_stats.remote().result(timeout_s=30)):
+            assert time.monotonic() < deadline, "streams on both ranks"
+            time.sleep(0.05)
+        os.kill(rank_pid, signal.SIGKILL)
+        texts = [f.result(timeout=240) for f in futures]
+    assert texts == [want_text for _, want_text, _ in expected]
+
+    assert decode_replica_id(decode) != old_replica  # a new group serves
+    assert decode.rank_actor_names.remote().result(timeout_s=30) != [rank_name]
+    prompt = make_prompts(seed=6, count=1)[0]
     assert collect(start(decode, "after-rank-death", prompt))[0] == reference([prompt])[0][0]
