@@ -236,8 +236,8 @@ def _bundle(actor_options: dict[str, Any]) -> dict[str, float]:
     bundle = {"CPU": actor_options["num_cpus"], "GPU": actor_options["num_gpus"], **actor_options.get("resources", {})}
     bundle = {name: float(amount) for name, amount in bundle.items() if amount}
     if not bundle:
-        raise ValueError("an expert- or tensor-parallel pool reserves one placement-group bundle per rank, and Ray needs a "
-                         "non-zero resource in each: set worker_num_cpus or worker_num_gpus > 0")
+        raise ValueError("an expert- or tensor-parallel pool reserves one placement-group bundle per rank, and Ray "
+                         "needs a non-zero resource in each: set worker_num_cpus or worker_num_gpus > 0")
     return bundle
 
 
