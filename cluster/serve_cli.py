@@ -51,7 +51,7 @@ def _autoscale_arg(text: str) -> tuple[str, dict[str, int]]:
     return pool, {"min_replicas": int(low), "max_replicas": int(high)}
 
 
-def _expert_parallel_arg(text: str) -> tuple[str, int]:
+def _pool_degree_arg(text: str) -> tuple[str, int]:
     pool, sep, size = text.partition("=")
     if not sep or pool not in ("prefill", "decode", "colocated") or not size.isdigit() or int(size) < 1:
         raise argparse.ArgumentTypeError(f"expected POOL=N (POOL: prefill, decode, colocated; N >= 1), got {text!r}")
@@ -73,11 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--autoscale", action="append", type=_autoscale_arg, default=[], metavar="POOL=MIN:MAX",
                         help="autoscale a pool between MIN and MAX replicas with its policy from "
                              "workers/autoscaling.py (repeatable; overrides that pool's count; default: none)")
-    parser.add_argument("--expert-parallel", action="append", type=_expert_parallel_arg, default=[],
+    parser.add_argument("--expert-parallel", action="append", type=_pool_degree_arg, default=[],
                         metavar="POOL=N",
                         help="MoE models: run each replica of POOL as an expert-parallel group of N GPUs "
                              "(attention data parallel over the N ranks, experts split); repeatable, each pool "
                              "its own N (default: 1)")
+    parser.add_argument("--tensor-parallel", action="append", type=_pool_degree_arg, default=[], metavar="POOL=N",
+                        help="run each replica of POOL as a tensor-parallel group of N GPUs (every layer split "
+                             "over the N ranks; colocated pools for now); repeatable (default: 1)")
     parser.add_argument("--pool-resources", action="store_true",
                         help="pin pools to nodes carrying the custom resources `prefill` / `decode`")
     parser.add_argument("--ingress-replicas", type=int, default=1, help="OpenAI ingress (HTTP) replicas")
@@ -147,12 +150,13 @@ def app_args(args: argparse.Namespace) -> dict:
         del built["prefill_replicas"]
     if args.autoscale:
         built["autoscaling"] = dict(args.autoscale)
-    for pool, size in getattr(args, "expert_parallel", None) or []:
-        if pool == "prefill" and mode != "disaggregated":
-            raise ValueError("--expert-parallel prefill=N needs a prefill pool (--prefill/--decode)")
-        if pool == "colocated" and mode != "colocated":
-            raise ValueError("--expert-parallel colocated=N needs colocated mode; use decode=N")
-        built["prefill_expert_parallel_size" if pool == "prefill" else "expert_parallel_size"] = size
+    for kind in ("expert", "tensor"):
+        for pool, size in getattr(args, f"{kind}_parallel", None) or []:
+            if pool == "prefill" and mode != "disaggregated":
+                raise ValueError(f"--{kind}-parallel prefill=N needs a prefill pool (--prefill/--decode)")
+            if pool == "colocated" and mode != "colocated":
+                raise ValueError(f"--{kind}-parallel colocated=N needs colocated mode; use decode=N")
+            built[f"prefill_{kind}_parallel_size" if pool == "prefill" else f"{kind}_parallel_size"] = size
     for key in ("model", "served_model_name"):
         if getattr(args, key):
             built[key] = getattr(args, key)

@@ -28,12 +28,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# engine deployment -> the app args holding its expert- and tensor-parallel degrees
+_DEGREE_ARGS = {"LLMWorker": ("expert_parallel_size", "tensor_parallel_size"),
+                "DecodeWorker": ("expert_parallel_size", "tensor_parallel_size"),
+                "PrefillWorker": ("prefill_expert_parallel_size", "prefill_tensor_parallel_size")}
+
+
+def replica_degree(deployment: str, args: dict | None) -> str | None:
+    """How one replica of an engine deployment is split: "tp=N" / "ep=N" (ranks per replica),
+    "tp=1" for a one-device replica; None for other deployments."""
+    if deployment not in _DEGREE_ARGS:
+        return None
+    ep_name, tp_name = _DEGREE_ARGS[deployment]
+    ep, tp = int((args or {}).get(ep_name, 1)), int((args or {}).get(tp_name, 1))
+    return f"ep={ep}" if ep > 1 else f"tp={tp}"
+
+
 def format_report(report: dict) -> str:
     lines = [f"app {report['app']}: {report['status']}"]
     autoscaling = (report.get("args") or {}).get("autoscaling") or {}
     for name, dep in report["deployments"].items():
         states = ", ".join(f"{k.lower()}={v}" for k, v in dep["replicas"].items()) or "no replicas"
         line = f"  {name:16s} {dep['status']:10s} {states}"
+        degree = replica_degree(name, report.get("args"))
+        if degree is not None:
+            line += f"  ({degree} per replica)"
         engine = dep.get("engine")
         if engine:
             hit_rate = "-" if engine["prefix_hit_rate"] is None else f"{100 * engine['prefix_hit_rate']:.1f}%"

@@ -219,6 +219,7 @@ class AsyncLLM:
                 except queue.Empty:
                     pass
                 if not self.engine.must_step() and not self.engine.collective:
+                    self.engine.runner.idle()
                     self._stats = self.engine.stats()
                     continue
                 if self._unstepped:

@@ -28,11 +28,12 @@ The expert load statistics (tokens routed to each expert) live with the model, i
 """
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Callable, Literal
 
 import torch
-from torch.distributed import PrefixStore, Store
+from torch.distributed import Store
+
+from tandem.engine.process_group import make_process_group, reduce_op as _reduce_op
 
 
 # (rows [R, H], local expert ids [R]) -> unweighted expert outputs [R, H]
@@ -47,17 +48,6 @@ def expert_range(num_experts: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
-def make_ep_process_group(store: Store, prefix: str, rank: int, world_size: int, device: torch.device,
-                          timeout_s: float = 60.0):
-    if device.type == "cuda":
-        from torch.distributed import ProcessGroupNCCL
-
-        return ProcessGroupNCCL(PrefixStore(prefix, store), rank, world_size, timedelta(seconds=timeout_s))
-    from torch.distributed import ProcessGroupGloo
-
-    return ProcessGroupGloo(PrefixStore(prefix, store), rank, world_size, timedelta(seconds=timeout_s))
-
-
 class ExpertParallelGroup:
     def __init__(self, store: Store, rank: int, world_size: int, device: torch.device | str = "cpu",
                  prefix: str = "ep/0", dispatch: DispatchMode = "auto", timeout_s: float = 60.0) -> None:
@@ -66,7 +56,7 @@ class ExpertParallelGroup:
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device)
-        self.group = make_ep_process_group(store, prefix, rank, world_size, self.device, timeout_s)
+        self.group = make_process_group(store, prefix, rank, world_size, self.device, timeout_s)
         self.dispatch_mode: DispatchMode = self._probe_all_to_all() if dispatch == "auto" else dispatch
 
     def expert_range(self, num_experts: int) -> range:
@@ -161,8 +151,3 @@ class ExpertParallelGroup:
             return "all_gather"
         return "all_to_all"
 
-
-def _reduce_op(name: str):
-    from torch.distributed import ReduceOp
-
-    return getattr(ReduceOp, name)

@@ -2,20 +2,60 @@
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Sequence as Seq
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import LLMEngine, PromptType
 from tandem.engine.outputs import RequestOutput
+from tandem.engine.tp_ranks import TensorParallelRanks
 from tandem.protocol.sampling_params import SamplingParams
 
 
 class LLM:
+    """`tensor_parallel_size` > 1: the model is split over that many ranks (GPUs, or CPU
+    processes on the CPU); this process is rank 0 and starts ranks 1..N-1 as child processes,
+    which `shutdown()` (or garbage collection, or interpreter exit) stops."""
+
     def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", weights=None, runner_factory=None,
-                 **engine_kwargs) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, device=device, dtype=dtype, **engine_kwargs), weights,
-                                runner_factory)
+                 tensor_parallel_size: int = 1, **engine_kwargs) -> None:
+        config = EngineConfig(model=model, device=device, dtype=dtype, **engine_kwargs)
+        self._ranks: TensorParallelRanks | None = None
         self._ids = itertools.count()
+        if tensor_parallel_size != 1:
+            if runner_factory is not None or weights is not None:
+                raise ValueError("tensor_parallel_size > 1 takes neither runner_factory nor weights "
+                                 "(every rank loads its slice from the model folder)")
+            self._ranks = TensorParallelRanks(config, tensor_parallel_size)
+            weakref.finalize(self, self._ranks.shutdown)
+            config, runner_factory = self._ranks.config, self._ranks.runner_factory
+        try:
+            self.engine = LLMEngine(config, weights, runner_factory)
+        except BaseException as e:
+            if self._ranks is None:
+                raise
+            self._ranks.shutdown()
+            raise self._ranks.failure(e) from e
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self._ranks.world_size if self._ranks is not None else 1
+
+    @property
+    def rank_pids(self) -> list[int]:
+        """Process ids of tensor-parallel ranks 1..N-1 (none without tensor parallelism)."""
+        return self._ranks.pids if self._ranks is not None else []
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks' processes (nothing to do without them). Idempotent."""
+        if self._ranks is not None:
+            self._ranks.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -55,6 +95,11 @@ class LLM:
                 for out in self.engine.step():
                     if out.finished:
                         finished[out.request_id] = out
+            self.engine.runner.idle()  # tensor parallel: the other ranks wait outside the collectives
+        except Exception as e:
+            if self._ranks is None:
+                raise
+            raise self._ranks.failure(e) from e
         finally:
             for rid in request_ids:  # on error/interrupt, free whatever is still in flight
                 if rid not in finished:

@@ -24,6 +24,26 @@ from tandem.engine.models.llama import head_dim_of
 from tandem.engine.scheduler import SchedulerOutput
 
 
+# The step's index arrays, in the order they travel in ONE int64 buffer (host to device, and
+# under tensor parallelism from rank 0 to the other ranks).
+STEP_FIELDS = ("input_ids", "positions", "slots", "context_lens", "cu_seqlens_q", "logits_indices", "fix_dst",
+               "fix_src", "block_tables")
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """How a step's packed buffer is cut apart: the length of each of `STEP_FIELDS`, the batch's
+    sequence count, block-table width and whether it is a pure decode step."""
+    num_seqs: int
+    width: int
+    is_decode: bool
+    lengths: tuple[int, ...]
+
+    @property
+    def has_fixes(self) -> bool:
+        return self.lengths[STEP_FIELDS.index("fix_dst")] > 0
+
+
 @dataclass
 class StepInputs:
     input_ids: torch.Tensor
@@ -103,7 +123,7 @@ class ModelRunner:
             for path in files:
                 with safe_open(path, framework="pt", device="cpu") as f:
                     for name in f.keys():
-                        yield name, f.get_tensor(name)
+                        yield name, self._read_weight(f, name)
 
         scale_reader = KVScaleReader(self.hf_config.num_hidden_layers)
         model.load_weights(scale_reader.filter(from_files() if weights is None else weights))
@@ -120,6 +140,14 @@ class ModelRunner:
     def _build_model(self, cls) -> torch.nn.Module:
         """The model skeleton (on the meta device); subclasses add constructor arguments."""
         return cls(self.hf_config)
+
+    def idle(self) -> None:
+        """The engine has nothing to step for now (a tensor-parallel leader pauses its followers)."""
+
+    def _read_weight(self, f, name: str):
+        """One checkpoint tensor from an open safetensors file (a tensor-parallel rank reads a
+        lazy slice of it instead, and the model takes only its part)."""
+        return f.get_tensor(name)
 
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
         c = self.hf_config
@@ -247,6 +275,11 @@ class ModelRunner:
         Overlap scheduling: a sequence whose last token is a placeholder (sampled by the
         previous step, still on the device) gets that input id from `prev_tokens[seq.pending_row]`
         by a gather on the device, so no step waits for the host to read the previous tokens."""
+        layout, packed = self.pack(sched, prev_tokens)
+        return self.unpack(layout, self._to_device(packed), prev_tokens)
+
+    def pack(self, sched: SchedulerOutput, prev_tokens: torch.Tensor | None) -> tuple[StepLayout, np.ndarray]:
+        """The step's index arrays, concatenated on the host (see `prepare`)."""
         bs = self.block_size
         items = sched.scheduled
         num_seqs = len(items)
@@ -284,23 +317,27 @@ class ModelRunner:
         fix_dst, fix_src = cu[:-1][has_pending], pending_rows[has_pending]
         if len(fix_dst) and prev_tokens is None:
             raise RuntimeError("a scheduled sequence ends in a placeholder but no previous step's tokens were given")
-        # The step's index arrays travel in ONE host-to-device copy, in this order, then are cut
-        # apart again by name on the device.
         fields = {"input_ids": input_ids, "positions": positions, "slots": slots, "context_lens": context_lens,
                   "cu_seqlens_q": cu, "logits_indices": logits_indices, "fix_dst": fix_dst, "fix_src": fix_src,
                   "block_tables": tables.ravel()}
-        dev_buf = self._to_device(np.concatenate(list(fields.values())))
-        bounds = np.cumsum([0, *(len(a) for a in fields.values())])
-        on_device = {name: dev_buf[bounds[k]:bounds[k + 1]] for k, name in enumerate(fields)}
-        if len(fix_dst):
+        layout = StepLayout(num_seqs, width, is_decode, tuple(len(fields[name]) for name in STEP_FIELDS))
+        return layout, np.concatenate([fields[name] for name in STEP_FIELDS])
+
+    def unpack(self, layout: StepLayout, dev_buf: torch.Tensor, prev_tokens: torch.Tensor | None,
+               fill_placeholders: bool = True) -> StepInputs:
+        """The step's tensors as views of its one device buffer; placeholder input ids filled
+        from `prev_tokens` (in place in the buffer) unless `fill_placeholders` is False."""
+        bounds = np.cumsum([0, *layout.lengths])
+        on_device = {name: dev_buf[bounds[k]:bounds[k + 1]] for k, name in enumerate(STEP_FIELDS)}
+        if fill_placeholders and layout.has_fixes:
             on_device["input_ids"].index_copy_(0, on_device["fix_dst"],
                                                prev_tokens.index_select(0, on_device["fix_src"]))
         ctx = ForwardContext(
             slot_mapping=on_device["slots"],
-            block_tables=on_device["block_tables"].view(num_seqs, width).to(torch.int32),
+            block_tables=on_device["block_tables"].view(layout.num_seqs, layout.width).to(torch.int32),
             context_lens=on_device["context_lens"].to(torch.int32),
             cu_seqlens_q=on_device["cu_seqlens_q"].to(torch.int32),
-            is_decode=is_decode,
+            is_decode=layout.is_decode,
             kv_cache=self.kv_cache,
         )
         return StepInputs(on_device["input_ids"], on_device["positions"], ctx, on_device["logits_indices"])
@@ -333,17 +370,21 @@ class ModelRunner:
         """Launch one step; returns logits [num_sampling_seqs, vocab] (float32), not waited for.
         `prev_tokens`: the previous step's sampled tokens, for placeholder inputs (see prepare).
         `layer_done(i)`: called as each layer's KV is written; such a step runs eagerly."""
-        inputs = self.prepare(sched, prev_tokens)
+        return self.forward(self.prepare(sched, prev_tokens), len(sched.scheduled), layer_done)
+
+    def forward(self, inputs: StepInputs, num_seqs: int, layer_done: Callable[[int], None] | None = None
+                ) -> torch.Tensor:
+        """The step's forward pass (a CUDA graph where one fits) and its sampling rows' logits."""
         ctx = inputs.ctx
         if layer_done is not None:
             ctx.layer_done = layer_done
             hidden = self.model(inputs.input_ids, inputs.positions, ctx)
             return self.model.compute_logits(hidden[inputs.logits_indices]).float()
-        if self.graphs is not None and ctx.is_decode and self.graphs.padded_size(len(sched.scheduled)):
+        if self.graphs is not None and ctx.is_decode and self.graphs.padded_size(num_seqs):
             return self.graphs.run(inputs.input_ids, inputs.positions, ctx.slot_mapping, ctx.context_lens,
-                                   ctx.block_tables, len(sched.scheduled))
+                                   ctx.block_tables, num_seqs)
         mixed = self.mixed_graphs
-        if mixed is not None and not ctx.is_decode and mixed.padded_size(len(inputs.input_ids), len(sched.scheduled)):
+        if mixed is not None and not ctx.is_decode and mixed.padded_size(len(inputs.input_ids), num_seqs):
             hidden = mixed.run(inputs.input_ids, inputs.positions, ctx)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, ctx)

@@ -20,6 +20,11 @@ A pool runs a mixture-of-experts model expert parallel when its `expert_parallel
 prefill pool): each replica is then an expert-parallel group of N ranks, one GPU each
 (`workers.ep_replica`), and Serve reserves the N bundles of a replica together (a placement
 group, STRICT_PACK: one node). The router sees one replica per group.
+
+A pool runs a model tensor parallel when its `tensor_parallel_size` N > 1
+(`prefill_tensor_parallel_size` for the prefill pool): each replica is then a tensor-parallel
+group of N ranks (`workers.tp_replica`), reserved the same way (N bundles, STRICT_PACK). For now
+only a colocated pool: KV transfer between tensor-parallel groups is not built yet.
 """
 from __future__ import annotations
 
@@ -81,6 +86,9 @@ class AppArgs:
     # and of the prefill pool. Each pool has its own degree; 1 is a plain replica.
     expert_parallel_size: int = 1
     prefill_expert_parallel_size: int = 1
+    # Tensor parallelism: ranks (GPUs) per replica, each holding a slice of every layer.
+    tensor_parallel_size: int = 1
+    prefill_tensor_parallel_size: int = 1
     health_check_period_s: float = 5.0  # Serve's health check of each engine replica (3 misses: replaced)
     # A stream whose engine replica dies is continued on another replica this many times at most
     # (router.continuation; 0: the stream ends with an error event).
@@ -115,16 +123,27 @@ class AppArgs:
                 isinstance(v, (int, float)) and v > 0 for v in parsed.drain_timeout_s.values()):
             raise ValueError(f"drain_timeout_s maps pools {tuple(DRAIN_TIMEOUT_S)} to seconds > 0, "
                              f"got {parsed.drain_timeout_s!r}")
-        for name in ("expert_parallel_size", "prefill_expert_parallel_size"):
-            size = getattr(parsed, name)
-            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
-        if parsed.mode == "colocated" and parsed.prefill_expert_parallel_size != 1:
-            raise ValueError("prefill_expert_parallel_size needs mode 'disaggregated'; a colocated pool's degree is "
-                             "expert_parallel_size")
-        if "expert_parallel_size" in parsed.engine_kwargs:
-            raise ValueError("expert_parallel_size is a pool option, not an EngineConfig field: set the app args "
-                             "expert_parallel_size (decode/colocated pool) and prefill_expert_parallel_size")
+        for kind in ("expert", "tensor"):
+            for name in (f"{kind}_parallel_size", f"prefill_{kind}_parallel_size"):
+                size = getattr(parsed, name)
+                if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                    raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
+            if parsed.mode == "colocated" and getattr(parsed, f"prefill_{kind}_parallel_size") != 1:
+                raise ValueError(f"prefill_{kind}_parallel_size needs mode 'disaggregated'; a colocated pool's "
+                                 f"degree is {kind}_parallel_size")
+            if f"{kind}_parallel_size" in parsed.engine_kwargs:
+                raise ValueError(f"{kind}_parallel_size is a pool option, not an EngineConfig field: set the app "
+                                 f"args {kind}_parallel_size (decode/colocated pool) and "
+                                 f"prefill_{kind}_parallel_size")
+        for pool, ep, tp in (("decode", parsed.expert_parallel_size, parsed.tensor_parallel_size),
+                             ("prefill", parsed.prefill_expert_parallel_size, parsed.prefill_tensor_parallel_size)):
+            if ep > 1 and tp > 1:
+                raise ValueError(f"the {pool} pool cannot be expert parallel ({ep}) and tensor parallel ({tp}) at "
+                                 "once yet; choose one")
+        if parsed.mode == "disaggregated" and (parsed.tensor_parallel_size > 1
+                                               or parsed.prefill_tensor_parallel_size > 1):
+            raise ValueError("tensor parallelism in a disaggregated app needs KV transfer between tensor-parallel "
+                             "groups, which is not built yet; use mode 'colocated' with tensor_parallel_size")
         for pool, settings in parsed.autoscaling.items():
             try:
                 AutoscalingConfig(**pool_autoscaling_config(pool, settings))  # Serve's own checks, now
@@ -161,39 +180,44 @@ def _decode_pool(args: AppArgs, model: str) -> Application:
     if num_gpus is None:
         num_gpus = 1.0 if args.device.startswith("cuda") else 0.0
 
-    def actor_options(pool: str, ep_size: int) -> dict[str, Any]:
+    def actor_options(pool: str, num_ranks: int) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": args.worker_num_cpus, "num_gpus": num_gpus}
         if args.pool_resources:
             opts["resources"] = {pool: 1}
         drain_s = args.drain_timeout_s.get(pool, DRAIN_TIMEOUT_S[pool])
         options = {"ray_actor_options": opts, "graceful_shutdown_timeout_s": drain_s,
                    "graceful_shutdown_wait_loop_s": 1.0}
-        if ep_size > 1 and args.device.startswith("cuda") and num_gpus < 1:
-            raise ValueError(f"an expert-parallel {pool} pool needs one whole GPU per rank (NCCL cannot put two ranks "
-                             f"on one GPU); worker_num_gpus is {num_gpus}")
-        if ep_size > 1:  # one bundle per rank, all on one node: the replica in bundle 0
-            options["placement_group_bundles"] = [_bundle(opts)] * ep_size
+        if num_ranks > 1 and args.device.startswith("cuda") and num_gpus < 1:
+            raise ValueError(f"an expert- or tensor-parallel {pool} pool needs one whole GPU per rank (NCCL cannot "
+                             f"put two ranks on one GPU); worker_num_gpus is {num_gpus}")
+        if num_ranks > 1:  # one bundle per rank, all on one node: the replica in bundle 0
+            options["placement_group_bundles"] = [_bundle(opts)] * num_ranks
             options["placement_group_strategy"] = "STRICT_PACK"
         return options
 
     common = dict(max_ongoing_requests=args.max_ongoing_requests, request_router_config=_router_config(args),
                   health_check_period_s=args.health_check_period_s)
 
-    def deployment(cls, name: str, pool: str, ep_size: int, scaling: dict[str, Any]):
-        """A pool's deployment, and the init kwargs its expert-parallel degree adds."""
-        options = actor_options(pool, ep_size)
+    def deployment(cls, name: str, pool: str, ep_size: int, scaling: dict[str, Any], tp_size: int = 1):
+        """A pool's deployment, and the init kwargs its expert- or tensor-parallel degree adds."""
+        options = actor_options(pool, max(ep_size, tp_size))
         ep_kwargs: dict[str, Any] = {}
         if ep_size > 1:  # same role, as rank 0 of a group; each rank actor asks what the replica has
             from tandem.workers.ep_replica import EXPERT_PARALLEL_WORKERS
 
             cls = EXPERT_PARALLEL_WORKERS[cls]
             ep_kwargs = {"expert_parallel_size": ep_size, "rank_actor_options": dict(options["ray_actor_options"])}
+        if tp_size > 1:
+            from tandem.workers.tp_replica import TENSOR_PARALLEL_WORKERS
+
+            cls = TENSOR_PARALLEL_WORKERS[cls]
+            ep_kwargs = {"tensor_parallel_size": tp_size, "rank_actor_options": dict(options["ray_actor_options"])}
         return serve.deployment(cls, name=name).options(**options, **scaling, **common), ep_kwargs
 
     decode_ep, prefill_ep = args.expert_parallel_size, args.prefill_expert_parallel_size
     if args.mode == "colocated":
         pool, ep_kwargs = deployment(LLMWorker, POOL_DEPLOYMENTS["colocated"], "decode", decode_ep,
-                                     args.pool_scaling("colocated", args.num_replicas))
+                                     args.pool_scaling("colocated", args.num_replicas), args.tensor_parallel_size)
         return pool.bind(model, dict(args.engine_kwargs), args.device, **ep_kwargs)
     from tandem.workers.decode_worker import DecodeWorker
     from tandem.workers.prefill_worker import PrefillWorker
@@ -212,8 +236,8 @@ def _bundle(actor_options: dict[str, Any]) -> dict[str, float]:
     bundle = {"CPU": actor_options["num_cpus"], "GPU": actor_options["num_gpus"], **actor_options.get("resources", {})}
     bundle = {name: float(amount) for name, amount in bundle.items() if amount}
     if not bundle:
-        raise ValueError("an expert-parallel pool reserves one placement-group bundle per rank, and Ray needs a "
-                         "non-zero resource in each: set worker_num_cpus or worker_num_gpus > 0")
+        raise ValueError("an expert- or tensor-parallel pool reserves one placement-group bundle per rank, and Ray "
+                         "needs a non-zero resource in each: set worker_num_cpus or worker_num_gpus > 0")
     return bundle
 
 
@@ -228,6 +252,17 @@ def check_expert_parallel(args: AppArgs, model: str) -> None:
     for name, size in pools.items():
         try:
             check_expert_parallel_size(model, size)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+
+
+def check_tensor_parallel(args: AppArgs, model: str) -> None:
+    """Each pool's degree against the model's shapes (heads, KV heads, intermediate size)."""
+    from tandem.workers.tp_replica import check_tensor_parallel_size
+
+    for name in ("tensor_parallel_size", "prefill_tensor_parallel_size"):
+        try:
+            check_tensor_parallel_size(model, getattr(args, name))
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
 
@@ -257,6 +292,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
         model = default_model()
     check_expert_parallel(parsed, model)
+    check_tensor_parallel(parsed, model)
     config = ingress_config(parsed, model)
     return OpenAIIngress.options(
         num_replicas=parsed.ingress_replicas,

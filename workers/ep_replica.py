@@ -35,11 +35,7 @@ import dataclasses
 import functools
 import itertools
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import ray
@@ -56,15 +52,14 @@ from tandem.workers.metrics import WorkerMetrics
 from tandem.workers.prefill_worker import PrefillWorker
 from tandem.protocol.prefix_hash import hash_full_blocks
 from tandem.protocol.worker import WorkerDelta, WorkerRequest
+from tandem.workers.rank_group import RANK_NAMESPACE  # noqa: F401 (re-exported: the rank actors' namespace)
+from tandem.workers.rank_group import (RankActorsHealth, RankLostError, RankSpec, kill_rank_actors,
+                                       rank_actor_name, start_rank_actors, store_barrier)
 from tandem.workers.serve_worker import EngineReading, LLMWorker, autoscaling_stats, read_engine
 
 logger = logging.getLogger("ray.serve")
 
 RANK_IMBALANCE_LIMIT = 4  # requests in flight a prefix hit may cost over the least busy rank
-GROUP_TIMEOUT_S = 120.0  # one collective (a dead or hung rank fails the others after this)
-START_TIMEOUT_S = 1800.0  # every rank joined / loaded its weights (big checkpoints load slowly)
-RANK_HEALTH_TIMEOUT_S = 10.0
-RANK_NAMESPACE = "tandem"
 
 
 # --------------------------------------------------------------------------------- the degree
@@ -228,20 +223,6 @@ GROUP_READINGS = {read_engine: _merge_readings, autoscaling_stats: _merge_autosc
 
 
 # -------------------------------------------------------------------------- starting the group
-@dataclass(frozen=True)
-class RankSpec:
-    """Where one rank finds its group."""
-
-    rank: int
-    world_size: int
-    store_host: str
-    store_port: int
-    prefix: str
-    replica_id: str
-    group_timeout_s: float = GROUP_TIMEOUT_S
-    start_timeout_s: float = START_TIMEOUT_S
-
-
 def _ep_engine(config: EngineConfig, ep, kv_connector: KVConnector | None) -> LLMEngine:
     """An `LLMEngine` whose runner holds this rank's experts."""
     from tandem.engine.ep_runner import ExpertParallelModelRunner
@@ -250,106 +231,43 @@ def _ep_engine(config: EngineConfig, ep, kv_connector: KVConnector | None) -> LL
                      kv_connector=kv_connector)
 
 
-def _store_barrier(store, spec: RankSpec, name: str, check=None) -> None:
-    """Wait until every rank got here (long loads allowed); `check()` raises on a failed peer."""
-    key = f"{spec.prefix}/barrier/{name}"
-    store.add(key, 1)
-    deadline = time.monotonic() + spec.start_timeout_s
-    while store.add(key, 0) < spec.world_size:
-        if check is not None:
-            check()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"expert-parallel rank {spec.rank}: not every rank reached {name!r} in "
-                               f"{spec.start_timeout_s:.0f} s")
-        time.sleep(0.01)
-
-
 def start_rank_engine(config: EngineConfig, spec: RankSpec, kv_connector: KVConnector | None, store=None,
                       check=None) -> AsyncLLM:
     """This rank's engine of the group: joins the store, builds the group and the engine, and
     starts stepping only once every rank has loaded (an idle rank steps collectively at once)."""
-    from torch.distributed import TCPStore
-
     from tandem.engine.expert_parallel import ExpertParallelGroup
 
     if store is None:
-        store = TCPStore(spec.store_host, spec.store_port, spec.world_size, False,
-                         timeout=timedelta(seconds=spec.group_timeout_s))
-    _store_barrier(store, spec, "joined", check)
+        store = spec.connect_store()
+    store_barrier(store, spec, "joined", check)
     ep = ExpertParallelGroup(store, spec.rank, spec.world_size, config.device, prefix=spec.prefix,
                              timeout_s=spec.group_timeout_s)
     # The dispatch syncs the host for its split sizes, so no CUDA graphs (docs/MOE.md).
     engine = _ep_engine(dataclasses.replace(config, enforce_eager=True), ep, kv_connector)
     engine.ep_store = store  # the store (rank 0: its server) lives as long as the engine
-    _store_barrier(store, spec, "loaded", check)
+    store_barrier(store, spec, "loaded", check)
     return AsyncLLM(engine)
-
-
-def _replica_id() -> str:
-    from ray import serve
-
-    try:
-        return serve.get_replica_context().replica_id.to_full_id_str()
-    except Exception:  # outside a Serve replica (the class used directly)
-        return f"local-{uuid.uuid4().hex[:8]}"
 
 
 def start_group(role: str, worker_args: tuple, worker_kwargs: dict, config: EngineConfig, world_size: int,
                 rank_actor_options: dict[str, Any], kv_connector: KVConnector | None) -> ExpertParallelEngine:
     """Rank 0 (this process) plus ranks 1..N-1 as actors: the group seen as one engine."""
-    from torch.distributed import TCPStore
-
     check_expert_parallel_size(config.model, world_size)
-    replica_id = _replica_id()
-    host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-    store = TCPStore(host, 0, world_size, True, timeout=timedelta(seconds=GROUP_TIMEOUT_S), wait_for_workers=False)
-    prefix = f"ep/{replica_id}/{uuid.uuid4().hex[:8]}"
-    specs = [RankSpec(r, world_size, host, store.port, prefix, replica_id) for r in range(world_size)]
-    actors = [_create_rank_actor(role, worker_args, worker_kwargs, spec, rank_actor_options) for spec in specs[1:]]
-    ready = [actor.ready.remote() for actor in actors]
-
-    def check_ranks_started() -> None:
-        done, _ = ray.wait(ready, num_returns=len(ready), timeout=0)
-        for ref in done:
-            ray.get(ref)  # raises if that rank failed to start
-
+    group = start_rank_actors("expert-parallel", "ep", world_size, _RankActor, rank_actor_options,
+                              lambda spec: (role, worker_args, worker_kwargs, spec))
     try:
-        local = start_rank_engine(config, specs[0], kv_connector, store, check_ranks_started)
-        ray.get(ready, timeout=specs[0].start_timeout_s)
+        local = start_rank_engine(config, group.specs[0], kv_connector, group.store, group.check_started)
+        group.wait_started()
     except BaseException:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
+        group.kill()
         raise
+    replica_id = group.specs[0].replica_id
     logger.info("expert-parallel group of %d ranks up for %s", world_size, replica_id)
-    return ExpertParallelEngine(local, actors, config.block_size, replica_id)
-
-
-def _create_rank_actor(role: str, worker_args: tuple, worker_kwargs: dict, spec: RankSpec,
-                       options: dict[str, Any]):
-    from ray.util.placement_group import get_current_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    opts = dict(options)
-    opts.setdefault("num_cpus", 0)
-    opts.setdefault("num_gpus", 0)
-    placement_group = get_current_placement_group()
-    if placement_group is not None:  # a Serve replica with one bundle per rank (workers.app)
-        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            placement_group, placement_group_bundle_index=spec.rank, placement_group_capture_child_tasks=True)
-    return _RankActor.options(name=rank_actor_name(spec.replica_id, spec.rank), namespace=RANK_NAMESPACE,
-                              max_restarts=0, **opts).remote(role, worker_args, worker_kwargs, spec)
-
-
-def rank_actor_name(replica_id: str, rank: int) -> str:
-    return f"tandem-ep:{replica_id}:rank{rank}"
-
-
-class RankLostError(RuntimeError):
-    """A rank actor of the group is gone: the group cannot step any more."""
+    return ExpertParallelEngine(local, group.actors, config.block_size, replica_id)
 
 
 # --------------------------------------------------------------------------- the group, as one
-class ExpertParallelEngine:
+class ExpertParallelEngine(RankActorsHealth):
     """What an expert-parallel replica holds in place of its `AsyncLLM`: rank 0's engine (in
     this process) and the actors of ranks 1..N-1.
 
@@ -358,6 +276,8 @@ class ExpertParallelEngine:
     `call_in_engine` of a function in `GROUP_READINGS` runs on every rank's engine thread and
     returns the merged answer (call it from the replica's event loop); any other function runs
     on rank 0's engine only."""
+
+    group_kind = "expert-parallel"
 
     def __init__(self, local: AsyncLLM, ranks: list, block_size: int, replica_id: str) -> None:
         self.local = local
@@ -369,7 +289,6 @@ class ExpertParallelEngine:
         self.outstanding = [0] * self.world_size  # requests in flight per rank
         self.num_served = [0] * self.world_size
         self._next_first = itertools.count()
-        self.rank_error: BaseException | None = None
         self.local_reading: EngineReading | None = None  # rank 0's part of the last group reading
 
     # AsyncLLM's face (rank 0) -------------------------------------------------------------
@@ -407,11 +326,7 @@ class ExpertParallelEngine:
         return merge(self, list(results))
 
     def shutdown(self) -> None:
-        for actor in self.ranks:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception as error:  # already gone
-                logger.debug("killing an expert-parallel rank: %r", error)
+        kill_rank_actors(self.ranks)
         self.local.shutdown()
 
     # spreading requests ---------------------------------------------------------------------
@@ -455,25 +370,6 @@ class ExpertParallelEngine:
     async def rank_stats(self) -> list:
         return list(await asyncio.gather(*(self._remote(r, a.stats.remote())
                                            for r, a in enumerate(self.ranks, start=1))))
-
-    async def check_ranks(self) -> None:
-        """Raises if a rank actor is gone or its engine died."""
-        try:
-            await asyncio.wait_for(asyncio.gather(*(self._remote(r, a.check_health.remote())
-                                                    for r, a in enumerate(self.ranks, start=1))),
-                                   RANK_HEALTH_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise RankLostError(f"an expert-parallel rank did not answer its health check in "
-                           f"{RANK_HEALTH_TIMEOUT_S:.0f} s") from None
-        if self.rank_error is not None:
-            raise RankLostError(f"an expert-parallel rank failed: {self.rank_error!r}")
-
-    async def _remote(self, rank: int, ref):
-        try:
-            return await ref
-        except ray.exceptions.RayActorError as error:
-            self.rank_error = error  # the group cannot step without it: health checks fail from now
-            raise RankLostError(f"expert-parallel rank {rank} is dead: {error}") from error
 
 
 # ----------------------------------------------------------------------------- the replica side
@@ -523,7 +419,7 @@ class ExpertParallelReplica:
 
     def rank_actor_names(self) -> list[str]:
         """The Ray actor names (namespace `RANK_NAMESPACE`) of ranks 1..N-1."""
-        return [rank_actor_name(self._engine.replica_id, r) for r in range(1, self._ep_size)]
+        return [rank_actor_name("ep", self._engine.replica_id, r) for r in range(1, self._ep_size)]
 
     def _update_role_metrics(self, reading: EngineReading) -> None:
         # Role series (KV transfer, remote prefills) are per rank: rank 0's here under the

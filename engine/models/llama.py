@@ -3,10 +3,15 @@
 stored fused (one matmul each); `load_weights` maps the checkpoint's names onto them.
 
 Tokens of all sequences in a step are packed into one flat batch [T, hidden].
+
+Under tensor parallelism (`tp`, an `engine.tensor_parallel.TensorParallelGroup`) each module
+holds its rank's slice and sums partial outputs with one all-reduce (that module's docstring);
+with `tp` None (one device) nothing is sliced and no collective runs.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,6 +21,21 @@ from tandem.kernels.fp8 import FP8_DTYPE
 from tandem.engine.fp8 import Fp8Linear, Fp8Scheme, fp8_linear_like, scale_leaf
 from tandem.kernels.rope import build_cos_sin_cache
 from tandem.engine.attention import ForwardContext, paged_attention
+from tandem.engine.tensor_parallel import head_shard, split_evenly, vocab_shard
+
+if TYPE_CHECKING:
+    from tandem.engine.tensor_parallel import TensorParallelGroup
+
+def take(tensor, part: tuple[int, slice] | None) -> torch.Tensor:
+    """`part` of a checkpoint tensor: a torch.Tensor, or a safetensors slice (reads only `part`)."""
+    if part is None:
+        return tensor if isinstance(tensor, torch.Tensor) else tensor[:]
+    dim, rows = part
+    return tensor[rows] if dim == 0 else tensor[:, rows]
+
+
+def rank_of(tp) -> tuple[int, int]:
+    return (tp.rank, tp.world_size) if tp is not None else (0, 1)
 
 
 class RMSNorm(nn.Module):
@@ -51,11 +71,16 @@ def head_dim_of(config) -> int:
 
 
 class Attention(nn.Module):
-    def __init__(self, config, layer_idx: int) -> None:
+    """Under tensor parallelism the rank's heads only (`engine.tensor_parallel.head_shard`):
+    qkv_proj column-parallel, o_proj row-parallel, one all-reduce of o_proj's output."""
+
+    def __init__(self, config, layer_idx: int, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.tp = tp
+        self.heads = head_shard(config.num_attention_heads, config.num_key_value_heads, *rank_of(tp))
+        self.num_heads = len(self.heads.q_heads)
+        self.num_kv_heads = len(self.heads.kv_heads)
         self.head_dim = head_dim_of(config)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -81,24 +106,63 @@ class Attention(nn.Module):
         q, k = ops.rope(q, k, positions, cos_sin)
         # v stays a strided view of qkv: the KV write takes strided rows (one copy kernel less per layer).
         out = paged_attention(self.layer_idx, q, k, v, self.scale, ctx, self.k_scale, self.v_scale)
-        return ops.linear(out.reshape(-1, self.q_size), self.o_proj)
+        out = ops.linear(out.reshape(-1, self.q_size), self.o_proj)
+        return out if self.tp is None else self.tp.all_reduce(out)
+
+    def checkpoint_slice(self, proj: str, shard: int | None) -> tuple[int, slice] | None:
+        """The part of the checkpoint's `proj` tensor (`shard` of the fused qkv) this rank holds."""
+        if self.tp is None or proj not in ("qkv_proj", "o_proj"):
+            return None
+        d = self.head_dim
+        heads = self.heads.q_heads if proj == "o_proj" or shard == 0 else self.heads.kv_heads
+        return (1 if proj == "o_proj" else 0), slice(heads.start * d, heads.stop * d)
 
 
 class MLP(nn.Module):
-    def __init__(self, config) -> None:
+    """Under tensor parallelism the rank's slice of the intermediate dimension: gate_up_proj
+    column-parallel, down_proj row-parallel, one all-reduce of the output (unless
+    `reduce_output` is False: a caller that adds it to other partial sums reduces once)."""
+
+    def __init__(self, config, tp: TensorParallelGroup | None = None, reduce_output: bool = True) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.tp = tp if reduce_output else None
+        self.inter = split_evenly(config.intermediate_size, *rank_of(tp), "intermediate_size")
+        self.sliced = tp is not None
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * len(self.inter), bias=False)
+        self.down_proj = nn.Linear(len(self.inter), config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(ops.linear(x, self.gate_up_proj), self.down_proj, silu_mul_input=True)
+        out = ops.linear(ops.linear(x, self.gate_up_proj), self.down_proj, silu_mul_input=True)
+        return out if self.tp is None else self.tp.all_reduce(out)
+
+    def checkpoint_slice(self, proj: str, shard: int | None) -> tuple[int, slice] | None:
+        if not self.sliced or proj not in ("gate_up_proj", "down_proj"):
+            return None
+        return (1 if proj == "down_proj" else 0), slice(self.inter.start, self.inter.stop)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rank r holds the rows of its vocab slice (`vocab_shard`); an id outside it looks up
+    zeros, and one all-reduce sums the ranks' lookups."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab, rows = vocab_shard(vocab_size, tp.rank, tp.world_size)
+        self.weight = nn.Parameter(torch.empty(rows, hidden_size))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.vocab.start
+        inside = (local >= 0) & (local < len(self.vocab))
+        x = nn.functional.embedding(torch.where(inside, local, 0), self.weight)
+        return self.tp.all_reduce(x.masked_fill_(~inside[:, None], 0))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int) -> None:
+    def __init__(self, config, layer_idx: int, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, layer_idx, tp)
+        self.mlp = MLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -113,6 +177,22 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+def check_sliding_window(config) -> None:
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        if config.sliding_window < config.max_position_embeddings:
+            raise ValueError("sliding-window attention is not supported yet "
+                             f"(sliding_window={config.sliding_window})")
+
+
+def embedding_and_head(config, tp: TensorParallelGroup | None) -> tuple[nn.Module, nn.Linear]:
+    """The token embedding and lm_head: whole, or (tensor parallel) the rank's vocab slice."""
+    if tp is None:
+        return (nn.Embedding(config.vocab_size, config.hidden_size),
+                nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+    embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+    return embed, nn.Linear(config.hidden_size, embed.weight.shape[0], bias=False)
+
+
 class LlamaForCausalLM(nn.Module):
     # checkpoint name fragment -> (our parameter fragment, shard index in the fused weight)
     fused_names = {
@@ -124,17 +204,14 @@ class LlamaForCausalLM(nn.Module):
     # padded token rows carry garbage, which is harmless only while no layer mixes rows.
     mixed_step_graphs = True
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
-        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-            if config.sliding_window < config.max_position_embeddings:
-                raise ValueError("sliding-window attention is not supported yet "
-                                 f"(sliding_window={config.sliding_window})")
+        check_sliding_window(config)
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.tp = tp
+        self.embed_tokens, self.lm_head = embedding_and_head(config, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.cos_sin: torch.Tensor | None = None  # float32 rope table, built by build_rope_table()
 
@@ -154,7 +231,10 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return ops.linear(hidden, self.lm_head)
+        logits = ops.linear(hidden, self.lm_head)
+        if self.tp is None:
+            return logits
+        return self.tp.all_gather_last_dim(logits)[:, : self.config.vocab_size]
 
     # Projections whose weight reads faster on an H100 stored column-major (the [out, in]
     # parameter as a transposed view of a contiguous [in, out] tensor): F.linear then hands
@@ -179,6 +259,8 @@ class LlamaForCausalLM(nn.Module):
     def quantize_fp8(self, scheme: Fp8Scheme) -> None:
         """Replace the decoder layers' linear layers by empty `Fp8Linear`s before loading (the LM
         head and MoE routers stay in the model dtype; modules the checkpoint keeps unquantized too)."""
+        if self.tp is not None:  # FP8 scales would need the same slicing as their weights
+            raise ValueError("FP8 weights with tensor parallelism are not supported yet (tensor_parallel_size > 1)")
         for name, module in list(self.named_modules()):
             if not isinstance(module, nn.Linear) or not name.startswith("layers.") or name.endswith(self.unquantized):
                 continue
@@ -207,14 +289,38 @@ class LlamaForCausalLM(nn.Module):
             for ckpt_frag, (our_frag, shard) in self.fused_names.items():
                 if f".{ckpt_frag}." in name:
                     target = name.replace(ckpt_frag, our_frag)
-                    loaded.update(self._load_tensor(params, target, tensor, our_frag, shard))
+                    part = take(tensor, self._checkpoint_slice(target, shard))
+                    loaded.update(self._load_tensor(params, target, part, our_frag, shard))
                     break
             else:
-                loaded.update(self._load_tensor(params, name, tensor, None, None))
+                if self.tp is not None and name in ("embed_tokens.weight", "lm_head.weight"):
+                    part = take(tensor, self._checkpoint_slice(name, None))
+                    with torch.no_grad():
+                        params[name][len(part):].zero_()  # the padding rows of the last vocab slice
+                        params[name][: len(part)].copy_(part)
+                    loaded.add(name)
+                    continue
+                part = take(tensor, self._checkpoint_slice(name, None)) if name in params else tensor
+                loaded.update(self._load_tensor(params, name, part, None, None))
         if self.tie_word_embeddings and "lm_head.weight" not in loaded:
             self.lm_head.weight = self.embed_tokens.weight
             loaded.add("lm_head.weight")
         self._check_complete(params, loaded)
+
+    def _checkpoint_slice(self, name: str, shard: int | None) -> tuple[int, slice] | None:
+        """The part of checkpoint tensor `name` (our parameter name; `shard` of a fused one) this
+        rank holds under tensor parallelism; None: all of it."""
+        if self.tp is None:
+            return None
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            vocab, _ = vocab_shard(self.config.vocab_size, self.tp.rank, self.tp.world_size)
+            return 0, slice(vocab.start, vocab.stop)
+        parts = name.rsplit(".", 2)
+        if len(parts) == 3:
+            owner = self.get_submodule(parts[0])
+            if hasattr(owner, "checkpoint_slice"):
+                return owner.checkpoint_slice(parts[1], shard)
+        return None  # replicated: norms, routers
 
     def _load_tensor(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor,
                      fused: str | None, shard: int | None) -> list[str]:
@@ -247,7 +353,7 @@ class LlamaForCausalLM(nn.Module):
             attn = self.layers[0].self_attn
             sizes = [attn.q_size, attn.kv_size, attn.kv_size]
         else:
-            sizes = [self.config.intermediate_size] * 2
+            sizes = [len(self.layers[0].mlp.inter)] * 2
         start = sum(sizes[:shard])
         return slice(start, start + sizes[shard])
 

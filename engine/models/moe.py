@@ -8,7 +8,10 @@ norms, rope and the dense MLP are llama.py's; what differs is the sparse MLP blo
 Experts are stored stacked, as transformers v5 holds them: `mlp.experts.gate_up_proj`
 [E, 2I, H] and `mlp.experts.down_proj` [E, H, I]. Checkpoints come either that way or per
 expert (`experts.N.{gate,up,down}_proj`, Mixtral's `block_sparse_moe.experts.N.w1/w3/w2`); both
-load. Under expert parallelism the model holds only its rank's slice of the experts.
+load. Under expert parallelism the model holds only its rank's slice of the experts. Under
+tensor parallelism attention is llama.py's (heads split), and every rank holds every expert
+sliced along the intermediate dimension (as the dense MLP is): its partial expert outputs, and
+the shared expert's, are summed by one all-reduce per MoE layer; the router is replicated.
 """
 from __future__ import annotations
 
@@ -26,10 +29,13 @@ from tandem.kernels import fused_moe as fused_moe_mod
 from tandem.kernels.fp8 import FP8_DTYPE
 from tandem.kernels.fused_moe import MoeFp8Scales
 from tandem.engine.fp8 import Fp8Scheme, expand_weight_scale, load_fp8_rows, scale_leaf
-from tandem.engine.models.llama import MLP, Attention, DecoderLayer, LlamaForCausalLM, RMSNorm
+from tandem.engine.models.llama import (MLP, Attention, DecoderLayer, LlamaForCausalLM, RMSNorm,
+                                        check_sliding_window, embedding_and_head, rank_of, take)
+from tandem.engine.tensor_parallel import split_evenly
 
 if TYPE_CHECKING:
     from tandem.engine.expert_parallel import ExpertParallelGroup
+    from tandem.engine.tensor_parallel import TensorParallelGroup
 
 
 def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, scales=None) -> torch.Tensor:
@@ -58,8 +64,9 @@ def is_sparse_layer(config, layer_idx: int) -> bool:
             and num_experts_of(config) > 0 and (layer_idx + 1) % step == 0)
 
 
-def dense_mlp(hidden_size: int, intermediate_size: int) -> MLP:
-    return MLP(SimpleNamespace(hidden_size=hidden_size, intermediate_size=intermediate_size))
+def dense_mlp(hidden_size: int, intermediate_size: int, tp: TensorParallelGroup | None = None,
+              reduce_output: bool = True) -> MLP:
+    return MLP(SimpleNamespace(hidden_size=hidden_size, intermediate_size=intermediate_size), tp, reduce_output)
 
 
 @dataclass(frozen=True)
@@ -123,15 +130,17 @@ class ExpertLoadRecorder(nn.Module):
 
 
 class Experts(nn.Module):
-    """The experts of one layer held here, stacked; `first` is the global id of row 0. With FP8
-    (`quantize_fp8`), the weights are e4m3 with float32 scales per expert and row
+    """The experts of one layer held here, stacked; `first` is the global id of row 0; `inter`
+    the slice of each expert's intermediate dimension held (all of it unless tensor parallel).
+    With FP8 (`quantize_fp8`), the weights are e4m3 with float32 scales per expert and row
     (`gate_up_proj_scale` [E, 2I, G], `down_proj_scale` [E, H, G]; kernels/fp8.py's layout)."""
 
-    def __init__(self, num_local: int, first: int, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, num_local: int, first: int, hidden_size: int, inter: range) -> None:
         super().__init__()
         self.first = first
-        self.gate_up_proj = nn.Parameter(torch.empty(num_local, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_local, hidden_size, intermediate_size))
+        self.inter = inter
+        self.gate_up_proj = nn.Parameter(torch.empty(num_local, 2 * len(inter), hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_local, hidden_size, len(inter)))
         self.scheme: Fp8Scheme | None = None
 
     def quantize_fp8(self, scheme: Fp8Scheme) -> None:
@@ -158,20 +167,23 @@ class Experts(nn.Module):
 
 class SparseMoeBlock(nn.Module):
     def __init__(self, config, layer_idx: int, ep: ExpertParallelGroup | None,
-                 load: ExpertLoadRecorder) -> None:
+                 load: ExpertLoadRecorder, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_experts = num_experts_of(config)
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.model_type == "mixtral" or bool(getattr(config, "norm_topk_prob", False))
         self.ep = ep
+        self.tp = tp
         self.load = load
         mine = ep.expert_range(self.num_experts) if ep else range(self.num_experts)
+        inter = split_evenly(expert_intermediate_size(config), *rank_of(tp), "moe_intermediate_size")
         self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)  # the router
-        self.experts = Experts(len(mine), mine.start, config.hidden_size, expert_intermediate_size(config))
+        self.experts = Experts(len(mine), mine.start, config.hidden_size, inter)
         self.shared_expert = None
         if getattr(config, "shared_expert_intermediate_size", 0):
-            self.shared_expert = dense_mlp(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert = dense_mlp(config.hidden_size, config.shared_expert_intermediate_size, tp,
+                                           reduce_output=False)  # reduced with the experts' sum
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +203,7 @@ class SparseMoeBlock(nn.Module):
             out = self.ep.run_experts(x, weights, ids, self.num_experts, self._unweighted_local_experts)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
     def _unweighted_local_experts(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
@@ -204,8 +216,8 @@ class MoeAttention(Attention):
     """llama.Attention plus the MoE configs' own flags: per-head q/k RMSNorm (Qwen3-MoE) and the
     q/k/v bias (Qwen2-MoE's `qkv_bias`), which llama.py keys on the dense model types."""
 
-    def __init__(self, config, layer_idx: int) -> None:
-        super().__init__(config, layer_idx)
+    def __init__(self, config, layer_idx: int, tp: TensorParallelGroup | None = None) -> None:
+        super().__init__(config, layer_idx, tp)
         if getattr(config, "qkv_bias", False) and self.qkv_proj.bias is None:
             self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=True)
         if config.model_type == "qwen3_moe":
@@ -215,13 +227,14 @@ class MoeAttention(Attention):
 
 
 class MoeDecoderLayer(DecoderLayer):
-    def __init__(self, config, layer_idx: int, ep: ExpertParallelGroup | None, load: ExpertLoadRecorder) -> None:
+    def __init__(self, config, layer_idx: int, ep: ExpertParallelGroup | None, load: ExpertLoadRecorder,
+                 tp: TensorParallelGroup | None = None) -> None:
         nn.Module.__init__(self)  # DecoderLayer's own __init__ would build a dense MLP we replace
-        self.self_attn = MoeAttention(config, layer_idx)
+        self.self_attn = MoeAttention(config, layer_idx, tp)
         if is_sparse_layer(config, layer_idx):
-            self.mlp = SparseMoeBlock(config, layer_idx, ep, load)
+            self.mlp = SparseMoeBlock(config, layer_idx, ep, load, tp)
         else:
-            self.mlp = dense_mlp(config.hidden_size, config.intermediate_size)
+            self.mlp = dense_mlp(config.hidden_size, config.intermediate_size, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -241,21 +254,20 @@ class MoeForCausalLM(LlamaForCausalLM):
     _stacked = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)"
                           r"(?:_(scale_inv|scale|activation_scale|input_scale))?$")
 
-    def __init__(self, config, ep: ExpertParallelGroup | None = None) -> None:
+    def __init__(self, config, ep: ExpertParallelGroup | None = None, tp: TensorParallelGroup | None = None) -> None:
         nn.Module.__init__(self)  # LlamaForCausalLM's own __init__ would build dense layers
-        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-            if config.sliding_window < config.max_position_embeddings:
-                raise ValueError("sliding-window attention is not supported yet "
-                                 f"(sliding_window={config.sliding_window})")
+        check_sliding_window(config)
+        if ep is not None and tp is not None:
+            raise ValueError("expert and tensor parallelism together are not supported yet; use one")
         self.config = config
         self.ep = ep
+        self.tp = tp
         moe_layers = [i for i in range(config.num_hidden_layers) if is_sparse_layer(config, i)]
         self.expert_load = ExpertLoadRecorder(moe_layers, num_experts_of(config))
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(MoeDecoderLayer(config, i, ep, self.expert_load)
+        self.embed_tokens, self.lm_head = embedding_and_head(config, tp)
+        self.layers = nn.ModuleList(MoeDecoderLayer(config, i, ep, self.expert_load, tp)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.cos_sin: torch.Tensor | None = None
 
@@ -318,6 +330,8 @@ class MoeForCausalLM(LlamaForCausalLM):
             return  # held by another rank
         what = f"{prefix}.{expert}.{ours}"
         rows = slice(None)
+        if self.tp is not None:  # this rank's slice of the intermediate dimension
+            tensor = take(tensor, (1 if ours == "down_proj" else 0, slice(experts.inter.start, experts.inter.stop)))
         if shard is not None:
             half = param.shape[1] // 2
             rows = slice(shard * half, (shard + 1) * half)

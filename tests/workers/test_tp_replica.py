@@ -1,0 +1,145 @@
+"""Tensor parallelism in the Serve pools (`workers/tp_replica.py`), on a real local Ray + Serve on
+the CPU: a colocated app whose replica is a tensor-parallel group of 2 ranks (rank 0 the Serve
+replica, rank 1 a Ray actor in the replica's placement group, gloo between them) gives greedy
+tokens identical to a plain (TP=1) app and to the offline engine, for concurrent requests; a
+killed rank ends the group, which Serve replaces. Also the build-time checks, the deployment's
+bundles, the `--tensor-parallel` flag and `tandem status`'s degree."""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import ray
+from ray import serve
+
+from tandem.cluster import serve_cli
+from tandem.cluster.status_cli import format_report
+from tandem.engine.llm import LLM
+from tandem.engine.make_model import make_model
+from tandem.protocol.sampling_params import SamplingParams
+from tandem.protocol.worker import WorkerRequest
+from tandem.workers.app import AppArgs, _decode_pool, build_app
+from tandem.workers.rank_group import RANK_NAMESPACE
+from tests.router.serve_harness import local_serve
+
+ENGINE = {"num_kv_blocks": 128, "block_size": 16, "max_model_len": 512, "max_num_batched_tokens": 64}
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return str(make_model(tmp_path_factory.mktemp("tp-serve") / "llama", "llama", seed=1))
+
+
+# ---------------------------------------------------------------------------- build time
+def test_bad_degrees_fail_at_build_time(model_dir):
+    with pytest.raises(ValueError, match="tensor_parallel_size: num_attention_heads .4. is not divisible"):
+        build_app({"model": model_dir, "tensor_parallel_size": 3})
+    with pytest.raises(ValueError, match="KV transfer between tensor-parallel groups"):
+        AppArgs.from_dict({"mode": "disaggregated", "prefill_tensor_parallel_size": 2})
+    with pytest.raises(ValueError, match="expert parallel .2. and tensor parallel .2."):
+        AppArgs.from_dict({"expert_parallel_size": 2, "tensor_parallel_size": 2})
+    with pytest.raises(ValueError, match="pool option"):
+        AppArgs.from_dict({"engine_kwargs": {"tensor_parallel_size": 2}})
+    with pytest.raises(ValueError, match="integer >= 1"):
+        AppArgs.from_dict({"tensor_parallel_size": 0})
+
+
+def test_a_replica_asks_for_one_bundle_per_rank(model_dir):
+    from tandem.workers.tp_replica import TensorParallelLLMWorker
+
+    args = AppArgs.from_dict({"model": model_dir, "tensor_parallel_size": 4, "worker_num_cpus": 2,
+                              "worker_num_gpus": 1, "device": "cuda"})
+    pool = _decode_pool(args, model_dir)._bound_deployment
+    assert pool.func_or_class is TensorParallelLLMWorker and pool.name == "LLMWorker"
+    assert pool._replica_config.placement_group_bundles == [{"CPU": 2.0, "GPU": 1.0}] * 4
+    assert pool._replica_config.placement_group_strategy == "STRICT_PACK"
+    assert pool.init_kwargs == {"tensor_parallel_size": 4, "rank_actor_options": {"num_cpus": 2, "num_gpus": 1}}
+
+
+def test_tensor_parallel_flag_and_status():
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    built = serve_cli.app_args(parser.parse_args(["--tensor-parallel", "colocated=2"]))
+    assert AppArgs.from_dict(built).tensor_parallel_size == 2
+    built = serve_cli.app_args(parser.parse_args(["--prefill", "1", "--decode", "1", "--tensor-parallel", "prefill=2",
+                                                  "--tensor-parallel", "decode=1"]))
+    assert (built["prefill_tensor_parallel_size"], built["tensor_parallel_size"]) == (2, 1)
+    with pytest.raises(ValueError, match="needs a prefill pool"):
+        serve_cli.app_args(parser.parse_args(["--tensor-parallel", "prefill=2"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--tensor-parallel", "decode=0"])
+    report = {"app": "tandem", "status": "RUNNING", "args": {"tensor_parallel_size": 2}, "deployments": {
+        "LLMWorker": {"status": "HEALTHY", "replicas": {"RUNNING": 1}},
+        "OpenAIIngress": {"status": "HEALTHY", "replicas": {"RUNNING": 1}}}}
+    lines = format_report(report).splitlines()
+    assert "(tp=2 per replica)" in next(line for line in lines if "LLMWorker" in line)
+    assert "per replica" not in next(line for line in lines if "OpenAIIngress" in line)
+
+
+# ---------------------------------------------------------------------------- served
+@pytest.fixture(scope="module")
+def served(model_dir):
+    common = {"model": model_dir, "worker_num_cpus": 0.5, "engine_kwargs": ENGINE, "health_check_period_s": 1}
+    with local_serve():
+        serve.run_many([serve.RunTarget(_decode_pool(AppArgs.from_dict(common), model_dir), "tp1", None),
+                        serve.RunTarget(_decode_pool(AppArgs.from_dict({**common, "tensor_parallel_size": 2}),
+                                                     model_dir), "tp2", None)])
+        yield
+
+
+def _generate(app: str, rid: str, prompt: list[int]) -> list[int]:
+    handle = serve.get_deployment_handle("LLMWorker", app)
+    request = WorkerRequest(rid, prompt, temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    tokens, finished = [], False
+    for delta in handle.options(stream=True).generate.remote(request):
+        assert delta.error is None, delta.error
+        tokens += delta.outputs[0].token_ids
+        finished = delta.finished
+    assert finished
+    return tokens
+
+
+@pytest.mark.timeout(300)
+def test_tp2_replica_gives_the_tokens_of_tp1(served, model_dir):
+    rng = random.Random(3)
+    prompts = [[rng.randrange(5, 600) for _ in range(rng.randrange(2, 150))] for _ in range(8)]
+    llm = LLM(model_dir, dtype="float32", **ENGINE)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    offline = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    for round_ in range(2):  # the second round starts from paused ranks
+        with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent: batched together
+            tp2 = list(pool.map(lambda ip: _generate("tp2", f"tp2-{round_}-{ip[0]}", ip[1]), enumerate(prompts)))
+        tp1 = [_generate("tp1", f"tp1-{round_}-{i}", p) for i, p in enumerate(prompts)]
+        assert tp2 == tp1 == offline
+    handle = serve.get_deployment_handle("LLMWorker", "tp2")
+    assert handle.tensor_parallel_size.remote().result(timeout_s=30) == 2
+    (name,) = handle.rank_actor_names.remote().result(timeout_s=30)
+    ray.get(ray.get_actor(name, namespace=RANK_NAMESPACE).check_health.remote(), timeout=30)
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_rank_ends_the_group_and_serve_replaces_it(served, model_dir):
+    """Last in the module: rank 1's process is SIGKILLed; the group cannot step without it, so
+    the replica ends itself (its next health check), Serve starts a new group, and that group
+    serves the tokens of TP=1."""
+    handle = serve.get_deployment_handle("LLMWorker", "tp2")
+    (name,) = handle.rank_actor_names.remote().result(timeout_s=30)
+    rank = ray.get_actor(name, namespace=RANK_NAMESPACE)
+    os.kill(ray.get(rank.__ray_call__.remote(lambda self: os.getpid()), timeout=30), signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if handle.rank_actor_names.remote().result(timeout_s=30) != [name]:
+                break  # a new group
+        except Exception:  # the old replica ending, or the new one starting
+            pass
+        assert time.monotonic() < deadline, "the group was not replaced"
+        time.sleep(0.5)
+    prompt = [7, 8, 9, 10, 11]
+    assert _generate("tp2", "after-rank-death", prompt) == _generate("tp1", "after-rank-death", prompt)

@@ -1,0 +1,170 @@
+"""Tensor parallelism in a Serve pool: one replica is one tensor-parallel group of N ranks.
+
+The Serve replica is rank 0: it runs the group's one engine (`AsyncLLM` over a
+`TensorParallelModelRunner` leader: one scheduler, one block table, sampling once) and ranks
+1..N-1 are plain Ray actors (`TensorParallelRank`), one per bundle of the replica's placement
+group, that only follow rank 0's steps (`engine.tp_runner`). The group management (store,
+rank actors, barriers, health, death) is `workers.rank_group`'s, shared with expert parallelism.
+
+To the router and the prefix index the group is one replica with one cache: rank 0's events,
+stats and load are the group's. Only the colocated role runs tensor parallel for now: moving KV
+between TP groups (each prefill rank sending its heads to the decode ranks owning them) is not
+built yet, so a disaggregated pool refuses a degree > 1 (`workers.app`).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from typing import Any
+
+import ray
+
+from tandem.engine.async_engine import AsyncLLM
+from tandem.engine.config import EngineConfig
+from tandem.engine.kv_connector import KVConnector
+from tandem.engine.llm_engine import LLMEngine
+from tandem.workers.rank_group import (RankActorsHealth, RankLostError, RankSpec, StartingGroup,
+                                       kill_rank_actors, rank_actor_name, start_rank_actors, store_barrier)
+from tandem.workers.serve_worker import LLMWorker
+
+logger = logging.getLogger("ray.serve")
+
+
+def check_tensor_parallel_size(model: str, size: int) -> None:
+    """A clear ValueError for a degree this model cannot be split over."""
+    from tandem.engine.model_runner import load_hf_config
+    from tandem.engine.tensor_parallel import check_tensor_parallel
+
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {size!r}")
+    check_tensor_parallel(load_hf_config(model), size)
+
+
+def _join_group(config: EngineConfig, spec: RankSpec, store, check=None):
+    """This rank's group and its runner's factory, once every rank has joined the store. Every
+    rank has loaded its weights before the first collective (the barrier in `_loaded`)."""
+    from tandem.engine.tensor_parallel import TensorParallelGroup
+    from tandem.engine.tp_runner import TensorParallelModelRunner
+
+    store_barrier(store, spec, "joined", check)
+    tp = TensorParallelGroup(store, spec.rank, spec.world_size, config.device, spec.prefix, spec.group_timeout_s)
+    loaded = functools.partial(store_barrier, store, spec, "loaded", check)
+    return functools.partial(TensorParallelModelRunner, tp=tp, loaded=loaded)
+
+
+class TensorParallelEngine(RankActorsHealth, AsyncLLM):
+    """Rank 0's `AsyncLLM`, plus the actors of ranks 1..N-1: they stop with it, and it is dead
+    when one of them is."""
+
+    group_kind = "tensor-parallel"
+
+    def __init__(self, engine: LLMEngine, group: StartingGroup) -> None:
+        super().__init__(engine)
+        self.group = group
+        self.ranks = group.actors
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks) + 1
+
+    @property
+    def is_dead(self) -> bool:
+        return AsyncLLM.is_dead.fget(self) or self.rank_error is not None
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        super().shutdown(timeout_s)  # the engine thread is gone: the channel is ours now
+        try:
+            self.engine.runner.channel.stop()
+        except Exception as error:  # a broken group: the actors are killed anyway
+            logger.debug("stopping the tensor-parallel ranks: %r", error)
+        kill_rank_actors(self.ranks)
+
+
+def start_group(config: EngineConfig, world_size: int, rank_actor_options: dict[str, Any]) -> TensorParallelEngine:
+    """Rank 0 (this process) plus ranks 1..N-1 as actors: the group seen as one engine."""
+    check_tensor_parallel_size(config.model, world_size)
+    group = start_rank_actors("tensor-parallel", "tp", world_size, _RankActor, rank_actor_options,
+                              lambda spec: (config, spec))
+    try:
+        factory = _join_group(config, group.specs[0], group.store, group.check_started)
+        engine = LLMEngine(config, runner_factory=factory)
+        group.wait_started()
+    except BaseException:
+        group.kill()
+        raise
+    logger.info("tensor-parallel group of %d ranks up for %s", world_size, group.specs[0].replica_id)
+    return TensorParallelEngine(engine, group)
+
+
+class TensorParallelRank:
+    """A plain Ray actor (one per device): rank r's runner, following rank 0's steps on a thread."""
+
+    def __init__(self, config: EngineConfig, spec: RankSpec) -> None:
+        from tandem.engine.model_runner import load_hf_config
+
+        self.spec = spec
+        self.store = spec.connect_store()
+        factory = _join_group(config, spec, self.store)
+        self.runner = factory(config, load_hf_config(config.model))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._follow, name=f"tp-rank{spec.rank}", daemon=True)
+        self.thread.start()
+
+    def _follow(self) -> None:
+        try:
+            self.runner.follow()
+        except BaseException as error:
+            self.error = error
+            logger.error("tensor-parallel rank %d stopped following: %r", self.spec.rank, error)
+
+    def ready(self) -> int:
+        return self.spec.rank
+
+    def check_health(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"tensor-parallel rank {self.spec.rank} failed: {self.error!r}")
+        if not self.thread.is_alive():
+            raise RuntimeError(f"tensor-parallel rank {self.spec.rank} was stopped")
+
+
+_RankActor = ray.remote(TensorParallelRank)
+
+
+class TensorParallelReplica:
+    """Mixed into a worker class: the replica is rank 0 of a group of `tensor_parallel_size`."""
+
+    def __init__(self, *args, tensor_parallel_size: int, rank_actor_options: dict[str, Any] | None = None,
+                 **kwargs) -> None:
+        self._tp_size = tensor_parallel_size
+        self._tp_rank_actor_options = dict(rank_actor_options or {})
+        super().__init__(*args, **kwargs)
+
+    def _start_engine(self, config: EngineConfig, kv_connector: KVConnector | None) -> TensorParallelEngine:
+        if kv_connector is not None:
+            raise ValueError("a tensor-parallel replica cannot move KV to or from another pool yet "
+                             "(disaggregated serving needs tensor_parallel_size 1)")
+        return start_group(config, self._tp_size, self._tp_rank_actor_options)
+
+    def tensor_parallel_size(self) -> int:
+        """The degree rank 0's runner really runs with."""
+        return self._engine.engine.runner.tensor_parallel_size
+
+    def rank_actor_names(self) -> list[str]:
+        """The Ray actor names (namespace `RANK_NAMESPACE`) of ranks 1..N-1."""
+        replica_id = self._engine.group.specs[0].replica_id
+        return [rank_actor_name("tp", replica_id, r) for r in range(1, self._tp_size)]
+
+    async def check_health(self) -> None:
+        try:
+            await self._engine.check_ranks()
+        except RankLostError as error:
+            self._end_replica(str(error))
+        await super().check_health()
+
+
+class TensorParallelLLMWorker(TensorParallelReplica, LLMWorker):
+    pass
+
+
+TENSOR_PARALLEL_WORKERS = {LLMWorker: TensorParallelLLMWorker}
