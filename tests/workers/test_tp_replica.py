@@ -2,8 +2,9 @@
 the CPU: a colocated app whose replica is a tensor-parallel group of 2 ranks (rank 0 the Serve
 replica, rank 1 a Ray actor in the replica's placement group, gloo between them) gives greedy
 tokens identical to a plain (TP=1) app and to the offline engine, for concurrent requests; a
-killed rank ends the group, which Serve replaces. Also the build-time checks, the deployment's
-bundles, the `--tensor-parallel` flag and `tandem status`'s degree."""
+rank killed mid-stream ends the group, which Serve replaces, and the ingress continues its
+streams. Also the build-time checks, the deployment's bundles, the `--tensor-parallel` flag and
+`tandem status`'s degree."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 import ray
 from ray import serve
@@ -85,12 +87,14 @@ def test_tensor_parallel_flag_and_status():
 # ---------------------------------------------------------------------------- served
 @pytest.fixture(scope="module")
 def served(model_dir):
+    """"tp1": a plain engine pool; "tp2": the whole app (OpenAI ingress in front) over one TP=2
+    replica."""
     common = {"model": model_dir, "worker_num_cpus": 0.5, "engine_kwargs": ENGINE, "health_check_period_s": 1}
-    with local_serve():
+    tp2 = build_app({**common, "served_model_name": "tiny", "ingress_num_cpus": 0, "tensor_parallel_size": 2})
+    with local_serve() as url:
         serve.run_many([serve.RunTarget(_decode_pool(AppArgs.from_dict(common), model_dir), "tp1", None),
-                        serve.RunTarget(_decode_pool(AppArgs.from_dict({**common, "tensor_parallel_size": 2}),
-                                                     model_dir), "tp2", None)])
-        yield
+                        serve.RunTarget(tp2, "tp2", "/")])
+        yield {"url": url}
 
 
 def _generate(app: str, rid: str, prompt: list[int]) -> list[int]:
@@ -124,22 +128,39 @@ def test_tp2_replica_gives_the_tokens_of_tp1(served, model_dir):
 
 
 @pytest.mark.timeout(300)
-def test_a_killed_rank_ends_the_group_and_serve_replaces_it(served, model_dir):
-    """Last in the module: rank 1's process is SIGKILLed; the group cannot step without it, so
-    the replica ends itself (its next health check), Serve starts a new group, and that group
-    serves the tokens of TP=1."""
+def test_a_rank_killed_mid_stream_ends_the_group_and_its_streams_continue(served, model_dir):
+    """Last in the module: rank 1's process is SIGKILLed while the group streams through the
+    OpenAI endpoint. The group cannot step without it, so the replica ends itself, Serve starts
+    a new group, and the ingress continues every stream there: each gives the offline engine's
+    text. The new group then serves the tokens of TP=1."""
     handle = serve.get_deployment_handle("LLMWorker", "tp2")
     (name,) = handle.rank_actor_names.remote().result(timeout_s=30)
     rank = ray.get_actor(name, namespace=RANK_NAMESPACE)
-    os.kill(ray.get(rank.__ray_call__.remote(lambda self: os.getpid()), timeout=30), signal.SIGKILL)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if handle.rank_actor_names.remote().result(timeout_s=30) != [name]:
-                break  # a new group
-        except Exception:  # the old replica ending, or the new one starting
-            pass
-        assert time.monotonic() < deadline, "the group was not replaced"
-        time.sleep(0.5)
+    rank_pid = ray.get(rank.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(5, 600) for _ in range(rng.randrange(8, 100))] for _ in range(4)]
+    max_tokens = 64
+    llm = LLM(model_dir, dtype="float32", **ENGINE)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    offline = [o.outputs[0].text for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    client = openai.OpenAI(base_url=served["url"] + "/v1", api_key="unused", max_retries=0, timeout=200)
+
+    def stream(prompt: list[int]) -> str:
+        chunks = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    before = handle.stats.remote().result(timeout_s=30).engine.generation_tokens_total
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(stream, p) for p in prompts]
+        deadline = time.monotonic() + 60
+        while not ((e := handle.stats.remote().result(timeout_s=30).engine).num_running >= 2
+                   and e.generation_tokens_total > before + 8):
+            assert time.monotonic() < deadline, "streams on the group"
+            time.sleep(0.05)
+        os.kill(rank_pid, signal.SIGKILL)
+        texts = [f.result(timeout=240) for f in futures]
+    assert texts == offline
+    assert handle.rank_actor_names.remote().result(timeout_s=30) != [name]  # a new group
     prompt = [7, 8, 9, 10, 11]
     assert _generate("tp2", "after-rank-death", prompt) == _generate("tp1", "after-rank-death", prompt)
