@@ -43,6 +43,15 @@ POOL_DEPLOYMENTS = {"colocated": "LLMWorker", "prefill": "PrefillWorker", "decod
 # A replica leaving (scale-down by hand or by the autoscaler) first stops taking requests and
 # finishes the ones it has, up to this long; a decode replica's sequences are long-lived.
 DRAIN_TIMEOUT_S = {"prefill": 120.0, "decode": 300.0}
+# Serve's replica-side latency knobs (Ray >= 2.5x, `ray/serve/_private/constants.py`), read when a
+# replica process starts, so they travel in its runtime_env. By default a replica runs its
+# user code on a second event loop in another thread, and a handle's router on a third: every
+# request and every streamed item then crosses threads twice (call_soon_threadsafe + a future),
+# in the ingress and in the engine replicas alike. Tandem's replica code never blocks its loop
+# (the engine steps on its own thread, long tokenization and templating go to threads), so the
+# one loop is safe. `serve_low_latency=False` restores Serve's defaults.
+LOW_LATENCY_SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,12 @@ class AppArgs:
     # stopped (Serve's graceful_shutdown_timeout_s; default DRAIN_TIMEOUT_S). The streams still on
     # it then continue on another replica.
     drain_timeout_s: dict[str, float] = field(default_factory=dict)
+    # Every replica (ingress and engines) runs user code and its handles' routers on Serve's main
+    # event loop (LOW_LATENCY_SERVE_ENV): fewer thread hops per request and per streamed token.
+    serve_low_latency: bool = True
+
+    def replica_runtime_env(self) -> dict[str, Any]:
+        return {"env_vars": dict(LOW_LATENCY_SERVE_ENV)} if self.serve_low_latency else {}
 
     @classmethod
     def from_dict(cls, args: dict[str, Any] | None) -> "AppArgs":
@@ -163,6 +178,8 @@ def _decode_pool(args: AppArgs, model: str) -> Application:
 
     def actor_options(pool: str, ep_size: int) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": args.worker_num_cpus, "num_gpus": num_gpus}
+        if args.serve_low_latency:
+            opts["runtime_env"] = args.replica_runtime_env()
         if args.pool_resources:
             opts["resources"] = {pool: 1}
         drain_s = args.drain_timeout_s.get(pool, DRAIN_TIMEOUT_S[pool])
@@ -263,5 +280,6 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         # Above the ingress's own bound, so the excess reaches it and gets a 429 instead of
         # waiting in the proxy's queue.
         max_ongoing_requests=parsed.max_in_flight + 64,
-        ray_actor_options={"num_cpus": parsed.ingress_num_cpus},
+        ray_actor_options={"num_cpus": parsed.ingress_num_cpus,
+                           **({"runtime_env": parsed.replica_runtime_env()} if parsed.serve_low_latency else {})},
     ).bind(_decode_pool(parsed, model), config)
