@@ -285,7 +285,7 @@ def engine_kwargs_for(device: str, max_len: int) -> dict:
     return kwargs
 
 
-def start_app(plan: Plan, model: str, mode: str, engine_kwargs: dict) -> None:
+def start_app(plan: Plan, model: str, mode: str, engine_kwargs: dict, app_args: dict) -> None:
     from ray import serve
 
     from tandem.workers.app import build_app
@@ -293,16 +293,16 @@ def start_app(plan: Plan, model: str, mode: str, engine_kwargs: dict) -> None:
     gpus = (1.0 if mode == "colocated" else 0.5) if plan.device.startswith("cuda") else 0.0
     serve.run(build_app({"model": model, "served_model_name": "m", "mode": mode, "num_replicas": 1,
                          "prefill_replicas": 1, "device": plan.device, "worker_num_gpus": gpus,
-                         "max_in_flight": 1024, "engine_kwargs": engine_kwargs}),
+                         "max_in_flight": 1024, "engine_kwargs": engine_kwargs, **app_args}),
               name="serving-path", route_prefix="/")
 
 
 def run_mode(plan: Plan, mode: str, llm, model: str, prompts: dict[str, list[dict]],
-             prompt_ids: dict[str, list[int]], engine_kwargs: dict, log) -> list[Cell]:
+             prompt_ids: dict[str, list[int]], engine_kwargs: dict, app_args: dict, log) -> list[Cell]:
     from openai import AsyncOpenAI
     from ray import serve
 
-    start_app(plan, model, mode, engine_kwargs)
+    start_app(plan, model, mode, engine_kwargs, app_args)
     base_url = f"http://127.0.0.1:{plan.port}/v1"
     counter = iter(range(1 << 30))
 
@@ -466,12 +466,15 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8124)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--label", default="", help="appended to the file names (e.g. before)")
+    ap.add_argument("--app-args", default="{}", help="JSON merged into the app's args (workers.app.AppArgs), "
+                    'e.g. \'{"serve_low_latency": false}\'')
     args = ap.parse_args()
     modes = tuple(args.modes.split(","))
     kinds = tuple(args.kinds.split(","))
     if set(modes) - set(MODES) or set(kinds) - set(KINDS):
         ap.error(f"--modes from {MODES}, --kinds from {KINDS}")
     concurrency = tuple(int(c) for c in args.concurrency.split(","))
+    app_args = json.loads(args.app_args)
     long_tokens = args.long_tokens if args.long_tokens is not None else (8000 if args.device.startswith("cuda") else 1500)
     plan = Plan(args.device, modes, kinds, concurrency, args.requests, args.max_tokens, args.repeats, args.port)
     load_start = os.getloadavg()
@@ -503,7 +506,7 @@ def main() -> int:
     try:
         for mode in modes:
             log(f"mode {mode}: starting the app")
-            cells += run_mode(plan, mode, llm, model, prompts, prompt_ids, engine_kwargs, log)
+            cells += run_mode(plan, mode, llm, model, prompts, prompt_ids, engine_kwargs, app_args, log)
     finally:
         llm.shutdown()
         serve.shutdown()
@@ -513,7 +516,7 @@ def main() -> int:
         "command": "python " + " ".join(sys.argv), "cpu_count": os.cpu_count(),
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
-        "unix_time": int(time.time()), "plan": asdict(plan), "long_tokens": long_tokens,
+        "unix_time": int(time.time()), "plan": asdict(plan), "long_tokens": long_tokens, "app_args": app_args,
         "modes": {mode: headline(cells, mode) for mode in modes},
         "cells": per_cell_summary(cells),
         "runs": [asdict(c) for c in cells],
