@@ -204,6 +204,37 @@ async def app_request(client, model: str, messages: list[dict], max_tokens: int)
     return sample
 
 
+def bare_request(port: int, messages: list[dict], max_tokens: int) -> StreamSample:
+    """One streamed chat completion over http.client: each SSE line parsed as it arrives."""
+    import http.client
+
+    body = json.dumps({"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+    chunk_times: list[float] = []
+    completion_tokens = 0
+    while line := resp.readline():
+        if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+            continue
+        now = time.perf_counter()
+        chunk = json.loads(line[5:])
+        if chunk.get("usage"):
+            completion_tokens = chunk["usage"]["completion_tokens"]
+        if any(c.get("delta", {}).get("content") is not None and not c["delta"].get("role")
+               for c in chunk.get("choices", [])):
+            chunk_times.append(now)
+    conn.close()
+    token_times = [(t, 1) for t in chunk_times]
+    if token_times and completion_tokens > len(chunk_times):
+        token_times[-1] = (token_times[-1][0], 1 + completion_tokens - len(chunk_times))
+    return _sample(t0, token_times)
+
+
 async def closed_loop(concurrency: int, per_stream: int, one) -> tuple[list[StreamSample], float]:
     """`concurrency` streams, each sending `per_stream` requests in turn; (samples, wall s)."""
     async def stream(s: int) -> list[StreamSample]:
@@ -215,6 +246,33 @@ async def closed_loop(concurrency: int, per_stream: int, one) -> tuple[list[Stre
 
 
 # -------------------------------------------------------------------------------------- stats
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) used so far by `root` and every live process under it (this
+    process and the local Ray cluster it started: raylet, proxy, replicas): a cell's CPU per token
+    is a figure that other tenants of a shared machine do not move the way they move latency."""
+    parent: dict[int, int] = {}
+    used: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        pid = int(entry)
+        parent[pid] = int(fields[1])
+        used[pid] = (int(fields[11]) + int(fields[12])) / tick
+    total = 0.0
+    for pid, seconds in used.items():
+        p = pid
+        while p not in (0, 1, root) and p in parent:
+            p = parent[p]
+        if p == root:
+            total += seconds
+    return total
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -234,11 +292,12 @@ class SideStats:
     chunk_gap_ms_p50: float
     chunk_gap_ms_p99: float
     tok_s: float
+    cpu_ms_per_token: float  # this process tree's CPU during the cell, per output token
     stages_ms_p50: dict[str, float] = field(default_factory=dict)
     stages_ms_p99: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, samples: list[StreamSample], wall_s: float) -> "SideStats":
+    def of(cls, samples: list[StreamSample], wall_s: float, cpu_s: float) -> "SideStats":
         ttft = [s.ttft_s * 1e3 for s in samples]
         itl = [s.itl_s * 1e3 for s in samples if s.itl_s is not None]
         gaps = [g * 1e3 for s in samples for g in s.chunk_gaps_s]
@@ -246,6 +305,7 @@ class SideStats:
         names = list(dict.fromkeys(k for st in stages for k in st))
         return cls(len(samples), pct(ttft, 0.5), pct(ttft, 0.99), pct(itl, 0.5), pct(itl, 0.99), pct(gaps, 0.5),
                    pct(gaps, 0.99), sum(s.tokens for s in samples) / wall_s,
+                   cpu_s * 1e3 / sum(s.tokens for s in samples),
                    {k: round(pct([st[k] for st in stages if k in st], 0.5), 4) for k in names},
                    {k: round(pct([st[k] for st in stages if k in st], 0.99), 4) for k in names})
 
@@ -259,6 +319,9 @@ class Cell:
     prompt_tokens: int
     engine: SideStats
     app: SideStats
+    # 1 stream only: the same requests through the app with a bare HTTP client (http.client, in
+    # a thread), to separate the openai client's own cost from the server's.
+    app_bare_client: SideStats | None = None
 
 
 # ---------------------------------------------------------------------------------------- run
@@ -290,7 +353,13 @@ def start_app(plan: Plan, model: str, mode: str, engine_kwargs: dict, app_args: 
 
     from tandem.workers.app import build_app
 
-    gpus = (1.0 if mode == "colocated" else 0.5) if plan.device.startswith("cuda") else 0.0
+    gpus = 0.0
+    if plan.device.startswith("cuda"):
+        import torch
+
+        # Disaggregated: a GPU per pool where there are two (NCCL pairs no two ranks on one GPU, so
+        # a remote prefill between pools sharing one GPU cannot move its KV).
+        gpus = 1.0 if mode == "colocated" or torch.cuda.device_count() >= 2 else 0.5
     serve.run(build_app({"model": model, "served_model_name": "m", "mode": mode, "num_replicas": 1,
                          "prefill_replicas": 1, "device": plan.device, "worker_num_gpus": gpus,
                          "max_in_flight": 1024, "engine_kwargs": engine_kwargs, **app_args}),
@@ -318,6 +387,12 @@ def run_mode(plan: Plan, mode: str, llm, model: str, prompts: dict[str, list[dic
         finally:
             await client.close()
 
+    def bare_cell(kind: str, per_stream: int):
+        async def one(s: int, i: int) -> StreamSample:
+            result = await asyncio.to_thread(bare_request, plan.port, prompts[kind], plan.max_tokens)
+            return result
+        return closed_loop(1, per_stream, one)
+
     cells: list[Cell] = []
     try:
         for kind in plan.kinds:  # warm-up: compile paths, fill both prefix caches
@@ -331,8 +406,15 @@ def run_mode(plan: Plan, mode: str, llm, model: str, prompts: dict[str, list[dic
                     measured = {}
                     for side in order:
                         run = engine_cell(kind, c, per) if side == "engine" else app_cell(kind, c, per)
-                        measured[side] = SideStats.of(*asyncio.run(run))
-                    cell = Cell(mode, kind, c, repeat, len(prompt_ids[kind]), measured["engine"], measured["app"])
+                        cpu_before = tree_cpu_s(os.getpid())
+                        samples, wall_s = asyncio.run(run)
+                        measured[side] = SideStats.of(samples, wall_s, tree_cpu_s(os.getpid()) - cpu_before)
+                    if c == 1:
+                        cpu_before = tree_cpu_s(os.getpid())
+                        samples, wall_s = asyncio.run(bare_cell(kind, per))
+                        measured["bare"] = SideStats.of(samples, wall_s, tree_cpu_s(os.getpid()) - cpu_before)
+                    cell = Cell(mode, kind, c, repeat, len(prompt_ids[kind]), measured["engine"], measured["app"],
+                                measured.get("bare"))
                     cells.append(cell)
                     log(f"{mode} {kind} c={c} r={repeat}: TTFT p50 engine {cell.engine.ttft_ms_p50:.2f} app "
                         f"{cell.app.ttft_ms_p50:.2f} ms; ITL p50 engine {cell.engine.itl_ms_p50:.3f} app "
@@ -360,9 +442,17 @@ def headline(cells: list[Cell], mode: str, kind: str = "short") -> dict:
         result["itl_overhead_ms_p50"] = spread([x.app.itl_ms_p50 - x.engine.itl_ms_p50 for x in one])
         result["engine_ttft_ms_p50"] = spread([x.engine.ttft_ms_p50 for x in one])
         result["engine_itl_ms_p50"] = spread([x.engine.itl_ms_p50 for x in one])
+        bare = [x for x in one if x.app_bare_client is not None]
+        if bare:
+            result["ttft_overhead_ms_p50_bare_client"] = spread([x.app_bare_client.ttft_ms_p50 - x.engine.ttft_ms_p50
+                                                                 for x in bare])
+            result["itl_overhead_ms_p50_bare_client"] = spread([x.app_bare_client.itl_ms_p50 - x.engine.itl_ms_p50
+                                                                for x in bare])
     top = at(64)
     if top:
         result["stream_tok_s_ratio_at_64"] = spread([x.app.tok_s / x.engine.tok_s for x in top])
+        result["path_cpu_ms_per_token_at_64"] = spread([x.app.cpu_ms_per_token - x.engine.cpu_ms_per_token
+                                                        for x in top])
     return result
 
 
@@ -386,6 +476,11 @@ def per_cell_summary(cells: list[Cell]) -> list[dict]:
             "app_chunk_gap_ms_p50": med(lambda c: c.app.chunk_gap_ms_p50),
             "engine_tok_s": med(lambda c: c.engine.tok_s), "app_tok_s": med(lambda c: c.app.tok_s),
             "tok_s_ratio": spread([c.app.tok_s / c.engine.tok_s for c in group]),
+            **({"bare_client_ttft_ms_p50": med(lambda c: c.app_bare_client.ttft_ms_p50),
+                "bare_client_itl_ms_p50": med(lambda c: c.app_bare_client.itl_ms_p50)}
+               if all(c.app_bare_client is not None for c in group) else {}),
+            "engine_cpu_ms_per_token": med(lambda c: c.engine.cpu_ms_per_token),
+            "app_cpu_ms_per_token": med(lambda c: c.app.cpu_ms_per_token),
             "stages_ms_p50": {k: med(lambda c: c.app.stages_ms_p50.get(k, float("nan"))) for k in stage_names},
             "stages_ms_p99": {k: med(lambda c: c.app.stages_ms_p99.get(k, float("nan"))) for k in stage_names},
         })
@@ -416,27 +511,32 @@ def markdown(result: dict) -> str:
     lines = [f"# Serving path cost: through the app vs the engine alone ({result['device']})", "",
              f"Command: `{result['command']}`", "",
              f"Load average (1/5/15 min) at start {result['load_average_start']}, at end {result['load_average_end']}; "
-             f"{result['cpu_count']} CPUs; versions {result['versions']}.", "",
+             f"{result['cpu_count']} CPUs; versions {result['versions']}; app args {result['app_args']}, "
+             f"Serve environment {result['serve_env']}.", "",
              "Headline per mode (short prompt; median over repeats [min, max]):", "",
-             "| mode | TTFT overhead p50 (ms), 1 stream | ITL overhead p50 (ms), 1 stream | app/engine tok/s at 64 |",
-             "| --- | ---: | ---: | ---: |"]
+             "| mode | TTFT overhead p50 (ms), 1 stream | ITL overhead p50 (ms), 1 stream | app/engine tok/s at 64 "
+             "| path CPU ms per token at 64 | TTFT / ITL overhead p50 with a bare HTTP client (ms) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
 
     def fmt(d: dict | None, digits: int = 2) -> str:
         return "" if not d else f"{d['median']:.{digits}f} [{d['min']:.{digits}f}, {d['max']:.{digits}f}]"
 
     for mode, h in result["modes"].items():
         lines.append(f"| {mode} | {fmt(h.get('ttft_overhead_ms_p50'))} | {fmt(h.get('itl_overhead_ms_p50'), 3)} | "
-                     f"{fmt(h.get('stream_tok_s_ratio_at_64'), 3)} |")
+                     f"{fmt(h.get('stream_tok_s_ratio_at_64'), 3)} | {fmt(h.get('path_cpu_ms_per_token_at_64'), 3)} | "
+                     f"{fmt(h.get('ttft_overhead_ms_p50_bare_client'))} / {fmt(h.get('itl_overhead_ms_p50_bare_client'), 3)} |")
     lines += ["", "Per cell (medians over repeats):", "",
               "| mode | prompt | streams | TTFT p50 engine / app (ms) | TTFT p99 engine / app | ITL p50 engine / app (ms) "
-              "| ITL p99 engine / app | tok/s engine / app |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| ITL p99 engine / app | tok/s engine / app | CPU ms/token engine / app |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["cells"]:
         lines.append(f"| {r['mode']} | {r['kind']} ({r['prompt_tokens']} tok) | {r['concurrency']} | "
                      f"{r['engine_ttft_ms_p50']:.2f} / {r['app_ttft_ms_p50']:.2f} | "
                      f"{r['engine_ttft_ms_p99']:.2f} / {r['app_ttft_ms_p99']:.2f} | "
                      f"{r['engine_itl_ms_p50']:.3f} / {r['app_itl_ms_p50']:.3f} | "
                      f"{r['engine_itl_ms_p99']:.3f} / {r['app_itl_ms_p99']:.3f} | "
-                     f"{r['engine_tok_s']:.0f} / {r['app_tok_s']:.0f} |")
+                     f"{r['engine_tok_s']:.0f} / {r['app_tok_s']:.0f} | "
+                     f"{r['engine_cpu_ms_per_token']:.3f} / {r['app_cpu_ms_per_token']:.3f} |")
     stages = list(dict.fromkeys(k for r in result["cells"] for k in r["stages_ms_p50"]))
     lines += ["", "Where the app's TTFT goes (ms, p50 / p99 over the cell's requests, median over repeats):", "",
               "| mode | prompt | streams | " + " | ".join(stages) + " |", "| --- | --- | ---: |" + " ---: |" * len(stages)]
@@ -447,7 +547,9 @@ def markdown(result: dict) -> str:
     lines += ["", "Stages: `proxy_and_client` = client TTFT - the ingress's first_token_sent (HTTP proxy both ways, "
               "uvicorn, the openai client); `ingress_parse_template_tokenize` = read_body + parse + template_tokenize + "
               "prepare; `request_router_incl_index` = to_router + hash + route (the index actor's round trip); "
-              "`engine_step` = engine_wait + engine_first_token; `sse_write` = respond (router/stage_timing.py).", ""]
+              "`engine_step` = engine_wait + engine_first_token; `sse_write` = respond (router/stage_timing.py). "
+              "CPU ms/token: CPU time of this process and the local Ray cluster under it during the cell, per output "
+              "token (both sides include the idle other side); path CPU = app - engine.", ""]
     return "\n".join(lines)
 
 
@@ -466,6 +568,9 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8124)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--label", default="", help="appended to the file names (e.g. before)")
+    ap.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment variable for the local Ray cluster (every Serve process, the HTTP proxy "
+                    "included), e.g. RAY_SERVE_PROXY_USE_GRPC=1; repeatable")
     ap.add_argument("--app-args", default="{}", help="JSON merged into the app's args (workers.app.AppArgs), "
                     'e.g. \'{"serve_low_latency": false}\'')
     args = ap.parse_args()
@@ -500,6 +605,8 @@ def main() -> int:
     prompt_ids = {kind: tokenizer.encode(tokenizer.apply_chat_template(prompts[kind], tokenize=False,
                                                                        add_generation_prompt=True),
                                          add_special_tokens=False) for kind in kinds}
+    serve_env = dict(item.split("=", 1) for item in args.serve_env)
+    os.environ.update(serve_env)  # before ray.init: the raylet and every worker inherit them
     ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, 4), log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     cells: list[Cell] = []
@@ -517,6 +624,7 @@ def main() -> int:
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "unix_time": int(time.time()), "plan": asdict(plan), "long_tokens": long_tokens, "app_args": app_args,
+        "serve_env": serve_env,
         "modes": {mode: headline(cells, mode) for mode in modes},
         "cells": per_cell_summary(cells),
         "runs": [asdict(c) for c in cells],
