@@ -103,3 +103,41 @@ def test_round_robin_spreads_a_shared_prefix(handles):
     assert len(set(replicas)) == 3
     assert all(replicas.count(r) == 2 for r in replicas)
     assert all(a != b for a, b in zip(replicas, replicas[1:]))
+
+
+def test_a_burst_routed_through_the_batcher_gets_the_decisions_of_calls_one_by_one(handles):
+    """RouteBatcher: 24 requests asked at once leave in a few actor calls, and each gets the
+    ranking that 24 `route` calls in the same order get from an index holding the same view."""
+    import asyncio
+
+    from tandem.protocol.kv_events import KVEventBatch, encode_batch
+    from tandem.protocol.load import encode_load
+    from tandem.router.index_actor import get_index_actor
+    from tandem.router.request_router import RouteBatcher
+
+    replicas = ["r0", "r1", "r2"]
+    chain = hash_full_blocks(list(range(64)), BLOCK_SIZE)
+    requests = [(f"q{i}", chain[: 2 + i % 12], 4 * (2 + i % 12) + 1, f"s{i % 5}" if i % 3 else None, replicas)
+                for i in range(24)]
+
+    def index(pool: str):
+        actor = get_index_actor(pool)
+        ray.get(actor.configure.remote({"policy": "prefix_aware", "block_size": BLOCK_SIZE}))
+        for n, replica in enumerate(replicas):
+            ray.get(actor.publish.remote(encode_batch(KVEventBatch(replica, 0, [BlocksStored(chain[: 4 * n + 2], None)]))))
+            ray.get(actor.report_load.remote(encode_load(ReplicaLoad(replica, n, 0, 100 * n, 0, 900, 1024, time.time()))))
+        return actor
+
+    one_by_one, batched = index("burst/one-by-one"), index("burst/batched")
+    expected = [ray.get(one_by_one.route.remote(*r)) for r in requests]
+
+    async def burst():
+        batcher = RouteBatcher(batched)
+        return await asyncio.gather(*(batcher.route(*r) for r in requests))
+
+    assert asyncio.run(burst()) == expected
+    assert len({tuple(r) for r in expected}) > 1  # the requests did not all rank alike
+    calls = ray.get(batched.stats.remote())["num_route_calls"]
+    assert calls < len(requests) / 2, calls
+    for actor in (one_by_one, batched):
+        ray.kill(actor)
