@@ -204,7 +204,9 @@ def _decode_pool(args: AppArgs, model: str) -> Application:
             from tandem.workers.ep_replica import EXPERT_PARALLEL_WORKERS
 
             cls = EXPERT_PARALLEL_WORKERS[cls]
-            ep_kwargs = {"expert_parallel_size": ep_size, "rank_actor_options": dict(options["ray_actor_options"])}
+            # A rank actor is no Serve replica: Serve's replica knobs (runtime_env) are not its.
+            rank_options = {k: v for k, v in options["ray_actor_options"].items() if k != "runtime_env"}
+            ep_kwargs = {"expert_parallel_size": ep_size, "rank_actor_options": rank_options}
         return serve.deployment(cls, name=name).options(**options, **scaling, **common), ep_kwargs
 
     decode_ep, prefill_ep = args.expert_parallel_size, args.prefill_expert_parallel_size
