@@ -99,9 +99,9 @@ def long_context_model(model: str, max_len: int) -> str:
     return str(folder)
 
 
-def model_folder(device: str, tmp: Path) -> str:
+def model_folder(device: str, tmp: Path, max_len: int) -> str:
     """The tiny test model on the CPU; on a GPU the Llama-3-8B shape with random bf16 weights
-    written as safetensors (the Serve replicas load the folder)."""
+    written as safetensors (the Serve replicas load the folder), allowing `max_len` positions."""
     from tandem.engine.make_model import build_tokenizer, make_model
 
     if not device.startswith("cuda"):
@@ -111,6 +111,7 @@ def model_folder(device: str, tmp: Path) -> str:
 
     folder = tmp / "llama3-8b-random"
     config = transformers.AutoConfig.from_pretrained(CONFIG_8B)
+    config.max_position_embeddings = max(config.max_position_embeddings, max_len)
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -595,8 +596,8 @@ def main() -> int:
     from tandem.engine.llm_engine import LLMEngine
 
     tmp = Path(tempfile.mkdtemp(prefix="serving-path-"))
-    model = args.model or model_folder(args.device, tmp)
     max_len = 1 << max(11, (long_tokens + args.max_tokens + 512).bit_length())
+    model = args.model or model_folder(args.device, tmp, max_len)
     model = long_context_model(model, max_len)
     engine_kwargs = engine_kwargs_for(args.device, max_len)
     prompts = chat_prompts(model, long_tokens)
