@@ -44,7 +44,6 @@ class PrefixIndexActor:
         self._pool = PoolRouter(RoutingConfig())
         self._num_bad_payloads = 0
         self._num_batches = 0
-        self._num_route_calls = 0  # route and route_many calls (a batch counts once)
 
     def configure(self, config_kwargs: dict) -> None:
         """Set the routing config (the routers of the pool send theirs; the index is kept)."""
@@ -79,19 +78,8 @@ class PrefixIndexActor:
         session_id: str | None,
         candidates: list[str],
     ) -> list[str]:
-        self._num_route_calls += 1
-        return self._route(request_id, block_hashes, num_prompt_tokens, session_id, candidates)
-
-    def _route(self, request_id: str, block_hashes: list[int], num_prompt_tokens: int, session_id: str | None,
-               candidates: list[str]) -> list[str]:
         request = RoutingRequest(request_id, block_hashes, num_prompt_tokens, session_id)
         return self._pool.route(request, candidates, time.time())
-
-    def route_many(self, requests: list[tuple[str, list[int], int, str | None, list[str]]]) -> list[list[str]]:
-        """`route(*request)` for each, in order: a burst's routing decisions in one round trip,
-        the same decisions as the calls one by one in that order."""
-        self._num_route_calls += 1
-        return [self._route(*request) for request in requests]
 
     def request_finished(self, request_id: str) -> None:
         self._pool.request_finished(request_id)
@@ -109,7 +97,6 @@ class PrefixIndexActor:
             "policy": self._pool.config.policy,
             "num_blocks": index.num_blocks,
             "num_batches": self._num_batches,
-            "num_route_calls": self._num_route_calls,
             "num_bad_payloads": self._num_bad_payloads,
             "num_dropped_blocks": index.num_dropped_blocks,
             "num_evicted_blocks": index.num_evicted_blocks,

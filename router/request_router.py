@@ -66,51 +66,6 @@ def routing_key(pending_request: PendingRequest) -> RoutingKey | None:
                       request_id if isinstance(request_id, str) else None)
 
 
-class RouteBatcher:
-    """A router's questions to its pool's index actor, at most one call in flight: a question
-    asked while a call is out waits for it and leaves with the others asked meanwhile, as one
-    `route_many` call. A lone request goes out at once, as before; a burst of 64 costs the actor
-    a few calls instead of 64 (each call costs it more than a decision does). The actor answers a
-    batch in order, so its decisions are those of the calls one by one. Used from one event loop."""
-
-    def __init__(self, index) -> None:
-        self._index = index
-        self._waiting: list[tuple[tuple, asyncio.Future]] = []
-        self._in_flight = False
-        self._asking: asyncio.Future | None = None
-
-    async def route(self, *request) -> list[str]:
-        answer = asyncio.get_running_loop().create_future()
-        self._waiting.append((request, answer))
-        if not self._in_flight:
-            self._send()
-        return await answer
-
-    def _send(self) -> None:
-        batch, self._waiting = self._waiting, []
-        self._in_flight = True
-        self._asking = asyncio.ensure_future(self._ask(batch))  # held: the loop keeps tasks weakly
-
-    async def _ask(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
-        try:
-            if len(batch) == 1:
-                answers = [await self._index.route.remote(*batch[0][0])]
-            else:
-                answers = await self._index.route_many.remote([request for request, _ in batch])
-        except Exception as error:  # every question of the batch falls back (the caller logs)
-            for _, answer in batch:
-                if not answer.done():
-                    answer.set_exception(error)
-        else:
-            for (_, answer), ranked in zip(batch, answers):
-                if not answer.done():  # a caller that timed out has cancelled its answer
-                    answer.set_result(ranked)
-        finally:
-            self._in_flight = False
-            if self._waiting:
-                self._send()
-
-
 class TandemRequestRouter(RequestRouter):
     """Prefix- and load-aware routing over one pool, decided by the pool's index actor."""
 
@@ -120,7 +75,6 @@ class TandemRequestRouter(RequestRouter):
         self._pool = pool or pool_name(self._deployment_id.app_name, self._deployment_id.name)
         self._index = get_index_actor(self._pool)
         self._index.configure.remote(dataclasses.asdict(self._config))
-        self._batcher = RouteBatcher(self._index)
         self._route_stamps = route_stamps()
         self._register_cleanup()
 
@@ -138,7 +92,7 @@ class TandemRequestRouter(RequestRouter):
         hashed = time.perf_counter()
         try:
             ranked_ids = await asyncio.wait_for(
-                self._batcher.route(
+                self._index.route.remote(
                     pending_request.metadata.internal_request_id,
                     block_hashes,
                     len(key.prompt_token_ids),
