@@ -62,6 +62,16 @@ DEFAULT_COMPANION_PINS: tuple[str, ...] = (
     "typing_inspection==0.4.5",
     "uvicorn==0.54.0",
     "xgrammar==0.2.9",  # structured output (engine/structured.py): 1.3 MB, with apache_tvm_ffi 4.6 MB
+    # The official OpenAI client, which bench/serving_path_bench.py (and `tandem bench`'s users)
+    # drive the app with, and what it imports beyond the host's packages.
+    "openai==3.63.0",
+    "httpx2==2.17.0",
+    "httpcore2==2.17.0",
+    "truststore==0.10.5",
+    "jiter==0.19.0",
+    "sniffio==1.3.1",
+    "anyio==4.16.0",
+    "h11==0.16.0",
 )
 
 # Folders of Ray's wheel that serving never imports (OFFLINE_GPU_HOST.md, step 1).

@@ -22,7 +22,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.kv_connector import KVConnector
 from tandem.engine.llm_engine import LLMEngine, PromptType
 from tandem.protocol.worker import Continuation, EngineStats
-from tandem.engine.outputs import RequestOutput
+from tandem.engine.outputs import RequestOutput, merge_outputs
 from tandem.protocol.sampling_params import SamplingParams
 
 
@@ -116,10 +116,14 @@ class AsyncLLM:
     # -------------------------------------------------------------- public
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
                        request_id: str | None = None, timing: EngineTiming | None = None,
-                       continuation: Continuation | None = None) -> AsyncIterator[RequestOutput]:
+                       continuation: Continuation | None = None,
+                       coalesce: bool = False) -> AsyncIterator[RequestOutput]:
         """Stream this request's outputs (each carries the text/tokens so far and the delta).
         `timing`, when given, is filled in by the engine thread before the first output arrives.
-        `continuation`: the prompt ends with the request's earlier output (`LLMEngine.validate`)."""
+        `continuation`: the prompt ends with the request's earlier output (`LLMEngine.validate`).
+        `coalesce`: when the reader is behind the engine, the outputs already waiting leave as
+        one (`merge_outputs`: the deltas joined), so a slow reader pays its per-output cost
+        once per read instead of once per engine step."""
         if self._error is not None:
             raise EngineDeadError(f"the engine loop died: {self._error!r}")
         # `validate` is pure: safe outside the engine thread. Compiling a request's grammar takes
@@ -135,11 +139,18 @@ class AsyncLLM:
         self._streams[request_id] = stream
         self._commands.put(("add", request_id, validated))
         finished = False
+        held: BaseException | None = None  # an error that arrived behind outputs being merged
         try:
             while True:
-                item = await stream.queue.get()
+                item = held if held is not None else await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                while coalesce and not item.finished and not stream.queue.empty():
+                    following = stream.queue.get_nowait()
+                    if isinstance(following, BaseException):
+                        held = following
+                        break
+                    item = merge_outputs(item, following)
                 yield item
                 if item.finished:
                     finished = True

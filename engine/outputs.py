@@ -1,7 +1,7 @@
 """What the engine hands back per request, shaped like vLLM's RequestOutput."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tandem.protocol.logprob import Logprob
 
@@ -31,3 +31,19 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output standing for two consecutive ones of a request: `later`, with each completion's
+    delta covering both (what a stream reader that fell behind the engine by one step sends)."""
+    deltas = {o.index: o for o in earlier.outputs}
+    outputs = []
+    for out in later.outputs:
+        before = deltas.pop(out.index, None)
+        if before is not None:
+            out = replace(out, delta_text=before.delta_text + out.delta_text,
+                          delta_token_ids=before.delta_token_ids + out.delta_token_ids)
+        outputs.append(out)
+    outputs += deltas.values()  # every emit carries every completion; kept should one be missing
+    outputs.sort(key=lambda o: o.index)
+    return replace(later, outputs=outputs)

@@ -56,7 +56,7 @@ from tandem.router.openai_protocol import (
     TopLogprob,
     Usage,
 )
-from tandem.router.prompt_tokenizer import PromptTokenizer
+from tandem.router.prompt_tokenizer import THREAD_MIN_CHARS, PromptTokenizer
 from tandem.router.stage_timing import IngressTrace, StageHistograms, route_stamps, timing_payload
 from tandem.router.structured_output import StructuredOutputError, requested_structured_output
 from tandem.router.tool_calls import (StreamedChoices, ToolCallError, ToolPlan, chat_message, chat_messages,
@@ -169,6 +169,12 @@ class _UsageTotals:
         prompt, output = sum(self._prompt), sum(self._output)
         return Usage(prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output,
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self._cached)))
+
+
+async def _off_loop_if(long: bool, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, in a thread when `long`: rendering or tokenizing a long prompt on
+    the event loop would stall every stream this replica serves (Serve runs them on one loop)."""
+    return await asyncio.to_thread(fn, *args, **kwargs) if long else fn(*args, **kwargs)
 
 
 def _sse_line(payload: dict) -> str:
@@ -388,9 +394,10 @@ class OpenAIIngress:
             raise ApiError(400, str(error)) from None
         return worker_request
 
-    def _encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    async def _encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
         try:
-            return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            return await _off_loop_if(len(text) >= THREAD_MIN_CHARS, self._tokenizer.encode, text,
+                                      add_special_tokens=add_special_tokens)
         except (TypeError, ValueError):  # e.g. a lone surrogate, sent as "\ud800" in the JSON
             raise ApiError(400, "the text is not valid Unicode (lone surrogate?)", param=param) from None
 
@@ -422,11 +429,11 @@ class OpenAIIngress:
             raise ApiError(400, "best_of must equal n (beam search is not supported)", param="best_of")
         prompt = req.prompt
         if isinstance(prompt, str):
-            prompts = [self._encode(prompt, True, "prompt")]
+            prompts = [await self._encode(prompt, True, "prompt")]
         elif prompt and all(isinstance(p, int) for p in prompt):
             prompts = [list(prompt)]
         elif prompt and all(isinstance(p, str) for p in prompt):
-            prompts = [self._encode(p, True, "prompt") for p in prompt]
+            prompts = [await self._encode(p, True, "prompt") for p in prompt]
         else:
             prompts = [list(p) for p in prompt]
         if not prompts:
@@ -455,9 +462,10 @@ class OpenAIIngress:
             structured = tools.structural_tag()
         messages = chat_messages(req.messages, self._tool_format, tools)
         try:
-            text = self._tokenizer.apply_chat_template(messages, tools=template_tools(self._tool_format, tools),
-                                                       add_generation_prompt=req.add_generation_prompt,
-                                                       tokenize=False)
+            long = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)) >= THREAD_MIN_CHARS
+            text = await _off_loop_if(long, self._tokenizer.apply_chat_template, messages,
+                                      tools=template_tools(self._tool_format, tools),
+                                      add_generation_prompt=req.add_generation_prompt, tokenize=False)
         except Exception as error:  # template errors are the request's fault (roles, order)
             raise ApiError(400, f"could not apply the chat template: {error}", param="messages") from None
         try:
@@ -663,13 +671,15 @@ class OpenAIIngress:
                                              logprobs=self._completion_logprobs(out.logprobs or [], text_offsets[index])
                                              if want_logprobs else None)])
                         text_offsets[index] += len(out.text)
-                    payload = chunk.model_dump()
                     if not sent_token:
                         sent_token = True
+                        payload = chunk.model_dump()
                         timing = self._first_token_sent(trace, want_timing)
                         if timing is not None:
                             payload["tandem_timing"] = timing
-                    lines.append(_sse_line(payload))
+                        lines.append(_sse_line(payload))
+                    else:  # pydantic-core writes the JSON itself: a third of dump + json.dumps
+                        lines.append(f"data: {chunk.model_dump_json()}\n\n")
                 if len(lines) > bool(pending):
                     pending = ""
                     yield "".join(lines)

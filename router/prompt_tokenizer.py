@@ -70,11 +70,17 @@ def piecewise_splitter(tokenizer) -> tuple[re.Pattern, dict[str, int]] | None:
     return re.compile("(" + "|".join(map(re.escape, contents)) + ")"), ids
 
 
+# Text at least this long is tokenized (and chat-templated, by the ingress) in a thread: on the
+# event loop it would hold every other request's stream for milliseconds.
+THREAD_MIN_CHARS = 16384
+
+
 class PromptTokenizer:
     """`await encode(text)` == `tokenizer.encode(text, add_special_tokens=False)`, faster for
     text that repeats piecewise (chat histories). Used from one event loop."""
 
-    def __init__(self, tokenizer, cache_chars: int = 64 << 20, thread_min_chars: int = 16384) -> None:
+    def __init__(self, tokenizer, cache_chars: int = 64 << 20,
+                 thread_min_chars: int = THREAD_MIN_CHARS) -> None:
         self._tokenizer = tokenizer
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
         self._cache_chars = 0

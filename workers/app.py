@@ -48,6 +48,15 @@ POOL_DEPLOYMENTS = {"colocated": "LLMWorker", "prefill": "PrefillWorker", "decod
 # A replica leaving (scale-down by hand or by the autoscaler) first stops taking requests and
 # finishes the ones it has, up to this long; a decode replica's sequences are long-lived.
 DRAIN_TIMEOUT_S = {"prefill": 120.0, "decode": 300.0}
+# Serve's replica-side latency knobs (Ray >= 2.5x, `ray/serve/_private/constants.py`), read when a
+# replica process starts, so they travel in its runtime_env. By default a replica runs its
+# user code on a second event loop in another thread, and a handle's router on a third: every
+# request and every streamed item then crosses threads twice (call_soon_threadsafe + a future),
+# in the ingress and in the engine replicas alike. Tandem's replica code never blocks its loop
+# (the engine steps on its own thread, long tokenization and templating go to threads), so the
+# one loop is safe. `serve_low_latency=False` restores Serve's defaults.
+LOW_LATENCY_SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,12 @@ class AppArgs:
     # stopped (Serve's graceful_shutdown_timeout_s; default DRAIN_TIMEOUT_S). The streams still on
     # it then continue on another replica.
     drain_timeout_s: dict[str, float] = field(default_factory=dict)
+    # Every replica (ingress and engines) runs user code and its handles' routers on Serve's main
+    # event loop (LOW_LATENCY_SERVE_ENV): fewer thread hops per request and per streamed token.
+    serve_low_latency: bool = True
+
+    def replica_runtime_env(self) -> dict[str, Any]:
+        return {"env_vars": dict(LOW_LATENCY_SERVE_ENV)} if self.serve_low_latency else {}
 
     @classmethod
     def from_dict(cls, args: dict[str, Any] | None) -> "AppArgs":
@@ -182,6 +197,8 @@ def _decode_pool(args: AppArgs, model: str) -> Application:
 
     def actor_options(pool: str, num_ranks: int) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": args.worker_num_cpus, "num_gpus": num_gpus}
+        if args.serve_low_latency:
+            opts["runtime_env"] = args.replica_runtime_env()
         if args.pool_resources:
             opts["resources"] = {pool: 1}
         drain_s = args.drain_timeout_s.get(pool, DRAIN_TIMEOUT_S[pool])
@@ -206,12 +223,12 @@ def _decode_pool(args: AppArgs, model: str) -> Application:
             from tandem.workers.ep_replica import EXPERT_PARALLEL_WORKERS
 
             cls = EXPERT_PARALLEL_WORKERS[cls]
-            ep_kwargs = {"expert_parallel_size": ep_size, "rank_actor_options": dict(options["ray_actor_options"])}
+            ep_kwargs = {"expert_parallel_size": ep_size, "rank_actor_options": _rank_actor_options(options)}
         if tp_size > 1:
             from tandem.workers.tp_replica import TENSOR_PARALLEL_WORKERS
 
             cls = TENSOR_PARALLEL_WORKERS[cls]
-            ep_kwargs = {"tensor_parallel_size": tp_size, "rank_actor_options": dict(options["ray_actor_options"])}
+            ep_kwargs = {"tensor_parallel_size": tp_size, "rank_actor_options": _rank_actor_options(options)}
         return serve.deployment(cls, name=name).options(**options, **scaling, **common), ep_kwargs
 
     decode_ep, prefill_ep = args.expert_parallel_size, args.prefill_expert_parallel_size
@@ -299,5 +316,12 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         # Above the ingress's own bound, so the excess reaches it and gets a 429 instead of
         # waiting in the proxy's queue.
         max_ongoing_requests=parsed.max_in_flight + 64,
-        ray_actor_options={"num_cpus": parsed.ingress_num_cpus},
+        ray_actor_options={"num_cpus": parsed.ingress_num_cpus,
+                           **({"runtime_env": parsed.replica_runtime_env()} if parsed.serve_low_latency else {})},
     ).bind(_decode_pool(parsed, model), config)
+
+
+def _rank_actor_options(options: dict) -> dict:
+    """A rank actor's Ray options: the replica's, less Serve's replica knobs (runtime_env), which
+    are for Serve replicas, not for a plain actor."""
+    return {k: v for k, v in options["ray_actor_options"].items() if k != "runtime_env"}

@@ -173,8 +173,10 @@ class LLMWorker:
         engine_timing = EngineTiming()
         try:
             params = request.sampling_params()
+            # coalesce: when this loop or the Serve hop behind it falls behind the engine, the
+            # steps already done leave as one delta (one Serve message, one SSE chunk).
             stream = self._engine.generate({"prompt_token_ids": list(request.prompt_token_ids)}, params,
-                                           request.request_id, engine_timing, request.continuation)
+                                           request.request_id, engine_timing, request.continuation, coalesce=True)
             first = await stream.__anext__()
         except ValueError as error:  # bad input: refused before it touched the engine
             yield WorkerDelta(request.request_id, [], True, len(request.prompt_token_ids),

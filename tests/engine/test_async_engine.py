@@ -102,3 +102,30 @@ def test_engines_left_running_are_stopped_at_exit(llama_dir, monkeypatch):
     assert eng._thread.is_alive() and eng in async_engine._LIVE
     async_engine._shutdown_all()  # what atexit runs
     assert not eng._thread.is_alive() and eng not in async_engine._LIVE
+
+
+def test_coalesce_joins_the_steps_a_slow_reader_missed(engine, llama_dir):
+    """A reader that sleeps between reads gets several steps' tokens per output with `coalesce`,
+    and the joined deltas are exactly the offline tokens and text, n > 1 included."""
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=24, n=2, ignore_eos=True)
+    prompt = {"prompt_token_ids": [5, 9, 17, 33]}
+    offline = LLM(llama_dir).generate([prompt], params)[0]
+
+    async def read(coalesce: bool):
+        texts, tokens, reads = ["", ""], [[], []], 0
+        async for out in engine.generate(prompt, params, f"coalesce-{coalesce}", coalesce=coalesce):
+            reads += 1
+            for o in out.outputs:
+                texts[o.index] += o.delta_text
+                tokens[o.index] += o.delta_token_ids
+                assert o.token_ids[len(o.token_ids) - len(o.delta_token_ids):] == o.delta_token_ids
+            await asyncio.sleep(0.03)  # slower than a tiny model's step
+        return texts, tokens, reads
+
+    texts, tokens, reads = asyncio.run(read(True))
+    for o in offline.outputs:
+        assert tokens[o.index] == o.token_ids
+        assert texts[o.index] == o.text
+    assert reads < 24 / 2  # most reads carried more than one step
+    _, plain_tokens, plain_reads = asyncio.run(read(False))
+    assert plain_tokens == tokens and plain_reads >= 24

@@ -125,3 +125,21 @@ def test_metrics_have_the_stage_histograms(server):
     assert set(counts) == set(INTERVALS.values()) | {TOTAL}
     assert counts[TOTAL] >= 1 and counts["route"] >= 1
     assert "# TYPE tandem_ttft_stage_seconds histogram" in text
+
+
+def test_every_replica_runs_serve_on_one_event_loop(server):
+    """`serve_low_latency` (the default) reaches every replica's process: the ingress and the
+    engine replica run user code and routers on Serve's main loop (workers.app.LOW_LATENCY_SERVE_ENV)."""
+    import os
+
+    import ray
+
+    from tandem.workers.app import LOW_LATENCY_SERVE_ENV
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::timing#")]
+    assert {a["name"].split("#")[1] for a in replicas} == {"OpenAIIngress", "LLMWorker"}
+    for actor in replicas:
+        handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+        env = ray.get(handle.__ray_call__.remote(lambda _self: dict(os.environ)), timeout=30)
+        assert {k: env.get(k) for k in LOW_LATENCY_SERVE_ENV} == LOW_LATENCY_SERVE_ENV, actor["name"]
