@@ -1,4 +1,5 @@
-"""Suite-wide setup: Triton runs in its interpreter when there is no GPU; `gpu` tests skip
+"""Suite-wide setup: Triton runs in its interpreter when there is no GPU; Ray's local clusters get
+longer to start; `gpu` tests skip
 without one (they are reported as skipped, never silently passed); `slow` tests (soak,
 multi-node, bundle builds) run only when asked for, e.g. `pytest -m slow` or `-m "slow or not slow"`."""
 import os
@@ -7,6 +8,9 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+# The tests start many local Ray clusters; on a busy 2-core machine a GCS server has taken over
+# Ray's default 30 s to publish its port (every test of the module then errors at set-up).
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 if not HAS_CUDA:
     # Must be set before triton is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
