@@ -1,7 +1,7 @@
 """Suite-wide setup: Triton runs in its interpreter when there is no GPU; Ray's local clusters get
-longer to start; `gpu` tests skip
-without one (they are reported as skipped, never silently passed); `slow` tests (soak,
-multi-node, bundle builds) run only when asked for, e.g. `pytest -m slow` or `-m "slow or not slow"`."""
+longer to start; `gpu` tests skip without one (they are reported as skipped, never silently
+passed); `slow` tests (soak, multi-node, bundle builds) run only when asked for, e.g.
+`pytest -m slow` or `-m "slow or not slow"`."""
 import os
 
 import pytest
