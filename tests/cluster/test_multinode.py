@@ -23,6 +23,7 @@ from tandem.cluster.cli import build_parser
 from tandem.cluster.serve_cli import app_args
 from tandem.cluster.status_cli import format_report
 from tandem.router.openai_ingress import REPLICA_HEADER
+from tests.ray_start import start_ray
 from tests.router.serve_harness import free_port
 from tandem.engine.make_model import make_model
 from tandem.workers.serve_worker import LLMWorker
@@ -42,11 +43,16 @@ def cluster(tmp_path_factory):
     model_dir = str(make_model(tmp_path_factory.mktemp("multinode") / "llama", "llama", seed=7))
     saved = {k: os.environ.get(k) for k in FAST_METRICS}
     os.environ.update(FAST_METRICS)  # raylets (and the processes they start) inherit these
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    nodes = {"prefill": [cluster.add_node(num_cpus=2, resources={"prefill": 2}).node_id],
-             "decode": [cluster.add_node(num_cpus=1, resources={"decode": 1}).node_id,
-                        cluster.add_node(num_cpus=1, resources={"decode": 1}).node_id]}
-    ray.init(address=cluster.address, log_to_driver=False)
+
+    def start():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+        nodes = {"prefill": [cluster.add_node(num_cpus=2, resources={"prefill": 2}).node_id],
+                 "decode": [cluster.add_node(num_cpus=1, resources={"decode": 1}).node_id,
+                            cluster.add_node(num_cpus=1, resources={"decode": 1}).node_id]}
+        ray.init(address=cluster.address, log_to_driver=False)
+        return cluster, nodes
+
+    cluster, nodes = start_ray(start)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     flags = build_parser().parse_args([

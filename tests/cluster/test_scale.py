@@ -19,6 +19,7 @@ from tandem.cluster.cli import build_parser
 from tandem.cluster.serve_cli import app_args
 from tandem.router.openai_metrics import STATS_NAMESPACE, stats_board_name
 from tandem.engine.make_model import make_model
+from tests.ray_start import init_local
 from tests.router.serve_harness import free_port
 
 DISAGG, COLOCATED = "scale-disagg", "scale-colo"
@@ -34,7 +35,7 @@ def url(tmp_path_factory):
     model_dir = str(make_model(tmp_path_factory.mktemp("scale") / "llama", "llama", seed=7))
     # "local": a cluster of its own even when another run on this machine has one up; its CPU
     # count is a scheduling unit (two apps: 2 ingresses + 4 engine replicas at most).
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
+    init_local(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
     try:
         port = free_port()

@@ -11,6 +11,8 @@ ray = pytest.importorskip("ray")
 
 from kv_procs import make_cache  # noqa: E402
 
+from tests.ray_start import init_local  # noqa: E402
+
 FAST = dict(timeout_s=6.0, connect_timeout_s=6.0, heartbeat_s=0.2, peer_timeout_s=1.5,
             min_message_bytes=0)
 
@@ -72,7 +74,7 @@ class SenderActor:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    init_local(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": __import__("os").path.dirname(__file__)}})
     yield
     ray.shutdown()

@@ -18,6 +18,7 @@ import ray
 from ray import serve
 
 from tandem.cluster.ray_session import quiet_ray_logging
+from tests.ray_start import init_local
 
 FORWARD_WORKER_LOGS = os.environ.get("TANDEM_TEST_RAY_LOGS") == "1"
 
@@ -36,7 +37,7 @@ def local_serve() -> Iterator[str]:
     if ray.is_initialized():  # a connection an earlier test left (its own cluster is gone or not ours)
         ray.shutdown()
     # "local": a new cluster even when another run on this machine has one up.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING,
+    init_local(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=FORWARD_WORKER_LOGS)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})

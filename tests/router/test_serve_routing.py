@@ -17,6 +17,7 @@ from tandem.protocol.load import ReplicaLoad
 from tandem.router.publisher import KVEventPublisher
 from tandem.router.request_router import TandemRequestRouter
 from tandem.protocol.prefix_hash import hash_full_blocks
+from tests.ray_start import init_local
 
 BLOCK_SIZE = 4
 TOTAL_KV_BLOCKS = 1024
@@ -58,7 +59,7 @@ def deploy(app_name: str, policy: str):
 
 @pytest.fixture(scope="module")
 def handles():
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    init_local(address="local", num_cpus=4, include_dashboard=False)
     try:
         yield {"prefix": deploy("prefix", "prefix_aware"), "rr": deploy("rr", "round_robin")}
     finally:

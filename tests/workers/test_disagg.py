@@ -23,6 +23,7 @@ from tandem.workers.prefill_worker import PrefillWorker  # noqa: E402
 from tandem.protocol.sampling_params import SamplingParams  # noqa: E402
 from tandem.protocol.worker import WorkerRequest  # noqa: E402
 from tests.ray_actors import actor_state, alive  # noqa: E402
+from tests.ray_start import start_ray  # noqa: E402
 
 APP = "disagg"
 MAX_TOKENS = 8
@@ -50,11 +51,15 @@ def deploy(model: str, num_decode_replicas: int):
 
 @pytest.fixture(scope="module")
 def cluster(llama_dir):
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    prefill_node = cluster.add_node(num_cpus=1, resources={"prefill": 2})
-    decode_node = cluster.add_node(num_cpus=1, resources={"decode": 2})
-    ray.init(address=cluster.address, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    def start():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+        nodes = (cluster.add_node(num_cpus=1, resources={"prefill": 2}),
+                 cluster.add_node(num_cpus=1, resources={"decode": 2}))
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        return cluster, nodes
+
+    ray_cluster, (prefill_node, decode_node) = start_ray(start)
     serve.start(proxy_location="Disabled")
     try:
         handle = deploy(llama_dir, 1)
@@ -63,7 +68,7 @@ def cluster(llama_dir):
     finally:
         serve.shutdown()
         ray.shutdown()
-        cluster.shutdown()
+        ray_cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
