@@ -9,7 +9,7 @@ Receiver → sender: `Welcome`, `Done`, `Error`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Union
 
 import msgpack
@@ -54,16 +54,21 @@ class Welcome:
 
 @dataclass(frozen=True)
 class Begin:
-    """Opens a transfer: which registered request, into which receiver blocks, in what layout."""
+    """Opens a transfer: which registered request, into which receiver blocks and heads, in what
+    layout. With tensor parallelism one request's heads come from several senders, each opening
+    its own transfer of one part (a contiguous head range) of it."""
     request_id: str
     epoch: int
     dst_block_ids: list[int]
     num_layers: int
     dtype: str
-    block_shape: list[int]  # [block_size, num_kv_heads, head_dim]
+    block_shape: list[int]  # what is sent: [block_size, heads in this part, head_dim]
     # An FP8 cache's dequantization scales, k0, v0, k1, v1, ... (one pair per layer); empty for a
     # 16/32-bit cache. Blocks written with other scales would decode to other values.
     kv_scales: list[float] = field(default_factory=list)
+    # The receiver-local head where this part starts (0: the first; the part is
+    # [head_start, head_start + block_shape[1]) of the receiver's cache).
+    head_start: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class Chunk:
     layer_end: int
     nbytes: int
     dtype: str
-    shape: list[int]  # [layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+    shape: list[int]  # [layers, 2, num_blocks, block_size, heads in the part, head_dim]
 
 
 @dataclass(frozen=True)
@@ -106,10 +111,18 @@ _TYPES: dict[str, type] = {cls.__name__.lower(): cls for cls in (Hello, Welcome,
 
 
 def encode(msg: Message) -> bytes:
-    body: dict[str, Any] = {"type": type(msg).__name__.lower()}
+    kind = type(msg).__name__.lower()
+    body: dict[str, Any] = {"type": kind}
     for f in fields(msg):
-        body[f.name] = getattr(msg, f.name)
+        value = getattr(msg, f.name)
+        if (kind, f.name) in _OPTIONAL and value == _default(f):
+            continue  # left out at its default, so a peer that predates the field still reads it
+        body[f.name] = value
     return msgpack.packb(body, use_bin_type=True)
+
+
+def _default(f):
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 def decode(frame: bytes) -> Message:
@@ -196,7 +209,7 @@ def _dtype(v: Any) -> str:
 
 
 # Fields added after version 1: a peer that predates them omits them (and gets the default).
-_OPTIONAL = {("begin", "kv_scales")}
+_OPTIONAL = {("begin", "kv_scales"), ("begin", "head_start")}
 
 # An Error reply may name no request (e.g. it answers a frame that could not be parsed).
 _NULLABLE = {("error", "request_id")}
@@ -213,6 +226,7 @@ _FIELD_CHECKS = {
     "dtype": _dtype,
     "block_shape": _int_list(3, 3, 1, 1 << 20),
     "kv_scales": _scales,
+    "head_start": _int(0, 1 << 20),
     "seq": _int(0),
     "layer_start": _int(0, 1 << 16),
     "layer_end": _int(1, 1 << 16),

@@ -1,9 +1,15 @@
 """The decode side: registers expected transfers and lands incoming KV blocks into them.
 
+A request's KV heads are split into parts (contiguous head ranges, `expect(..., head_ranges)`;
+by default one part of all heads); each part is filled by one sender's session, so with tensor
+parallelism several prefill ranks fill one decode rank's blocks. The request succeeds when every
+part landed every layer and fails as a whole if any part does.
+
 Threads: one control thread owns the zmq ROUTER socket (parses and validates every message,
 answers errors, watches sender heartbeats); one thread per paired sender owns that pair's
 process group and posts its recvs in announcement order, then scatters into the registered
-blocks. Only blocks registered by `expect` for the announced request are ever written.
+blocks. Only blocks registered by `expect` for the announced request, and within them only the
+heads of the part the sender announced, are ever written.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from tandem.kvtransfer.pair import (
 from tandem.kvtransfer.staging import block_id_tensor, check_kv_cache, check_kv_scales, scatter_layers
 
 _MAX_FRAME_BYTES = 64 << 20
+_MAX_TOLD = 1024  # request ids per pair whose failure its sender was told of (see `_SenderLink.told`)
 
 
 class ReceiveHandle:
@@ -52,7 +59,12 @@ class ReceiveHandle:
 
     @property
     def layers_received(self) -> int:
+        """Layers landed in every part (all heads) so far."""
         return self._request.layers_landed
+
+    @property
+    def head_ranges(self) -> list[tuple[int, int]]:
+        return [(part.start, part.end) for part in self._request.parts]
 
     def done(self) -> bool:
         """True once the transfer succeeded or failed (never blocks)."""
@@ -81,22 +93,41 @@ class ReceiveHandle:
 
 
 @dataclass(eq=False)
+class _Part:
+    """Heads [start, end) of a request, filled by exactly one sender's session."""
+    start: int
+    end: int
+    sender: bytes | None = None  # bound by the first acceptable Begin naming `start`
+    epoch: int = -1
+    next_announced_layer: int = 0
+    layers_landed: int = 0
+
+    @property
+    def width(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(eq=False)
 class _Request:
     request_id: str
     dst_ids: torch.Tensor
     dst_list: list[int]
     num_layers: int
-    state: str = "expecting"  # expecting → active → ok | failed
-    sender: bytes | None = None
-    epoch: int = -1
-    next_announced_layer: int = 0
-    layers_landed: int = 0
+    parts: list[_Part]
+    state: str = "expecting"  # expecting → active (a part is bound) → ok | failed
     bytes_landed: int = 0
     t_begin: float = 0.0
     error: TransferError | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     finished: threading.Event = field(default_factory=threading.Event)
     callbacks: list = field(default_factory=list)  # ReceiveHandle.add_done_callback's, run once at the end
+
+    @property
+    def layers_landed(self) -> int:
+        return min(part.layers_landed for part in self.parts)
+
+    def senders(self) -> list[bytes]:
+        return [part.sender for part in self.parts if part.sender is not None]
 
     def set_finished(self) -> None:
         """The transfer ended (state ok or failed): wake `wait`, run the callbacks."""
@@ -111,6 +142,7 @@ class _Request:
 class _RecvJob:
     chunk: Chunk
     target: _Request | None  # None: drain into scratch (rejected), keeping the pair in step
+    part: _Part | None = None
 
 
 @dataclass(eq=False)
@@ -124,6 +156,10 @@ class _SenderLink:
     group: object = None
     broken: bool = False
     thread: threading.Thread | None = None
+    # Requests this sender was sent an Error for. Its chunks of them still in flight are drained
+    # without another reply: replies name only the request, so a late one could reach (and fail)
+    # a later session of the same request on this pair. A Begin for the request reopens it.
+    told: collections.OrderedDict = field(default_factory=collections.OrderedDict)
 
 
 class KVReceiver:
@@ -177,13 +213,19 @@ class KVReceiver:
 
     # ---- public API -------------------------------------------------------------------------
 
-    def expect(self, request_id: str, dst_block_ids, num_layers: int) -> ReceiveHandle:
-        """Registers a transfer into `dst_block_ids` (allocated by the caller) before it is sent."""
+    def expect(self, request_id: str, dst_block_ids, num_layers: int,
+               head_ranges: Sequence[tuple[int, int]] | None = None) -> ReceiveHandle:
+        """Registers a transfer into `dst_block_ids` (allocated by the caller) before it is sent.
+
+        `head_ranges`: the parts the request's heads come in, [start, end) ranges of this cache's
+        heads, sorted, disjoint and covering all of them; each is filled by one sender (a `Begin`
+        with that `head_start` and width). None: one part, all heads, one sender."""
         if not isinstance(request_id, str) or not 0 < len(request_id) <= 256:
             raise ValueError(f"request_id must be a str of 1-256 chars, got {request_id!r}")
         total_layers = self.kv_cache.shape[0]
         if type(num_layers) is not int or not 1 <= num_layers <= total_layers:
             raise ValueError(f"num_layers must be an int in [1, {total_layers}], got {num_layers!r}")
+        parts = _parts(head_ranges, self.kv_cache.shape[4])
         ids = block_id_tensor(dst_block_ids, self.kv_cache.shape[2], self.kv_cache.device,
                               "dst_block_ids", unique=True)
         if ids.numel() > self.config.max_blocks_per_request:
@@ -197,7 +239,7 @@ class KVReceiver:
             overlap = self._claimed.intersection(dst_list)
             if overlap:
                 raise ValueError(f"blocks {sorted(overlap)[:8]} are registered to another request")
-            request = _Request(request_id, ids, dst_list, num_layers)
+            request = _Request(request_id, ids, dst_list, num_layers, parts)
             self._requests[request_id] = request
             self._claimed.update(dst_list)
         return ReceiveHandle(self, request)
@@ -299,9 +341,11 @@ class KVReceiver:
         elif isinstance(msg, Chunk):
             self._on_chunk(link, msg)
         elif isinstance(msg, Cancel):
-            request = self._bound_request(msg.request_id, link)
+            request, _ = self._bound_request(msg.request_id, link)
             if request is not None:
-                self._fail(request, f"sender cancelled: {msg.reason}", notify_sender=False)
+                # the other parts' senders learn it; the one that cancelled knows
+                self._fail(request, f"sender cancelled: {msg.reason}", notify_sender=True,
+                           skip=link.identity)
         else:
             self._reject(identity, None, f"unexpected message {type(msg).__name__} from a sender")
 
@@ -333,6 +377,8 @@ class KVReceiver:
     def _on_begin(self, link: _SenderLink, msg: Begin) -> None:
         with self._lock:
             request = self._requests.get(msg.request_id)
+            link.told.pop(msg.request_id, None)  # chunks from here on are this session's
+        part = None
         problem = None
         if request is None:
             problem = "not expected here (unknown, finished or aborted)"
@@ -342,21 +388,37 @@ class KVReceiver:
             problem = "dst_block_ids do not match the registered blocks"
         elif msg.num_layers != request.num_layers:
             problem = f"num_layers {msg.num_layers} != registered {request.num_layers}"
-        elif msg.dtype != self._dtype or msg.block_shape != self._block_shape:
-            problem = (f"layout {msg.dtype}{msg.block_shape} != receiver's "
-                       f"{self._dtype}{self._block_shape}")
-        elif msg.kv_scales != self._kv_scales:
-            problem = (f"KV cache scales differ: the sender's {_brief(msg.kv_scales)} != the receiver's "
-                       f"{_brief(self._kv_scales)} (both sides must quantize with the same per-layer scales)")
+        else:
+            part = next((p for p in request.parts if p.start == msg.head_start), None)
+            bs, _, dim = self._block_shape
+            if part is None:
+                problem = (f"head_start {msg.head_start} names no part of this request "
+                           f"(its head ranges: {[(p.start, p.end) for p in request.parts]})")
+            elif msg.dtype != self._dtype or msg.block_shape[0] != bs or msg.block_shape[2] != dim:
+                problem = (f"layout {msg.dtype}{msg.block_shape} != receiver's "
+                           f"{self._dtype}{[bs, part.width, dim]}")
+            elif msg.block_shape[1] != part.width:
+                problem = (f"{msg.block_shape[1]} heads sent for part [{part.start}, {part.end}), "
+                           f"which has {part.width}")
+            elif msg.kv_scales != self._kv_scales:
+                problem = (f"KV cache scales differ: the sender's {_brief(msg.kv_scales)} != the receiver's "
+                           f"{_brief(self._kv_scales)} (both sides must quantize with the same per-layer scales)")
         if problem is None:
             with request.lock:
-                if request.state != "expecting":
+                if request.state not in ("expecting", "active"):
                     problem = f"already {request.state}"
+                elif part.sender is not None:
+                    problem = f"part [{part.start}, {part.end}) is already being sent by another session"
+                elif any(p.sender == link.identity and p.epoch == link.epoch for p in request.parts):
+                    # Chunks name only the request, so one pair can carry one part of it.
+                    problem = "this sender already sends another part of this request"
                 else:
+                    if request.state == "expecting":
+                        request.t_begin = time.monotonic()
                     request.state = "active"
-                    request.sender, request.epoch = link.identity, link.epoch
-                    request.t_begin = time.monotonic()
+                    part.sender, part.epoch = link.identity, link.epoch
         if problem is not None:
+            self._mark_told(link.identity, msg.request_id)
             self._reject(link.identity, msg.request_id, f"begin rejected: {problem}")
 
     def _on_chunk(self, link: _SenderLink, msg: Chunk) -> None:
@@ -380,33 +442,44 @@ class KVReceiver:
             self._break_link(link, f"protocol error from {link.sender_id}: {problem}")
             return
         link.next_seq += 1
-        request = self._bound_request(msg.request_id, link)
+        request, part = self._bound_request(msg.request_id, link)
         problem = None
         if request is None:
             problem = "no active transfer of this request from this sender"
-        elif msg.layer_start != request.next_announced_layer or msg.layer_end > request.num_layers:
+        elif msg.layer_start != part.next_announced_layer or msg.layer_end > request.num_layers:
             problem = (f"layers [{msg.layer_start}, {msg.layer_end}) out of order "
-                       f"(next {request.next_announced_layer}, total {request.num_layers})")
-        elif msg.dtype != self._dtype or msg.shape[2:] != [len(request.dst_list), *self._block_shape]:
-            problem = f"chunk shape {msg.shape} {msg.dtype} does not match the registered blocks"
+                       f"(next {part.next_announced_layer}, total {request.num_layers})")
+        else:
+            bs, _, dim = self._block_shape
+            if msg.dtype != self._dtype or msg.shape[2:] != [len(request.dst_list), bs, part.width, dim]:
+                problem = (f"chunk shape {msg.shape} {msg.dtype} does not match the registered blocks "
+                           f"and heads [{part.start}, {part.end})")
         if problem is None:
-            request.next_announced_layer = msg.layer_end
-            link.jobs.put(_RecvJob(msg, request))
+            part.next_announced_layer = msg.layer_end
+            link.jobs.put(_RecvJob(msg, request, part))
             return
         link.jobs.put(_RecvJob(msg, None))  # drain it so the pair stays in step
         if request is not None:
             self._fail(request, f"bad chunk: {problem}", notify_sender=True)
-        else:
-            self._reject(link.identity, msg.request_id, f"chunk rejected: {problem}")
+            return
+        with self._lock:
+            told = msg.request_id in link.told
+        if told:
+            self._metrics.add(rejected_messages=1)  # the sender already knows: no second reply
+            return
+        self._mark_told(link.identity, msg.request_id)
+        self._reject(link.identity, msg.request_id, f"chunk rejected: {problem}")
 
-    def _bound_request(self, request_id: str, link: _SenderLink) -> _Request | None:
+    def _bound_request(self, request_id: str, link: _SenderLink) -> tuple[_Request | None, _Part | None]:
+        """The active request and its part this pair (sender and epoch) is sending, if any."""
         with self._lock:
             request = self._requests.get(request_id)
         if request is None or request.state != "active":
-            return None
-        if request.sender != link.identity or request.epoch != link.epoch:
-            return None
-        return request
+            return None, None
+        for part in request.parts:
+            if part.sender == link.identity and part.epoch == link.epoch:
+                return request, part
+        return None, None
 
     def _check_heartbeats(self) -> None:
         cutoff = time.monotonic() - self.config.peer_timeout_s
@@ -484,17 +557,21 @@ class KVReceiver:
             wait_work(work, deadline, stream is not None, on_idle=post_more)
             self._metrics.add(messages_received=1)
             if job.target is not None:
-                self._land(job.target, job.chunk, buf, stream)
+                self._land(job.target, job.part, job.chunk, buf, stream)
 
-    def _land(self, request: _Request, chunk: Chunk, buf: torch.Tensor, stream) -> None:
+    def _land(self, request: _Request, part: _Part, chunk: Chunk, buf: torch.Tensor, stream) -> None:
+        # Parts of one request land from several pair threads; the request's lock orders them
+        # against each other and against `_fail`, so nothing is written after a failure.
         with request.lock:
             if request.state != "active":
                 return  # aborted while in flight: discard
-            scatter_layers(buf, self.kv_cache, chunk.layer_start, chunk.layer_end, request.dst_ids)
+            scatter_layers(buf, self.kv_cache, chunk.layer_start, chunk.layer_end, request.dst_ids,
+                           (part.start, part.end))
             if stream is not None:
                 stream.synchronize()
-            request.layers_landed = chunk.layer_end
+            part.layers_landed = chunk.layer_end
             request.bytes_landed += chunk.nbytes
+            part_done = part.layers_landed == request.num_layers
             complete = request.layers_landed == request.num_layers
             if complete:
                 request.state = "ok"
@@ -503,7 +580,9 @@ class KVReceiver:
             self._metrics.add(transfers_ok=1, transfer_seconds=time.monotonic() - request.t_begin)
             self._release(request)
             request.set_finished()
-            self._outbox.put((request.sender, Done(request.request_id)))
+        if part_done:
+            # That sender's session is over; the request may still wait for other parts.
+            self._outbox.put((part.sender, Done(request.request_id)))
 
     # ---- failure ------------------------------------------------------------------------------
 
@@ -513,17 +592,32 @@ class KVReceiver:
                 del self._requests[request.request_id]
                 self._claimed.difference_update(request.dst_list)
 
-    def _fail(self, request: _Request, reason: str, notify_sender: bool) -> None:
+    def _fail(self, request: _Request, reason: str, notify_sender: bool,
+              skip: bytes | None = None) -> None:
+        """Fails the whole request; with `notify_sender`, every part's sender but `skip` is told."""
         with request.lock:
             if request.state in ("ok", "failed"):
                 return
             request.state = "failed"
             request.error = TransferError(request.request_id, reason)
+            senders = request.senders()
         self._release(request)
         self._metrics.add(transfers_failed=1)
         request.set_finished()
-        if notify_sender and request.sender is not None:
-            self._outbox.put((request.sender, Error(request.request_id, reason[:2048])))
+        for identity in senders:
+            self._mark_told(identity, request.request_id)  # `skip` (it cancelled) knows too
+            if notify_sender and identity != skip:
+                self._outbox.put((identity, Error(request.request_id, reason[:2048])))
+
+    def _mark_told(self, identity: bytes, request_id: str) -> None:
+        with self._lock:
+            link = self._links.get(identity)
+            if link is None:
+                return
+            link.told[request_id] = None
+            link.told.move_to_end(request_id)
+            if len(link.told) > _MAX_TOLD:
+                link.told.popitem(last=False)  # forgetting one costs at most a redundant reply
 
     def _break_link(self, link: _SenderLink, reason: str) -> None:
         with self._lock:
@@ -533,13 +627,51 @@ class KVReceiver:
             if self._links.get(link.identity) is link:
                 del self._links[link.identity]
             group = link.group
+            # A part this pair already delivered in full does not need it any more.
             bound = [r for r in self._requests.values()
-                     if r.sender == link.identity and r.epoch == link.epoch]
+                     if any(p.sender == link.identity and p.epoch == link.epoch
+                            and p.layers_landed < r.num_layers for p in r.parts)]
         self._metrics.add(pairs_broken=1)
         for request in bound:
             self._fail(request, reason, notify_sender=True)
         link.jobs.put(None)
         abort_group(group)
+
+
+def _parts(head_ranges, num_heads: int) -> list[_Part]:
+    """`expect`'s head_ranges as parts; they must tile [0, num_heads) in order."""
+    if head_ranges is None:
+        return [_Part(0, num_heads)]
+    if isinstance(head_ranges, (str, bytes)) or not isinstance(head_ranges, Sequence):
+        raise ValueError(f"head_ranges must be a sequence of (start, end) pairs, got {head_ranges!r}")
+    ranges = []
+    for r in head_ranges:
+        pair = tuple(r) if isinstance(r, (tuple, list)) else ()
+        if len(pair) != 2 or any(type(h) is not int for h in pair):
+            raise ValueError(f"head_ranges must be (start, end) pairs of ints, got {r!r}")
+        ranges.append(pair)
+    if not ranges:
+        raise ValueError("head_ranges must not be empty")
+    for start, end in ranges:
+        if start >= end:
+            raise ValueError(f"head range ({start}, {end}) is empty")
+        if start < 0:
+            raise ValueError(f"head range ({start}, {end}) is outside [0, {num_heads})")
+    if ranges != sorted(ranges):
+        raise ValueError(f"head_ranges {ranges} must be sorted and disjoint")
+    covered = 0  # heads [0, covered) are in the ranges so far
+    for start, end in ranges:
+        if start < covered:
+            raise ValueError(f"head_ranges {ranges} must be sorted and disjoint: ({start}, {end}) "
+                             f"overlaps the range before it")
+        if start > covered:
+            raise ValueError(f"head_ranges {ranges} must cover [0, {num_heads}) exactly: heads "
+                             f"[{covered}, {start}) are in no range")
+        covered = end
+    if covered != num_heads:
+        raise ValueError(f"head_ranges {ranges} must cover [0, {num_heads}) exactly (this cache's heads), "
+                         f"they end at {covered}")
+    return [_Part(start, end) for start, end in ranges]
 
 
 def _listen(host: str, port: int) -> tuple[int, int]:

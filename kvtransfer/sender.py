@@ -5,11 +5,16 @@
 into a staging buffer, announces it on the control channel and posts the send on the pair's
 process group, keeping a few messages in flight. `finish` waits for the receiver's
 acknowledgement. Layers are coalesced up to `min_message_bytes` so messages stay large.
+
+With tensor parallelism a session may carry a head slice `src_heads` of this cache into the
+receiver's heads from `dst_head_start` on: one part of a request that several senders fill
+(see `tp_plan.plan_head_parts`). Only the slice's bytes are staged and sent.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import socket
 import threading
 import time
@@ -36,10 +41,12 @@ from tandem.kvtransfer.staging import block_id_tensor, check_kv_cache, check_kv_
 
 
 class SendSession:
-    """One request's transfer to one receiver. Not thread-safe: call from one thread."""
+    """One request's transfer (all heads, or one head slice) to one receiver. Not thread-safe:
+    call from one thread."""
 
     def __init__(self, sender: "KVSender", link: "_ReceiverLink", request_id: str,
-                 src_ids: torch.Tensor, dst_list: list[int], num_layers: int) -> None:
+                 src_ids: torch.Tensor, dst_list: list[int], num_layers: int,
+                 src_heads: tuple[int, int], dst_head_start: int) -> None:
         self.request_id = request_id
         self.peer = link.peer
         self.num_layers = num_layers
@@ -47,10 +54,11 @@ class SendSession:
         self._link = link
         self.src_ids = src_ids
         self.dst_list = dst_list
+        self.src_heads = src_heads            # [start, end) of this cache's heads that are sent
+        self.dst_head_start = dst_head_start  # where they land in the receiver's cache
         self._next_layer = 0          # caller side: next layer send_layers accepts
         self._pending_start = 0       # caller side: first layer not yet handed to the link
-        self._layer_bytes = staging_shape(sender.kv_cache, 1, len(dst_list))
-        self._layer_bytes = _prod(self._layer_bytes) * sender.kv_cache.element_size()
+        self._layer_bytes = _layer_bytes(sender.kv_cache, len(dst_list), src_heads)
         self._max_layers_per_message = max(1, sender.config.max_message_bytes // self._layer_bytes)
         # link side
         self.epoch = -1
@@ -151,9 +159,14 @@ class KVSender:
         self._closed = False
 
     def begin(self, request_id: str, peer: str, src_block_ids, dst_block_ids,
-              num_layers: int | None = None) -> SendSession:
+              num_layers: int | None = None, src_heads: tuple[int, int] | None = None,
+              dst_head_start: int = 0) -> SendSession:
         """Opens a transfer of layers [0, num_layers) of `src_block_ids` here into the receiver's
-        `dst_block_ids`; `peer` is the receiver's `KVReceiver.address` ("tcp://host:port")."""
+        `dst_block_ids`; `peer` is the receiver's `KVReceiver.address` ("tcp://host:port").
+
+        `src_heads=(a, b)` sends only heads [a, b) of this cache (None: all of them), into the
+        receiver's heads [dst_head_start, dst_head_start + b - a): one part of the request, which
+        the receiver must have registered (`KVReceiver.expect(..., head_ranges)`)."""
         if not isinstance(request_id, str) or not 0 < len(request_id) <= 256:
             raise ValueError(f"request_id must be a str of 1-256 chars, got {request_id!r}")
         _parse_peer(peer)
@@ -170,19 +183,37 @@ class KVSender:
             raise ValueError("dst_block_ids must be distinct non-negative ints")
         if len(dst) > self.config.max_blocks_per_request:
             raise ValueError(f"{len(dst)} blocks exceed max_blocks_per_request")
-        layer_bytes = _prod(staging_shape(self.kv_cache, 1, len(dst))) * self.kv_cache.element_size()
+        heads = self._check_heads(src_heads, dst_head_start)
+        layer_bytes = _layer_bytes(self.kv_cache, len(dst), heads)
         if layer_bytes > self.config.max_message_bytes:
             raise ValueError(f"one layer of this request is {layer_bytes} bytes, above "
                              f"max_message_bytes={self.config.max_message_bytes}")
         link = self._link(peer)
-        session = SendSession(self, link, request_id, src, dst, num_layers)
+        session = SendSession(self, link, request_id, src, dst, num_layers, heads, dst_head_start)
         link.post(("begin", session))
         return session
 
+    def _check_heads(self, src_heads, dst_head_start) -> tuple[int, int]:
+        num_heads = self.kv_cache.shape[4]
+        if src_heads is None:
+            heads = (0, num_heads)
+        else:
+            heads = tuple(src_heads) if isinstance(src_heads, (tuple, list)) else ()
+            if len(heads) != 2 or any(type(h) is not int for h in heads) \
+                    or not 0 <= heads[0] < heads[1] <= num_heads:
+                raise ValueError(f"src_heads must be (start, end) ints with 0 <= start < end <= "
+                                 f"{num_heads} (this cache's heads), got {src_heads!r}")
+        # The wire format bounds head indices (messages: head_start <= 2**20).
+        if type(dst_head_start) is not int or not 0 <= dst_head_start <= 1 << 20:
+            raise ValueError(f"dst_head_start must be an int in [0, 2**20], got {dst_head_start!r}")
+        return heads
+
     def send(self, request_id: str, peer: str, src_block_ids, dst_block_ids,
-             num_layers: int | None = None, timeout: float | None = None) -> None:
+             num_layers: int | None = None, timeout: float | None = None,
+             src_heads: tuple[int, int] | None = None, dst_head_start: int = 0) -> None:
         """One-shot: all layers at once, then wait for the acknowledgement."""
-        session = self.begin(request_id, peer, src_block_ids, dst_block_ids, num_layers)
+        session = self.begin(request_id, peer, src_block_ids, dst_block_ids, num_layers,
+                             src_heads=src_heads, dst_head_start=dst_head_start)
         session.send_layers(0, session.num_layers)
         session.finish(timeout)
 
@@ -311,9 +342,11 @@ class _ReceiverLink:
         session.epoch = self.epoch
         session.t_begin = time.monotonic()
         self.sessions[session.request_id] = session
+        _, _, _, bs, _, dim = self.sender.kv_cache.shape
+        start, end = session.src_heads
         self._send(Begin(session.request_id, self.epoch, session.dst_list, session.num_layers,
-                         dtype_name(self.sender.kv_cache.dtype), list(self.sender.kv_cache.shape[3:]),
-                         self.sender.kv_scales))
+                         dtype_name(self.sender.kv_cache.dtype), [bs, end - start, dim],
+                         self.sender.kv_scales, session.dst_head_start))
 
     def _chunk(self, session: SendSession, layer_start: int, layer_end: int, event) -> None:
         if session.done():
@@ -323,7 +356,8 @@ class _ReceiverLink:
             return
         if event is not None:
             self._stream.wait_event(event)
-        staging = gather_layers(self.sender.kv_cache, layer_start, layer_end, session.src_ids)
+        staging = gather_layers(self.sender.kv_cache, layer_start, layer_end, session.src_ids,
+                                session.src_heads)
         nbytes = staging.numel() * staging.element_size()
         seq = self.next_seq
         self.next_seq += 1
@@ -445,9 +479,7 @@ def _parse_peer(peer: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
+def _layer_bytes(kv_cache: torch.Tensor, num_blocks: int, heads: tuple[int, int]) -> int:
+    """Bytes one layer of a request adds to a message: only the heads that are sent."""
+    return math.prod(staging_shape(kv_cache, 1, num_blocks, heads)) * kv_cache.element_size()
 
