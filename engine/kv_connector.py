@@ -55,6 +55,11 @@ class KVConnector:
         `kv_scales`: an FP8 cache's per-layer scales, k0, v0, k1, v1, ... (empty otherwise):
         KV from a worker with other scales must not land here."""
 
+    def use_tensor_parallel(self, runner) -> None:
+        """Called after `bind` when the engine is rank 0 of a tensor-parallel group (`runner`, a
+        `TensorParallelModelRunner`): the other ranks' caches hold the other KV heads."""
+        raise ValueError(f"{type(self).__name__} does not move KV with tensor parallelism")
+
     # ------------------------------------------------------------------------------- load
     @property
     def loads(self) -> bool:

@@ -114,13 +114,12 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.runner = (runner_factory or ModelRunner)(config, self.hf_config, weights)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        if kv_connector is not None and getattr(self.runner, "tensor_parallel_size", 1) > 1:
-            raise ValueError("a KV connector (disaggregated prefill/decode) is not supported with tensor "
-                             "parallelism yet")
         self.kv_connector = kv_connector or KVConnector()
         self._transfer_wakeup = threading.Event()  # set by the connector when a transfer resolves
         self.kv_connector.bind(self.runner.kv_cache, config.block_size, self._transfer_wakeup,
                                kv_scales=self.runner.kv_scales.flat() if self.runner.kv_scales else [])
+        if kv_connector is not None and getattr(self.runner, "tensor_parallel_size", 1) > 1:
+            kv_connector.use_tensor_parallel(self.runner)  # a connector that cannot raises
         # Evicted prefix blocks spill to host memory and come back on a hit (None: off).
         self.host_tier = make_host_tier(self.block_manager, self.runner.kv_cache, config.host_kv_cache_gb,
                                         config.max_num_batched_tokens)

@@ -43,14 +43,19 @@ def head_shard(num_heads: int, num_kv_heads: int, rank: int, world_size: int) ->
     """Query heads split evenly; KV heads split evenly, or (world_size > num_kv_heads) each KV
     head replicated on world_size / num_kv_heads consecutive ranks: the ranks whose query heads
     read it under grouped-query attention."""
-    q_heads = split_evenly(num_heads, rank, world_size, "num_attention_heads")
+    return HeadShard(split_evenly(num_heads, rank, world_size, "num_attention_heads"),
+                     kv_head_shard(num_kv_heads, rank, world_size))
+
+
+def kv_head_shard(num_kv_heads: int, rank: int, world_size: int) -> range:
+    """The KV heads rank `rank`'s cache holds (`head_shard`'s; they depend on nothing else)."""
     if world_size <= num_kv_heads:
-        return HeadShard(q_heads, split_evenly(num_kv_heads, rank, world_size, "num_key_value_heads"))
+        return split_evenly(num_kv_heads, rank, world_size, "num_key_value_heads")
     if world_size % num_kv_heads:
         raise ValueError(f"tensor_parallel_size ({world_size}) exceeds num_key_value_heads ({num_kv_heads}) "
                          "and is not a multiple of it, so KV heads cannot be replicated evenly")
     kv = rank // (world_size // num_kv_heads)
-    return HeadShard(q_heads, range(kv, kv + 1))
+    return range(kv, kv + 1)
 
 
 def vocab_shard(vocab_size: int, rank: int, world_size: int) -> tuple[range, int]:

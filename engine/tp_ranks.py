@@ -13,6 +13,7 @@ import functools
 import multiprocessing as mp
 import traceback
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -44,7 +45,7 @@ def check_devices(device: str, world_size: int) -> None:
 
 
 def _follower_main(config: EngineConfig, rank: int, world_size: int, port: int, prefix: str, timeout_s: float,
-                   errors) -> None:
+                   errors, follower_hook=None) -> None:
     try:
         from torch.distributed import TCPStore
 
@@ -54,7 +55,10 @@ def _follower_main(config: EngineConfig, rank: int, world_size: int, port: int, 
             torch.cuda.set_device(config.device)  # Triton launches and graph captures use the current device
         store = TCPStore("127.0.0.1", port, world_size, False, timeout=timedelta(seconds=timeout_s))
         tp = TensorParallelGroup(store, rank, world_size, config.device, prefix, timeout_s)
-        TensorParallelModelRunner(config, load_hf_config(config.model), tp=tp).follow()
+        runner = TensorParallelModelRunner(config, load_hf_config(config.model), tp=tp)
+        if follower_hook is not None:
+            runner.hook = follower_hook(runner)
+        runner.follow()
     except BaseException:
         errors.put((rank, traceback.format_exc()))
         raise SystemExit(1)
@@ -63,7 +67,10 @@ def _follower_main(config: EngineConfig, rank: int, world_size: int, port: int, 
 class TensorParallelRanks:
     """Starts ranks 1..N-1 and joins the group as rank 0; `runner_factory` builds rank 0's runner."""
 
-    def __init__(self, config: EngineConfig, world_size: int, timeout_s: float = 300.0) -> None:
+    def __init__(self, config: EngineConfig, world_size: int, timeout_s: float = 300.0,
+                 follower_hook: Callable | None = None) -> None:
+        """`follower_hook(runner)`: each follower's `FollowerHook` (picklable: the followers are
+        spawned), for a group whose engine moves KV (e.g. `workers.tp_disagg.prefill_follower`)."""
         from torch.distributed import TCPStore
 
         check_tensor_parallel(load_hf_config(config.model), world_size)
@@ -77,7 +84,8 @@ class TensorParallelRanks:
         self._errors = ctx.Queue()
         self.procs = [ctx.Process(target=_follower_main, daemon=True, name=f"tandem-tp-rank{rank}",
                                   args=(dataclasses.replace(config, device=rank_device(config.device, rank)),
-                                        rank, world_size, self.store.port, prefix, timeout_s, self._errors))
+                                        rank, world_size, self.store.port, prefix, timeout_s, self._errors,
+                                        follower_hook))
                       for rank in range(1, world_size)]
         for proc in self.procs:
             proc.start()

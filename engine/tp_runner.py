@@ -7,7 +7,9 @@ inputs (the one int64 buffer `ModelRunner.pack` builds, placeholder ids already 
 0) and runs the same forward pass, so every rank writes its own KV heads into the same slots.
 
 The channel (`LockstepChannel`): while the leader is stepping, each step is two broadcasts from
-rank 0 over the group (a fixed-size header: op, layout; then the buffer). Between bursts of work
+rank 0 over the group (a fixed-size header: op, layout; then the buffer), three when the step
+carries a message for the followers' `FollowerHook` (bytes: what a disaggregated prefill's ranks
+must send in this step, `workers.tp_disagg`). Between bursts of work
 the leader sends PAUSE and the followers wait on the group's TCPStore for a wake-up key instead
 of in a collective, so an idle replica never runs into the collective timeout; a follower whose
 leader died sees its store connection close (or the collective fail) and exits.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Protocol
 
 import torch
 from torch.distributed import DistStoreError
@@ -34,7 +37,19 @@ class StepOp(enum.IntEnum):
     STOP = 3  # leave `follow()`
 
 
-_HEADER_LEN = 4 + len(STEP_FIELDS)  # op, num_seqs, width, is_decode, lengths
+_HEADER_LEN = 5 + len(STEP_FIELDS)  # op, num_seqs, width, is_decode, message bytes, lengths
+
+
+class FollowerHook(Protocol):
+    """A follower's part in a step the leader sent a message with (the leader's KV connector
+    wrote it): `on_step(message)` before the step's forward pass, which then runs eagerly with
+    `layer_computed(i)` after each layer (as the leader's does), and `step_computed()` after it."""
+
+    def on_step(self, message: bytes) -> None: ...
+
+    def layer_computed(self, layer: int) -> None: ...
+
+    def step_computed(self) -> None: ...
 
 
 class LockstepChannel:
@@ -53,21 +68,25 @@ class LockstepChannel:
     def _wake_key(self) -> str:
         return f"{self.tp.prefix}.lockstep/wake/{self.epoch}"
 
-    def _header(self, op: StepOp, layout: StepLayout | None) -> torch.Tensor:
-        values = [int(op), 0, 0, 0, *([0] * len(STEP_FIELDS))]
+    def _header(self, op: StepOp, layout: StepLayout | None, message_len: int = 0) -> torch.Tensor:
+        values = [int(op), 0, 0, 0, 0, *([0] * len(STEP_FIELDS))]
         if layout is not None:
-            values[1:] = [layout.num_seqs, layout.width, int(layout.is_decode), *layout.lengths]
+            values[1:] = [layout.num_seqs, layout.width, int(layout.is_decode), message_len, *layout.lengths]
         return torch.tensor(values, dtype=torch.int64).to(self.tp.device, non_blocking=True)
 
     # ------------------------------------------------------------------ leader
-    def send_step(self, layout: StepLayout, buffer: torch.Tensor) -> None:
+    def send_step(self, layout: StepLayout, buffer: torch.Tensor, message: bytes = b"") -> None:
+        """`message`: for the followers' hook (non-empty: they run this step eagerly, with it)."""
         if self.stopped:
             raise RuntimeError("the tensor-parallel group was stopped")
         if not self.awake:
             self.tp.store.set(self._wake_key(), b"step")
             self.awake = True
-        self.tp.broadcast(self._header(StepOp.STEP, layout))
+        self.tp.broadcast(self._header(StepOp.STEP, layout, len(message)))
         self.tp.broadcast(buffer)
+        if message:
+            data = torch.frombuffer(bytearray(message), dtype=torch.uint8)
+            self.tp.broadcast(data.to(self.tp.device))
 
     def pause(self) -> None:
         if self.awake and not self.stopped:
@@ -85,7 +104,7 @@ class LockstepChannel:
             self.tp.store.set(self._wake_key(), b"stop")
 
     # ---------------------------------------------------------------- follower
-    def receive(self) -> tuple[StepOp, StepLayout | None, torch.Tensor | None]:
+    def receive(self) -> tuple[StepOp, StepLayout | None, torch.Tensor | None, bytes]:
         if not self.awake:
             while True:
                 try:
@@ -94,7 +113,7 @@ class LockstepChannel:
                 except DistStoreError:  # a timeout: still idle (a dead leader raises DistNetworkError)
                     continue
             if self.tp.store.get(self._wake_key()) == b"stop":
-                return StepOp.STOP, None, None
+                return StepOp.STOP, None, None, b""
             self.awake = True
         header = self.tp.broadcast(torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.tp.device)).tolist()
         op = StepOp(header[0])
@@ -102,10 +121,14 @@ class LockstepChannel:
             self.awake = False
             self.epoch += 1
         if op != StepOp.STEP:
-            return op, None, None
-        layout = StepLayout(header[1], header[2], bool(header[3]), tuple(header[4:]))
-        buffer = torch.empty(sum(layout.lengths), dtype=torch.int64, device=self.tp.device)
-        return op, layout, self.tp.broadcast(buffer)
+            return op, None, None, b""
+        layout = StepLayout(header[1], header[2], bool(header[3]), tuple(header[5:]))
+        buffer = self.tp.broadcast(torch.empty(sum(layout.lengths), dtype=torch.int64, device=self.tp.device))
+        message = b""
+        if header[4]:
+            data = self.tp.broadcast(torch.empty(header[4], dtype=torch.uint8, device=self.tp.device))
+            message = data.cpu().numpy().tobytes()
+        return op, layout, buffer, message
 
 
 def check_engine_config(config: EngineConfig) -> None:
@@ -129,6 +152,10 @@ class TensorParallelModelRunner(ModelRunner):
         self.tp = tp
         self.channel = channel or LockstepChannel(tp)
         self._loaded = loaded
+        # Leader: what the followers must do in a saving step (the KV connector's; see execute).
+        self.step_message: Callable[[], bytes] | None = None
+        # Follower: runs the steps that carry a message (`FollowerHook`).
+        self.hook: FollowerHook | None = None
         super().__init__(config, hf_config, weights)
 
     def _load_model(self, weights=None) -> torch.nn.Module:
@@ -162,13 +189,20 @@ class TensorParallelModelRunner(ModelRunner):
         if self.tp.rank != 0:
             raise RuntimeError(f"tensor-parallel rank {self.tp.rank} follows rank 0's steps (follow()); "
                                "only rank 0 executes scheduled steps")
-        if layer_done is not None:
-            raise NotImplementedError("per-layer KV streaming (disaggregated prefill) with tensor parallelism")
         layout, packed = self.pack(sched, prev_tokens)
         buffer = self._to_device(packed)
         inputs = self.unpack(layout, buffer, prev_tokens)  # fills placeholder ids in `buffer`
-        self.channel.send_step(layout, buffer)
-        return self.forward(inputs, layout.num_seqs)
+        message = b""
+        if layer_done is not None:
+            # A saving step (the connector streams layers): the followers stream their heads of
+            # the same layers, told what to send by the connector's message; they and this rank
+            # both run it eagerly, so every rank issues the same collectives in the same way.
+            if self.step_message is None:
+                raise RuntimeError("a per-layer KV save with tensor parallelism needs the connector's "
+                                   "step messages (runner.step_message)")
+            message = self.step_message()
+        self.channel.send_step(layout, buffer, message)
+        return self.forward(inputs, layout.num_seqs, layer_done)
 
     def idle(self) -> None:
         """Rank 0, going idle: the followers wait outside the collectives until the next step."""
@@ -178,8 +212,18 @@ class TensorParallelModelRunner(ModelRunner):
     def follow(self) -> None:
         """Ranks 1..N-1: run rank 0's steps until it stops the group."""
         while True:
-            op, layout, buffer = self.channel.receive()
+            op, layout, buffer, message = self.channel.receive()
             if op == StepOp.STOP:
                 return
-            if op == StepOp.STEP:
-                self.forward(self.unpack(layout, buffer, None, fill_placeholders=False), layout.num_seqs)
+            if op != StepOp.STEP:
+                continue
+            inputs = self.unpack(layout, buffer, None, fill_placeholders=False)
+            if not message:
+                self.forward(inputs, layout.num_seqs)
+                continue
+            if self.hook is None:
+                raise RuntimeError(f"tensor-parallel rank {self.tp.rank} got a step message but has no hook "
+                                   "(a disaggregated group's ranks must all be started with their role)")
+            self.hook.on_step(message)
+            self.forward(inputs, layout.num_seqs, self.hook.layer_computed)
+            self.hook.step_computed()

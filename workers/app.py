@@ -23,8 +23,9 @@ group, STRICT_PACK: one node). The router sees one replica per group.
 
 A pool runs a model tensor parallel when its `tensor_parallel_size` N > 1
 (`prefill_tensor_parallel_size` for the prefill pool): each replica is then a tensor-parallel
-group of N ranks (`workers.tp_replica`), reserved the same way (N bundles, STRICT_PACK). For now
-only a colocated pool: KV transfer between tensor-parallel groups is not built yet.
+group of N ranks (`workers.tp_replica`), reserved the same way (N bundles, STRICT_PACK): a
+colocated pool, or the prefill pool of a disaggregated app (each prefill rank sends its KV heads,
+`workers.tp_disagg`); a tensor-parallel decode pool is not built yet.
 """
 from __future__ import annotations
 
@@ -155,10 +156,13 @@ class AppArgs:
             if ep > 1 and tp > 1:
                 raise ValueError(f"the {pool} pool cannot be expert parallel ({ep}) and tensor parallel ({tp}) at "
                                  "once yet; choose one")
-        if parsed.mode == "disaggregated" and (parsed.tensor_parallel_size > 1
-                                               or parsed.prefill_tensor_parallel_size > 1):
-            raise ValueError("tensor parallelism in a disaggregated app needs KV transfer between tensor-parallel "
-                             "groups, which is not built yet; use mode 'colocated' with tensor_parallel_size")
+        if "prefill_tensor_parallel_size" in parsed.disagg:
+            raise ValueError("prefill_tensor_parallel_size is a pool option, not a DisaggConfig field: set the app "
+                             "arg prefill_tensor_parallel_size")
+        if parsed.mode == "disaggregated" and parsed.tensor_parallel_size > 1:
+            raise ValueError("a tensor-parallel decode pool (every rank receiving its KV heads) is not built yet: "
+                             "a disaggregated app takes prefill_tensor_parallel_size, and tensor_parallel_size 1 "
+                             "(or use mode 'colocated' with tensor_parallel_size)")
         for pool, settings in parsed.autoscaling.items():
             try:
                 AutoscalingConfig(**pool_autoscaling_config(pool, settings))  # Serve's own checks, now
@@ -240,11 +244,13 @@ def _decode_pool(args: AppArgs, model: str) -> Application:
     from tandem.workers.prefill_worker import PrefillWorker
 
     pool, ep_kwargs = deployment(PrefillWorker, POOL_DEPLOYMENTS["prefill"], "prefill", prefill_ep,
-                                 args.pool_scaling("prefill", args.prefill_replicas))
+                                 args.pool_scaling("prefill", args.prefill_replicas), args.prefill_tensor_parallel_size)
     prefill = pool.bind(model, dict(args.engine_kwargs), args.device, dict(args.transfer), **ep_kwargs)
     pool, ep_kwargs = deployment(DecodeWorker, POOL_DEPLOYMENTS["decode"], "decode", decode_ep,
                                  args.pool_scaling("decode", args.num_replicas))
-    return pool.bind(model, prefill, dict(args.engine_kwargs), args.device, dict(args.disagg), dict(args.transfer),
+    # The decode replicas expect one KV part per prefill rank (`workers.tp_disagg`).
+    disagg = {**args.disagg, "prefill_tensor_parallel_size": args.prefill_tensor_parallel_size}
+    return pool.bind(model, prefill, dict(args.engine_kwargs), args.device, disagg, dict(args.transfer),
                      **ep_kwargs)
 
 

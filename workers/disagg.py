@@ -53,10 +53,14 @@ class DisaggConfig:
     kv_wait_timeout_s: float = 10.0
     """Bound on the KV landing after the prefill worker answered, and on its answer (the first
     token) after the KV landed: it answers once the receiver acknowledged the KV."""
+    prefill_tensor_parallel_size: int = 1
+    """The prefill pool's degree: its ranks each send their KV heads, one part each here."""
 
     def __post_init__(self) -> None:
         if self.remote_prefill_min_tokens < 1:
             raise ValueError("remote_prefill_min_tokens must be >= 1")
+        if type(self.prefill_tensor_parallel_size) is not int or self.prefill_tensor_parallel_size < 1:
+            raise ValueError("prefill_tensor_parallel_size must be an integer >= 1")
         if not (self.prefill_timeout_s > 0 and self.kv_wait_timeout_s > 0):
             raise ValueError("timeouts must be > 0")
 
@@ -106,10 +110,18 @@ class DecodeConnector(KVConnector):
 
     def bind(self, kv_cache: torch.Tensor, block_size: int, wakeup: threading.Event,
              kv_scales: list[float] | tuple[float, ...] = ()) -> None:
+        from tandem.kvtransfer import plan_head_parts
+        from tandem.kvtransfer.tp_plan import parts_for_dst
+        from tandem.workers.tp_disagg import rank_kv_heads
+
         self.receiver = KVReceiver(kv_cache, self._transfer, kv_scales)
         self.block_size = block_size
         self.num_layers = kv_cache.shape[0]
         self._wakeup = wakeup
+        # One part per prefill rank holding heads this cache needs (all of them: degree 1 here).
+        num_kv_heads = kv_cache.shape[4]
+        self._head_ranges = parts_for_dst(plan_head_parts(
+            rank_kv_heads(num_kv_heads, self.config.prefill_tensor_parallel_size), [(0, num_kv_heads)]), 0)
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """The event loop the prefill calls run on (the Serve replica's)."""
@@ -141,7 +153,7 @@ class DecodeConnector(KVConnector):
         with self._lock:
             self._counters.remote_prefills_started += 1
         try:
-            handle = self.receiver.expect(transfer_id, dst_block_ids, self.num_layers)
+            handle = self.receiver.expect(transfer_id, dst_block_ids, self.num_layers, self._head_ranges)
         except (ValueError, RuntimeError) as error:
             self._resolve(seq, LoadResult(False, reason=f"expect failed: {error}"))
             return
@@ -261,15 +273,30 @@ def _cancel(response, answer: asyncio.Future | None) -> None:
 # ----------------------------------------------------------------------------- prefill side
 @dataclass
 class KVDestination:
+    """Where a save goes: `receiver_address` (a decode replica of degree 1), or one receiver
+    per decode rank (`receiver_addresses`) with the global KV-head range [lo, hi) each rank's
+    cache holds (`dst_kv_heads`); the blocks are the same ids on every decode rank."""
+
     receiver_address: str
     dst_block_ids: list[int]
     skip_blocks: int
+    receiver_addresses: list[str] | None = None
+    dst_kv_heads: list[tuple[int, int]] | None = None
+
+    def receivers(self, num_kv_heads: int) -> tuple[list[str], list[tuple[int, int]]]:
+        addresses = self.receiver_addresses or [self.receiver_address]
+        heads = [tuple(h) for h in self.dst_kv_heads] if self.dst_kv_heads else [(0, num_kv_heads)]
+        if len(heads) != len(addresses):
+            raise ValueError(f"{len(addresses)} decode receivers but {len(heads)} KV-head ranges")
+        return addresses, heads
 
 
 @dataclass(eq=False)
 class _Save:
+    request_id: str
     destination: KVDestination
-    session: SendSession | None = None
+    sessions: list[SendSession] = dataclasses.field(default_factory=list)  # this rank's
+    followers: list[int] = dataclasses.field(default_factory=list)  # tensor-parallel ranks sending too
     started: bool = False
     done: bool = False
     deadline: float = 0.0
@@ -290,10 +317,41 @@ class PrefillConnector(KVConnector):
         self._in_step: list[_Save] = []  # saves whose prompt completes in the step being run
         self.exports_ok = 0
         self.exports_failed = 0
+        # Tensor parallelism (`use_tensor_parallel`): each rank's global KV heads, the group's
+        # store and prefix (where followers report), and the ops for the next step's message.
+        self._rank_heads: list[tuple[int, int]] | None = None
+        self._group_store = None
+        self._group_prefix = ""
+        self._follower_ops: list[dict] = []
+        self._orphan_reports: list[tuple[str, int]] = []  # (request, rank) of cancelled saves
 
     def bind(self, kv_cache: torch.Tensor, block_size: int, wakeup: threading.Event,
              kv_scales: list[float] | tuple[float, ...] = ()) -> None:
         self.sender = KVSender(kv_cache, self._transfer, kv_scales)
+        self._num_kv_heads = kv_cache.shape[4]
+
+    def use_tensor_parallel(self, runner) -> None:
+        """This engine is rank 0 of a tensor-parallel group (`runner`, its
+        `TensorParallelModelRunner`): saves are planned over every rank's heads, the followers'
+        parts go out in the steps' lockstep messages (`workers.tp_disagg`)."""
+        from tandem.workers.tp_disagg import rank_kv_heads
+
+        self._rank_heads = rank_kv_heads(runner.hf_config.num_key_value_heads, runner.tp.world_size)
+        self._num_kv_heads = runner.hf_config.num_key_value_heads
+        self._group_store = runner.tp.store
+        self._group_prefix = runner.tp.prefix
+        runner.step_message = self.step_message
+
+    def step_message(self) -> bytes:
+        """The followers' ops for the step about to run (called by rank 0's runner)."""
+        from tandem.workers.tp_disagg import encode_ops
+
+        ops, self._follower_ops = self._follower_ops, []
+        return encode_ops(ops)
+
+    @property
+    def transfer_config(self) -> KVTransferConfig:
+        return self._transfer
 
     def transfer_metrics(self) -> TransferMetrics:
         return self.sender.metrics()
@@ -301,7 +359,7 @@ class PrefillConnector(KVConnector):
     # event loop ---------------------------------------------------------------------------
     def register(self, request_id: str, destination: KVDestination) -> None:
         with self._lock:
-            self._saves[request_id] = _Save(destination)
+            self._saves[request_id] = _Save(request_id, destination)
 
     def forget(self, request_id: str) -> None:
         """The caller left: drop a registration the engine has not started on (a started one
@@ -334,14 +392,38 @@ class PrefillConnector(KVConnector):
             save = self._saves[seq.request_id]
             save.started = True
         dest = save.destination
+        # Only the blocks the decode worker does not hold; the first token's KV is computed
+        # there by its first decode step.
+        src_ids = list(seq.block_ids[dest.skip_blocks:])
         try:
-            # Only the blocks the decode worker does not hold; the first token's KV is computed
-            # there by its first decode step.
-            save.session = self.sender.begin(seq.request_id, dest.receiver_address,
-                                             seq.block_ids[dest.skip_blocks:], dest.dst_block_ids)
+            addresses, dst_heads = dest.receivers(self._num_kv_heads)
+            if self._rank_heads is None and len(addresses) == 1:
+                save.sessions.append(self.sender.begin(seq.request_id, addresses[0], src_ids, dest.dst_block_ids))
+            else:
+                self._start_parts(seq.request_id, save, src_ids, addresses, dst_heads)
             self._in_step.append(save)
         except (TransferError, ValueError, RuntimeError) as error:
+            for session in save.sessions:
+                session.abort(str(error))
             save.error = f"send failed: {error}"
+
+    def _start_parts(self, request_id: str, save: _Save, src_ids: list[int], addresses: list[str],
+                     dst_heads: list[tuple[int, int]]) -> None:
+        """Each rank's heads to the decode ranks holding them (`workers.tp_disagg`)."""
+        from tandem.kvtransfer import plan_head_parts
+        from tandem.workers.tp_disagg import RankSend, save_op
+
+        src_heads = self._rank_heads or [(0, self._num_kv_heads)]
+        sends: dict[int, list[RankSend]] = {}
+        for part in plan_head_parts(src_heads, dst_heads):
+            sends.setdefault(part.src_rank, []).append(
+                RankSend(addresses[part.dst_rank], part.src_heads, part.dst_heads[0]))
+        for send in sends.pop(0, []):
+            save.sessions.append(self.sender.begin(request_id, send.peer, src_ids, save.destination.dst_block_ids,
+                                                   src_heads=send.src_heads, dst_head_start=send.dst_head_start))
+        for rank, rank_sends in sorted(sends.items()):
+            self._follower_ops.append(save_op(rank, request_id, src_ids, save.destination.dst_block_ids, rank_sends))
+            save.followers.append(rank)
 
     def layer_computed(self, layer: int) -> None:
         if self.stream_layers:
@@ -359,27 +441,31 @@ class PrefillConnector(KVConnector):
     def _send(self, up_to: int | None) -> None:
         """Hand every saving session its layers below `up_to` (None: all) not handed yet."""
         for save in self._in_step:
-            session = save.session
-            end = session.num_layers if up_to is None else min(up_to, session.num_layers)
-            if save.error is not None or end <= session.layers_queued:
-                continue
-            try:
-                session.send_layers(session.layers_queued, end)
-            except TransferError as error:  # the session failed (peer gone, aborted)
-                save.error = f"send failed: {error}"
+            for session in save.sessions:
+                end = session.num_layers if up_to is None else min(up_to, session.num_layers)
+                if save.error is not None or end <= session.layers_queued:
+                    continue
+                try:
+                    session.send_layers(session.layers_queued, end)
+                except TransferError as error:  # the session failed (peer gone, aborted)
+                    save.error = f"send failed: {error}"
 
     def save_done(self, seq: Sequence) -> bool:
         with self._lock:
             save = self._saves.get(seq.request_id)
         if save is None:
             return True
-        session = save.session
-        if session is not None and not session.done():
+        if not all(session.done() for session in save.sessions) or not self._followers_reported(save):
             if time.monotonic() < save.deadline:
                 return False
-            session.abort("no acknowledgement before the deadline")
-        if session is not None and session.error is not None and save.error is None:
-            save.error = str(session.error)
+            for session in save.sessions:
+                session.abort("no acknowledgement before the deadline")
+            if save.followers and save.error is None:
+                save.error = f"tensor-parallel ranks {save.followers} did not report their KV sent before the deadline"
+            self._orphan_reports.extend((save.request_id, rank) for rank in save.followers)  # late reports
+        for session in save.sessions:
+            if session.error is not None and save.error is None:
+                save.error = str(session.error)
         save.done = True
         if save.error is None:
             self.exports_ok += 1
@@ -390,8 +476,44 @@ class PrefillConnector(KVConnector):
     def cancel_save(self, seq: Sequence) -> None:
         with self._lock:
             save = self._saves.pop(seq.request_id, None)
-        if save is not None and save.session is not None:
-            save.session.abort("request aborted on the prefill worker")
+        if save is None:
+            return
+        for session in save.sessions:
+            session.abort("request aborted on the prefill worker")
+        if save.followers:
+            from tandem.workers.tp_disagg import abort_op
+
+            self._follower_ops.append(abort_op(seq.request_id))
+            self._orphan_reports.extend((seq.request_id, rank) for rank in save.followers)
+
+    def _followers_reported(self, save: _Save) -> bool:
+        """Whether every follower rank sending for `save` reported (its error kept in `save`)."""
+        from tandem.workers.tp_disagg import save_key
+
+        self._drop_orphan_reports()
+        while save.followers:
+            key = save_key(self._group_prefix, save.request_id, save.followers[0])
+            if not self._group_store.check([key]):
+                return False
+            error = self._group_store.get(key).decode()
+            self._group_store.delete_key(key)
+            if error and save.error is None:
+                save.error = error
+            save.followers.pop(0)
+        return True
+
+    def _drop_orphan_reports(self) -> None:
+        """Delete the reports of cancelled saves that have come in since (the store keeps none)."""
+        from tandem.workers.tp_disagg import save_key
+
+        left = []
+        for rid, rank in self._orphan_reports:
+            key = save_key(self._group_prefix, rid, rank)
+            if self._group_store.check([key]):
+                self._group_store.delete_key(key)
+            else:
+                left.append((rid, rank))
+        self._orphan_reports = left
 
     def close(self) -> None:
         if self.sender is not None:

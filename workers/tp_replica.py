@@ -7,9 +7,10 @@ group, that only follow rank 0's steps (`engine.tp_runner`). The group managemen
 rank actors, barriers, health, death) is `workers.rank_group`'s, shared with expert parallelism.
 
 To the router and the prefix index the group is one replica with one cache: rank 0's events,
-stats and load are the group's. Only the colocated role runs tensor parallel for now: moving KV
-between TP groups (each prefill rank sending its heads to the decode ranks owning them) is not
-built yet, so a disaggregated pool refuses a degree > 1 (`workers.app`).
+stats and load are the group's. A prefill replica may be tensor parallel: each of its ranks sends
+the KV heads it holds to the decode replica (`workers.tp_disagg`; the follower ranks get their
+hook, `prefill_follower`, at start). A tensor-parallel decode replica (receiving on every rank)
+is not built yet (`workers.app` refuses it).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from tandem.engine.kv_connector import KVConnector
 from tandem.engine.llm_engine import LLMEngine
 from tandem.workers.rank_group import (RankActorsHealth, RankLostError, RankSpec, StartingGroup,
                                        kill_rank_actors, rank_actor_name, start_rank_actors, store_barrier)
+from tandem.workers.prefill_worker import PrefillWorker
 from tandem.workers.serve_worker import LLMWorker
 
 logger = logging.getLogger("ray.serve")
@@ -81,14 +83,16 @@ class TensorParallelEngine(RankActorsHealth, AsyncLLM):
         kill_rank_actors(self.ranks)
 
 
-def start_group(config: EngineConfig, world_size: int, rank_actor_options: dict[str, Any]) -> TensorParallelEngine:
-    """Rank 0 (this process) plus ranks 1..N-1 as actors: the group seen as one engine."""
+def start_group(config: EngineConfig, world_size: int, rank_actor_options: dict[str, Any],
+                kv_connector: KVConnector | None = None, follower_hook=None) -> TensorParallelEngine:
+    """Rank 0 (this process) plus ranks 1..N-1 as actors: the group seen as one engine.
+    `follower_hook(runner)`: each follower's `FollowerHook`, for a group whose engine moves KV."""
     check_tensor_parallel_size(config.model, world_size)
     group = start_rank_actors("tensor-parallel", "tp", world_size, _RankActor, rank_actor_options,
-                              lambda spec: (config, spec))
+                              lambda spec: (config, spec, follower_hook))
     try:
         factory = _join_group(config, group.specs[0], group.store, group.check_started)
-        engine = LLMEngine(config, runner_factory=factory)
+        engine = LLMEngine(config, runner_factory=factory, kv_connector=kv_connector)
         group.wait_started()
     except BaseException:
         group.kill()
@@ -100,13 +104,15 @@ def start_group(config: EngineConfig, world_size: int, rank_actor_options: dict[
 class TensorParallelRank:
     """A plain Ray actor (one per device): rank r's runner, following rank 0's steps on a thread."""
 
-    def __init__(self, config: EngineConfig, spec: RankSpec) -> None:
+    def __init__(self, config: EngineConfig, spec: RankSpec, follower_hook=None) -> None:
         from tandem.engine.model_runner import load_hf_config
 
         self.spec = spec
         self.store = spec.connect_store()
         factory = _join_group(config, spec, self.store)
         self.runner = factory(config, load_hf_config(config.model))
+        if follower_hook is not None:
+            self.runner.hook = follower_hook(self.runner)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._follow, name=f"tp-rank{spec.rank}", daemon=True)
         self.thread.start()
@@ -141,10 +147,18 @@ class TensorParallelReplica:
         super().__init__(*args, **kwargs)
 
     def _start_engine(self, config: EngineConfig, kv_connector: KVConnector | None) -> TensorParallelEngine:
-        if kv_connector is not None:
-            raise ValueError("a tensor-parallel replica cannot move KV to or from another pool yet "
-                             "(disaggregated serving needs tensor_parallel_size 1)")
-        return start_group(config, self._tp_size, self._tp_rank_actor_options)
+        from tandem.workers.disagg import PrefillConnector
+        from tandem.workers.tp_disagg import prefill_follower
+
+        if kv_connector is None:
+            return start_group(config, self._tp_size, self._tp_rank_actor_options)
+        if not isinstance(kv_connector, PrefillConnector):
+            raise ValueError("a tensor-parallel decode replica cannot receive KV yet (every rank would "
+                             "receive its heads: not built); use decode tensor_parallel_size 1")
+        # The followers run on this replica's node (one STRICT_PACK placement group): the same
+        # transfer settings (this node's address, free ports, their own worker ids) serve them.
+        return start_group(config, self._tp_size, self._tp_rank_actor_options, kv_connector,
+                           functools.partial(prefill_follower, kv_connector.transfer_config))
 
     def tensor_parallel_size(self) -> int:
         """The degree rank 0's runner really runs with."""
@@ -167,4 +181,8 @@ class TensorParallelLLMWorker(TensorParallelReplica, LLMWorker):
     pass
 
 
-TENSOR_PARALLEL_WORKERS = {LLMWorker: TensorParallelLLMWorker}
+class TensorParallelPrefillWorker(TensorParallelReplica, PrefillWorker):
+    pass
+
+
+TENSOR_PARALLEL_WORKERS = {LLMWorker: TensorParallelLLMWorker, PrefillWorker: TensorParallelPrefillWorker}

@@ -215,8 +215,8 @@ def test_paused_followers_outwait_the_collective_timeout():
 
     def follow() -> None:
         while True:
-            op, layout, buffer = follower.receive()
-            received.append((op, layout, None if buffer is None else buffer.tolist()))
+            op, layout, buffer, message = follower.receive()
+            received.append((op, layout, None if buffer is None else buffer.tolist(), message))
             if op == StepOp.STOP:
                 return
 
@@ -227,9 +227,10 @@ def test_paused_followers_outwait_the_collective_timeout():
     leader.send_step(layout, buffer)
     leader.pause()
     time.sleep(7.0)  # idle: over twice the collective timeout
-    leader.send_step(layout, buffer + 1)
+    leader.send_step(layout, buffer + 1, message=b"\x00save ops\xff")
     leader.stop()
     thread.join(timeout=10)
     assert not thread.is_alive()
     assert [r[0] for r in received] == [StepOp.STEP, StepOp.PAUSE, StepOp.STEP, StepOp.STOP]
-    assert received[0][1:] == (layout, list(range(8))) and received[2][2] == list(range(1, 9))
+    assert received[0][1:] == (layout, list(range(8)), b"")
+    assert received[2][2:] == (list(range(1, 9)), b"\x00save ops\xff")

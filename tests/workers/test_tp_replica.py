@@ -42,8 +42,11 @@ def model_dir(tmp_path_factory) -> str:
 def test_bad_degrees_fail_at_build_time(model_dir):
     with pytest.raises(ValueError, match="tensor_parallel_size: num_attention_heads .4. is not divisible"):
         build_app({"model": model_dir, "tensor_parallel_size": 3})
-    with pytest.raises(ValueError, match="KV transfer between tensor-parallel groups"):
-        AppArgs.from_dict({"mode": "disaggregated", "prefill_tensor_parallel_size": 2})
+    with pytest.raises(ValueError, match="tensor-parallel decode pool .* is not built yet"):
+        AppArgs.from_dict({"mode": "disaggregated", "tensor_parallel_size": 2})
+    AppArgs.from_dict({"mode": "disaggregated", "prefill_tensor_parallel_size": 2})  # each prefill rank sends its heads
+    with pytest.raises(ValueError, match="pool option, not a DisaggConfig field"):
+        AppArgs.from_dict({"mode": "disaggregated", "disagg": {"prefill_tensor_parallel_size": 2}})
     with pytest.raises(ValueError, match="expert parallel .2. and tensor parallel .2."):
         AppArgs.from_dict({"expert_parallel_size": 2, "tensor_parallel_size": 2})
     with pytest.raises(ValueError, match="pool option"):
@@ -91,14 +94,18 @@ def served(model_dir):
     replica."""
     common = {"model": model_dir, "worker_num_cpus": 0.5, "engine_kwargs": ENGINE, "health_check_period_s": 1}
     tp2 = build_app({**common, "served_model_name": "tiny", "ingress_num_cpus": 0, "tensor_parallel_size": 2})
+    # Disaggregated, prefill TP=2 -> decode TP=1: every prompt of 8+ uncached tokens is
+    # prefilled by the TP=2 group, each of its ranks sending its KV heads.
+    tpd = _decode_pool(AppArgs.from_dict({**common, "mode": "disaggregated", "prefill_tensor_parallel_size": 2,
+                                          "disagg": {"remote_prefill_min_tokens": 8}}), model_dir)
     with local_serve() as url:
         serve.run_many([serve.RunTarget(_decode_pool(AppArgs.from_dict(common), model_dir), "tp1", None),
-                        serve.RunTarget(tp2, "tp2", "/")])
+                        serve.RunTarget(tp2, "tp2", "/"), serve.RunTarget(tpd, "tpd", None)])
         yield {"url": url}
 
 
-def _generate(app: str, rid: str, prompt: list[int]) -> list[int]:
-    handle = serve.get_deployment_handle("LLMWorker", app)
+def _generate(app: str, rid: str, prompt: list[int], deployment: str = "LLMWorker") -> list[int]:
+    handle = serve.get_deployment_handle(deployment, app)
     request = WorkerRequest(rid, prompt, temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     tokens, finished = [], False
     for delta in handle.options(stream=True).generate.remote(request):
@@ -125,6 +132,26 @@ def test_tp2_replica_gives_the_tokens_of_tp1(served, model_dir):
     assert handle.tensor_parallel_size.remote().result(timeout_s=30) == 2
     (name,) = handle.rank_actor_names.remote().result(timeout_s=30)
     ray.get(ray.get_actor(name, namespace=RANK_NAMESPACE).check_health.remote(), timeout=30)
+
+
+@pytest.mark.timeout(300)
+def test_a_tp2_prefill_pool_sends_each_ranks_heads_to_a_tp1_decode_replica(served, model_dir):
+    """Prefill TP=2 -> decode TP=1 gives the tokens of colocated TP=1; the KV crossed (every
+    prompt was prefilled remotely, none recomputed), in one message per rank pair per request
+    (one layer group: all layers fit in one message)."""
+    rng = random.Random(4)
+    prompts = [[rng.randrange(5, 600) for _ in range(rng.randrange(20, 150))] for _ in range(6)]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        disagg = list(pool.map(lambda ip: _generate("tpd", f"tpd-{ip[0]}", ip[1], "DecodeWorker"), enumerate(prompts)))
+    tp1 = [_generate("tp1", f"tp1-d-{i}", p) for i, p in enumerate(prompts)]
+    assert disagg == tp1
+    decode = serve.get_deployment_handle("DecodeWorker", "tpd").stats.remote().result(timeout_s=30)
+    assert decode.disagg.remote_prefills_ok == len(prompts) and decode.disagg.remote_prefills_failed == 0
+    assert decode.transfer.messages_received == 2 * len(prompts)  # 2 prefill ranks x 1 decode rank x 1 group
+    prefill = serve.get_deployment_handle("PrefillWorker", "tpd")
+    assert prefill.tensor_parallel_size.remote().result(timeout_s=30) == 2
+    stats = prefill.stats.remote().result(timeout_s=30)
+    assert stats.exports_ok == len(prompts) and stats.transfer.messages_sent == len(prompts)  # rank 0's share
 
 
 @pytest.mark.timeout(300)
