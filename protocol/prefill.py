@@ -21,6 +21,10 @@ class PrefillRequest:
     dst_block_ids: list[int]
     skip_blocks: int
     session_id: str | None = None
+    # A tensor-parallel decode replica: every rank's receiver (rank order, `receiver_address`
+    # first) and the global KV-head range [lo, hi) its cache holds; None for degree 1.
+    receiver_addresses: list[str] | None = None
+    dst_kv_heads: list[tuple[int, int]] | None = None
 
 
 @dataclass

@@ -24,8 +24,8 @@ group, STRICT_PACK: one node). The router sees one replica per group.
 A pool runs a model tensor parallel when its `tensor_parallel_size` N > 1
 (`prefill_tensor_parallel_size` for the prefill pool): each replica is then a tensor-parallel
 group of N ranks (`workers.tp_replica`), reserved the same way (N bundles, STRICT_PACK): a
-colocated pool, or the prefill pool of a disaggregated app (each prefill rank sends its KV heads,
-`workers.tp_disagg`); a tensor-parallel decode pool is not built yet.
+colocated pool, or either pool of a disaggregated app, with any two degrees the KV heads allow
+(each prefill rank sends its KV heads to the decode ranks holding them, `workers.tp_disagg`).
 """
 from __future__ import annotations
 
@@ -159,10 +159,6 @@ class AppArgs:
         if "prefill_tensor_parallel_size" in parsed.disagg:
             raise ValueError("prefill_tensor_parallel_size is a pool option, not a DisaggConfig field: set the app "
                              "arg prefill_tensor_parallel_size")
-        if parsed.mode == "disaggregated" and parsed.tensor_parallel_size > 1:
-            raise ValueError("a tensor-parallel decode pool (every rank receiving its KV heads) is not built yet: "
-                             "a disaggregated app takes prefill_tensor_parallel_size, and tensor_parallel_size 1 "
-                             "(or use mode 'colocated' with tensor_parallel_size)")
         for pool, settings in parsed.autoscaling.items():
             try:
                 AutoscalingConfig(**pool_autoscaling_config(pool, settings))  # Serve's own checks, now
@@ -247,7 +243,7 @@ def _decode_pool(args: AppArgs, model: str) -> Application:
                                  args.pool_scaling("prefill", args.prefill_replicas), args.prefill_tensor_parallel_size)
     prefill = pool.bind(model, dict(args.engine_kwargs), args.device, dict(args.transfer), **ep_kwargs)
     pool, ep_kwargs = deployment(DecodeWorker, POOL_DEPLOYMENTS["decode"], "decode", decode_ep,
-                                 args.pool_scaling("decode", args.num_replicas))
+                                 args.pool_scaling("decode", args.num_replicas), args.tensor_parallel_size)
     # The decode replicas expect one KV part per prefill rank (`workers.tp_disagg`).
     disagg = {**args.disagg, "prefill_tensor_parallel_size": args.prefill_tensor_parallel_size}
     return pool.bind(model, prefill, dict(args.engine_kwargs), args.device, disagg, dict(args.transfer),

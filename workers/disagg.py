@@ -92,6 +92,7 @@ class _Load:
     handle: ReceiveHandle
     num_tokens: int  # uncached prompt tokens
     future: concurrent.futures.Future | None = None
+    dst_block_ids: list[int] = dataclasses.field(default_factory=list)
 
 
 class DecodeConnector(KVConnector):
@@ -107,6 +108,7 @@ class DecodeConnector(KVConnector):
         self._resolved: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._counters = DisaggCounters()
+        self._ranks: list | None = []  # tensor parallel: (actor, receiver address) of ranks 1..N-1
 
     def bind(self, kv_cache: torch.Tensor, block_size: int, wakeup: threading.Event,
              kv_scales: list[float] | tuple[float, ...] = ()) -> None:
@@ -118,10 +120,34 @@ class DecodeConnector(KVConnector):
         self.block_size = block_size
         self.num_layers = kv_cache.shape[0]
         self._wakeup = wakeup
-        # One part per prefill rank holding heads this cache needs (all of them: degree 1 here).
-        num_kv_heads = kv_cache.shape[4]
-        self._head_ranges = parts_for_dst(plan_head_parts(
-            rank_kv_heads(num_kv_heads, self.config.prefill_tensor_parallel_size), [(0, num_kv_heads)]), 0)
+        self._plan_parts([(0, kv_cache.shape[4])])
+
+    def _plan_parts(self, rank_heads: list[tuple[int, int]]) -> None:
+        """Each rank's expected parts: one per prefill rank holding heads its cache needs."""
+        from tandem.kvtransfer import plan_head_parts
+        from tandem.kvtransfer.tp_plan import parts_for_dst
+        from tandem.workers.tp_disagg import rank_kv_heads
+
+        num_kv_heads = rank_heads[-1][1]
+        parts = plan_head_parts(rank_kv_heads(num_kv_heads, self.config.prefill_tensor_parallel_size), rank_heads)
+        self._rank_heads = rank_heads
+        self._head_ranges = [parts_for_dst(parts, rank) for rank in range(len(rank_heads))]
+
+    def use_tensor_parallel(self, runner) -> None:
+        """Rank 0 of a tensor-parallel decode group: every rank receives its heads; the other
+        ranks' receivers are reached through their actors (`attach_ranks`)."""
+        from tandem.workers.tp_disagg import rank_kv_heads
+
+        self._plan_parts(rank_kv_heads(runner.hf_config.num_key_value_heads, runner.tp.world_size))
+        self._ranks = None  # no remote prefill until the ranks are attached
+
+    def attach_ranks(self, actors: list) -> None:
+        """The actors of ranks 1..N-1 (`workers.tp_replica.TensorParallelRank`), each with a
+        `DecodeFollower`."""
+        import ray
+
+        addresses = ray.get([actor.kv_address.remote() for actor in actors], timeout=60)
+        self._ranks = list(zip(actors, addresses))
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """The event loop the prefill calls run on (the Serve replica's)."""
@@ -130,6 +156,10 @@ class DecodeConnector(KVConnector):
     def counters(self) -> DisaggCounters:
         with self._lock:
             return dataclasses.replace(self._counters)
+
+    @property
+    def transfer_config(self) -> KVTransferConfig:
+        return self._transfer
 
     def transfer_metrics(self) -> TransferMetrics:
         return self.receiver.metrics()
@@ -143,7 +173,8 @@ class DecodeConnector(KVConnector):
         p = seq.sampling_params
         # Seeded sampling keeps a per-sequence generator here; n > 1 forks blocks here. Both
         # stay local so their outputs match colocated exactly.
-        return (self._loop is not None and num_uncached_tokens >= self.config.remote_prefill_min_tokens
+        return (self._loop is not None and self._ranks is not None
+                and num_uncached_tokens >= self.config.remote_prefill_min_tokens
                 and seq.num_preemptions == 0 and seq.num_output_tokens == 0 and p.n == 1 and p.seed is None)
 
     def start_load(self, seq: Sequence) -> None:
@@ -153,7 +184,7 @@ class DecodeConnector(KVConnector):
         with self._lock:
             self._counters.remote_prefills_started += 1
         try:
-            handle = self.receiver.expect(transfer_id, dst_block_ids, self.num_layers, self._head_ranges)
+            handle = self.receiver.expect(transfer_id, dst_block_ids, self.num_layers, self._head_ranges[0])
         except (ValueError, RuntimeError) as error:
             self._resolve(seq, LoadResult(False, reason=f"expect failed: {error}"))
             return
@@ -161,6 +192,10 @@ class DecodeConnector(KVConnector):
         self._loads[seq.seq_key] = load
         request = PrefillRequest(transfer_id, list(seq.prompt_token_ids), seq.sampling_params,
                                  self.receiver.address, dst_block_ids, skip_blocks)
+        if self._ranks:
+            request.receiver_addresses = [self.receiver.address] + [address for _, address in self._ranks]
+            request.dst_kv_heads = list(self._rank_heads)
+        load.dst_block_ids = dst_block_ids
         load.future = asyncio.run_coroutine_threadsafe(self._run(load, request), self._loop)
 
     def cancel_load(self, seq: Sequence) -> None:
@@ -170,6 +205,12 @@ class DecodeConnector(KVConnector):
         if load is None:
             return
         self.receiver.abort(load.transfer_id, "request cancelled")
+        if self._ranks:
+            import ray
+
+            # Synchronously: the blocks are freed (and reused) on every rank once this returns.
+            ray.get([actor.kv_abort.remote(load.transfer_id, "request cancelled") for actor, _ in self._ranks],
+                    timeout=30)
         if load.future is not None:
             load.future.cancel()
 
@@ -201,10 +242,16 @@ class DecodeConnector(KVConnector):
         recomputed into the same blocks."""
         loop = asyncio.get_running_loop()
         config = self.config
-        kv_ended = loop.create_future()  # the receiver ended the transfer (landed or failed)
-        load.handle.add_done_callback(lambda: _set_soon(loop, kv_ended))
-        response = answer = None
+        rank0_ended = loop.create_future()  # the receiver ended the transfer (landed or failed)
+        load.handle.add_done_callback(lambda: _set_soon(loop, rank0_ended))
+        ranks = self._ranks or []
+        response = answer = kv_ended = None
         try:
+            # Every rank expects its heads before any prefill rank can send them.
+            await asyncio.gather(*(actor.kv_expect.remote(load.transfer_id, load.dst_block_ids, self.num_layers,
+                                                          self._head_ranges[rank])
+                                   for rank, (actor, _) in enumerate(ranks, start=1)))
+            kv_ended = asyncio.ensure_future(self._all_landed(rank0_ended, load, ranks))
             response = self._prefill.prefill.remote(request)
             answer = asyncio.ensure_future(_awaited(response))
             done, _ = await asyncio.wait({answer, kv_ended}, timeout=config.prefill_timeout_s,
@@ -212,7 +259,7 @@ class DecodeConnector(KVConnector):
             if not done:
                 raise TimeoutError(f"no prefill within prefill_timeout_s={config.prefill_timeout_s:g}s")
             if answer not in done:  # the KV ended first: failed (raises here), or landed
-                load.handle.wait(0)
+                kv_ended.result()
                 done, _ = await asyncio.wait({answer}, timeout=config.kv_wait_timeout_s)
                 if not done:
                     raise TimeoutError(f"the KV landed but the prefill worker did not answer within "
@@ -226,17 +273,30 @@ class DecodeConnector(KVConnector):
             if not done:
                 raise TimeoutError(f"the KV did not land within kv_wait_timeout_s={config.kv_wait_timeout_s:g}s "
                                    "of the prefill worker's answer")
-            load.handle.wait(0)  # raises if the transfer failed
+            kv_ended.result()  # raises if the transfer failed
             outcome = LoadResult(True, result.first_token, result.logprobs)
         except asyncio.CancelledError:
-            _cancel(response, answer)
+            _cancel(response, answer, kv_ended)
             raise
         except Exception as error:  # prefill died, timed out, refused, or the transfer failed
-            _cancel(response, answer)
+            _cancel(response, answer, kv_ended)
             # After this returns nothing more lands in the blocks: safe to recompute into them.
-            self.receiver.abort(load.transfer_id, f"prefill failed: {error!r}"[:1000])
+            reason = f"prefill failed: {error!r}"[:1000]
+            self.receiver.abort(load.transfer_id, reason)
+            await asyncio.gather(*(actor.kv_abort.remote(load.transfer_id, reason) for actor, _ in ranks),
+                                 return_exceptions=True)
             outcome = LoadResult(False, reason=repr(error))
         self._resolve(load.seq, outcome)
+
+    async def _all_landed(self, rank0_ended: asyncio.Future, load: _Load, ranks: list) -> None:
+        """Returns once every rank's heads landed; raises once one rank's transfer failed."""
+        await rank0_ended
+        load.handle.wait(0)  # raises if rank 0's failed
+        errors = await asyncio.gather(*(actor.kv_wait.remote(load.transfer_id, self.config.prefill_timeout_s)
+                                        for actor, _ in ranks))
+        failed = [f"rank {rank}: {error}" for rank, error in enumerate(errors, start=1) if error]
+        if failed:
+            raise TransferError(load.transfer_id, "; ".join(failed))
 
     def _resolve(self, seq: Sequence, result: LoadResult) -> None:
         self._resolved.put((seq, result))
@@ -263,7 +323,9 @@ def _set_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
         pass
 
 
-def _cancel(response, answer: asyncio.Future | None) -> None:
+def _cancel(response, answer: asyncio.Future | None, kv_ended: asyncio.Future | None = None) -> None:
+    if kv_ended is not None:
+        kv_ended.cancel()
     if answer is not None:
         answer.cancel()
     if response is not None:

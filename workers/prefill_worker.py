@@ -46,7 +46,8 @@ class PrefillWorker(LLMWorker):
         self._ensure_publishing()
         rid = request.transfer_id
         self._exporter.register(rid, KVDestination(request.receiver_address, list(request.dst_block_ids),
-                                                   request.skip_blocks))
+                                                   request.skip_blocks, request.receiver_addresses,
+                                                   request.dst_kv_heads))
         last = None
         finished = False
         try:

@@ -1,4 +1,5 @@
-"""KV transfer from a tensor-parallel prefill group: every rank sends the KV heads it holds.
+"""KV transfer between tensor-parallel groups: every prefill rank sends the KV heads it holds
+to the decode ranks holding them.
 
 A prefill replica of degree p saving to a decode replica of degree d: KV head h lives on the
 prefill ranks whose slice holds it and on the decode ranks whose slice holds it
@@ -14,6 +15,9 @@ every rank begins its sessions before the forward pass that computes the KV, and
 layer as its own forward computes it. A follower reports each session's end under a key of the
 group's TCPStore; rank 0's `save_done` reads the keys, so a request's blocks are freed only once
 every rank's copy left them.
+
+On the decode side every follower rank has a `KVReceiver` (`DecodeFollower`), whose
+expectations rank 0's `DecodeConnector` registers, waits for and aborts through the rank actor.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from datetime import timedelta
 import msgpack
 import torch
 
-from tandem.kvtransfer import KVSender, KVTransferConfig, SendSession, TransferError
+from tandem.kvtransfer import KVReceiver, KVSender, KVTransferConfig, ReceiveHandle, SendSession, TransferError
 
 
 def rank_kv_heads(num_kv_heads: int, world_size: int) -> list[tuple[int, int]]:
@@ -162,3 +166,52 @@ def prefill_follower(transfer: KVTransferConfig, runner) -> PrefillFollower:
     store = runner.tp.store
     return PrefillFollower(runner.kv_cache, transfer, runner.tp.rank, store.host, store.port, runner.tp.prefix,
                            runner.kv_scales.flat() if runner.kv_scales else [])
+
+
+class DecodeFollower:
+    """A follower rank's part in a tensor-parallel decode group: a `KVReceiver` over its cache,
+    whose expectations rank 0's `DecodeConnector` registers (and aborts) through the rank's actor
+    before it asks for the prefill; the steps themselves carry nothing for it."""
+
+    def __init__(self, kv_cache: torch.Tensor, transfer: KVTransferConfig, kv_scales=()) -> None:
+        self.receiver = KVReceiver(kv_cache, transfer, kv_scales)
+        self._handles: dict[str, ReceiveHandle] = {}
+
+    def on_step(self, message: bytes) -> None:
+        pass
+
+    def layer_computed(self, layer: int) -> None:
+        pass
+
+    def step_computed(self) -> None:
+        pass
+
+    def expect(self, transfer_id: str, dst_block_ids: list[int], num_layers: int,
+               head_ranges: list[tuple[int, int]]) -> None:
+        self._handles[transfer_id] = self.receiver.expect(transfer_id, dst_block_ids, num_layers, head_ranges)
+
+    def wait(self, transfer_id: str, timeout_s: float) -> str | None:
+        """Blocks until this rank's heads landed (None) or the transfer failed (why)."""
+        handle = self._handles.get(transfer_id)
+        if handle is None:
+            return "not expected on this rank"
+        try:
+            handle.wait(timeout_s)
+            return None
+        except TransferError as error:
+            return f"{error}"
+        finally:
+            self._handles.pop(transfer_id, None)
+
+    def abort(self, transfer_id: str, reason: str) -> None:
+        """Nothing lands in the transfer's blocks on this rank after this returns."""
+        self.receiver.abort(transfer_id, reason)
+        self._handles.pop(transfer_id, None)
+
+    def close(self) -> None:
+        self.receiver.close()
+
+
+def decode_follower(transfer: KVTransferConfig, runner) -> DecodeFollower:
+    """The hook of a decode group's follower `runner` (a `TensorParallelModelRunner`)."""
+    return DecodeFollower(runner.kv_cache, transfer, runner.kv_scales.flat() if runner.kv_scales else [])

@@ -7,10 +7,11 @@ group, that only follow rank 0's steps (`engine.tp_runner`). The group managemen
 rank actors, barriers, health, death) is `workers.rank_group`'s, shared with expert parallelism.
 
 To the router and the prefix index the group is one replica with one cache: rank 0's events,
-stats and load are the group's. A prefill replica may be tensor parallel: each of its ranks sends
-the KV heads it holds to the decode replica (`workers.tp_disagg`; the follower ranks get their
-hook, `prefill_follower`, at start). A tensor-parallel decode replica (receiving on every rank)
-is not built yet (`workers.app` refuses it).
+stats and load are the group's. Prefill and decode replicas may be tensor parallel, of any two
+degrees the KV heads allow: each prefill rank sends the KV heads it holds to the decode ranks
+holding them (`workers.tp_disagg`; the follower ranks get their hook, `prefill_follower` or
+`decode_follower`, at start, and a decode rank's receiver is driven by rank 0's connector
+through the rank actor's `kv_*` methods).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from tandem.engine.kv_connector import KVConnector
 from tandem.engine.llm_engine import LLMEngine
 from tandem.workers.rank_group import (RankActorsHealth, RankLostError, RankSpec, StartingGroup,
                                        kill_rank_actors, rank_actor_name, start_rank_actors, store_barrier)
+from tandem.workers.decode_worker import DecodeWorker
 from tandem.workers.prefill_worker import PrefillWorker
 from tandem.workers.serve_worker import LLMWorker
 
@@ -127,6 +129,23 @@ class TensorParallelRank:
     def ready(self) -> int:
         return self.spec.rank
 
+    # A decode group's follower (`workers.tp_disagg.DecodeFollower`), driven by rank 0's connector.
+    def kv_address(self) -> str:
+        return self.runner.hook.receiver.address
+
+    def kv_expect(self, transfer_id: str, dst_block_ids: list[int], num_layers: int, head_ranges) -> None:
+        self.runner.hook.expect(transfer_id, dst_block_ids, num_layers, [tuple(r) for r in head_ranges])
+
+    def kv_wait(self, transfer_id: str, timeout_s: float) -> str | None:
+        return self.runner.hook.wait(transfer_id, timeout_s)
+
+    def kv_abort(self, transfer_id: str, reason: str) -> None:
+        self.runner.hook.abort(transfer_id, reason)
+
+    def kv_metrics(self):
+        hook = self.runner.hook
+        return (hook.receiver if hasattr(hook, "receiver") else hook.sender).metrics()
+
     def check_health(self) -> None:
         if self.error is not None:
             raise RuntimeError(f"tensor-parallel rank {self.spec.rank} failed: {self.error!r}")
@@ -134,7 +153,8 @@ class TensorParallelRank:
             raise RuntimeError(f"tensor-parallel rank {self.spec.rank} was stopped")
 
 
-_RankActor = ray.remote(TensorParallelRank)
+# Threaded: a decode rank's `kv_wait` calls block while health checks and other calls go on.
+_RankActor = ray.remote(max_concurrency=64)(TensorParallelRank)
 
 
 class TensorParallelReplica:
@@ -147,18 +167,22 @@ class TensorParallelReplica:
         super().__init__(*args, **kwargs)
 
     def _start_engine(self, config: EngineConfig, kv_connector: KVConnector | None) -> TensorParallelEngine:
-        from tandem.workers.disagg import PrefillConnector
-        from tandem.workers.tp_disagg import prefill_follower
+        from tandem.workers.disagg import DecodeConnector, PrefillConnector
+        from tandem.workers.tp_disagg import decode_follower, prefill_follower
 
         if kv_connector is None:
             return start_group(config, self._tp_size, self._tp_rank_actor_options)
-        if not isinstance(kv_connector, PrefillConnector):
-            raise ValueError("a tensor-parallel decode replica cannot receive KV yet (every rank would "
-                             "receive its heads: not built); use decode tensor_parallel_size 1")
         # The followers run on this replica's node (one STRICT_PACK placement group): the same
         # transfer settings (this node's address, free ports, their own worker ids) serve them.
-        return start_group(config, self._tp_size, self._tp_rank_actor_options, kv_connector,
-                           functools.partial(prefill_follower, kv_connector.transfer_config))
+        if isinstance(kv_connector, PrefillConnector):
+            return start_group(config, self._tp_size, self._tp_rank_actor_options, kv_connector,
+                               functools.partial(prefill_follower, kv_connector.transfer_config))
+        if not isinstance(kv_connector, DecodeConnector):
+            raise ValueError(f"{type(kv_connector).__name__} does not move KV with tensor parallelism")
+        engine = start_group(config, self._tp_size, self._tp_rank_actor_options, kv_connector,
+                             functools.partial(decode_follower, kv_connector.transfer_config))
+        kv_connector.attach_ranks(engine.ranks)
+        return engine
 
     def tensor_parallel_size(self) -> int:
         """The degree rank 0's runner really runs with."""
@@ -185,4 +209,9 @@ class TensorParallelPrefillWorker(TensorParallelReplica, PrefillWorker):
     pass
 
 
-TENSOR_PARALLEL_WORKERS = {LLMWorker: TensorParallelLLMWorker, PrefillWorker: TensorParallelPrefillWorker}
+class TensorParallelDecodeWorker(TensorParallelReplica, DecodeWorker):
+    pass
+
+
+TENSOR_PARALLEL_WORKERS = {LLMWorker: TensorParallelLLMWorker, PrefillWorker: TensorParallelPrefillWorker,
+                           DecodeWorker: TensorParallelDecodeWorker}

@@ -488,6 +488,9 @@ def test_chunks_of_a_rejected_session_get_no_reply_a_retry_could_mistake(kv):
         send({**chunk, "seq": 1, "request_id": "never-begun"})
         group.send([data], 1, 1).wait()
         assert "chunk rejected" in reply(5000)["reason"]  # a request it was not told of
+        deadline = time.monotonic() + 5  # the pair thread counts a message after its recv completed
+        while receiver.metrics().messages_received < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert receiver.metrics().rejected_messages == 3 and receiver.metrics().messages_received == 2
         assert not receiver.kv_cache.eq(1).all(dim=-1).any()  # the drained bytes went nowhere
     finally:

@@ -146,12 +146,14 @@ def test_the_killed_replica_is_replaced_and_the_app_serves(base_url):
     deadline = time.monotonic() + 90
     while True:
         status = serve.status().applications[APP].deployments["LLMWorker"]
-        if status.replica_states.get("RUNNING") == 2 and str(status.status).endswith("HEALTHY"):
+        # Serve's status and the GCS's named actors are read separately: on a busy machine the
+        # status has shown the new replica RUNNING before its actor name was listed.
+        replicas = set(replica_names(APP, "LLMWorker"))
+        if (status.replica_states.get("RUNNING") == 2 and str(status.status).endswith("HEALTHY")
+                and len(replicas) == 2):
             break
-        assert time.monotonic() < deadline, f"the replica was not replaced: {status}"
+        assert time.monotonic() < deadline, f"the replica was not replaced: {status}, named: {replicas}"
         time.sleep(0.5)
-    replicas = set(replica_names(APP, "LLMWorker"))
-    assert len(replicas) == 2
     served_by: set[str] = set()
     deadline = time.monotonic() + 30
     while served_by != replicas:  # round robin: both, the new one included, answer

@@ -104,17 +104,17 @@ def _receiver_main(conn, shape, transfer_kwargs: dict, point: str) -> None:
     armed = threading.Event()
     land = receiver._land  # the harness hooks the product's receiver where layers land
 
-    def hooked_land(request, chunk, buf, stream) -> None:
+    def hooked_land(request, part, chunk, buf, stream) -> None:
         if armed.is_set():
             if point == "before_done" and chunk.layer_end == request.num_layers:
                 conn.send(("at", point))  # every layer received, none of the last landed, no Done
                 time.sleep(3600)
-            land(request, chunk, buf, stream)
+            land(request, part, chunk, buf, stream)
             if point == "mid_layers" and chunk.layer_end < request.num_layers:
                 conn.send(("at", point))
                 time.sleep(3600)
             return
-        land(request, chunk, buf, stream)
+        land(request, part, chunk, buf, stream)
 
     receiver._land = hooked_land
     handles = {}

@@ -29,6 +29,7 @@ from tandem.workers.app import AppArgs, _decode_pool, build_app
 from tandem.workers.rank_group import RANK_NAMESPACE
 from tests.router.serve_harness import local_serve
 
+DISAGG_DEGREES = [(2, 1), (1, 2), (2, 2)]  # (prefill, decode) tensor-parallel degrees
 ENGINE = {"num_kv_blocks": 128, "block_size": 16, "max_model_len": 512, "max_num_batched_tokens": 64}
 MAX_TOKENS = 8
 
@@ -42,9 +43,8 @@ def model_dir(tmp_path_factory) -> str:
 def test_bad_degrees_fail_at_build_time(model_dir):
     with pytest.raises(ValueError, match="tensor_parallel_size: num_attention_heads .4. is not divisible"):
         build_app({"model": model_dir, "tensor_parallel_size": 3})
-    with pytest.raises(ValueError, match="tensor-parallel decode pool .* is not built yet"):
-        AppArgs.from_dict({"mode": "disaggregated", "tensor_parallel_size": 2})
-    AppArgs.from_dict({"mode": "disaggregated", "prefill_tensor_parallel_size": 2})  # each prefill rank sends its heads
+    with pytest.raises(ValueError, match="tensor_parallel_size: num_attention_heads .4. is not divisible"):
+        build_app({"model": model_dir, "mode": "disaggregated", "prefill_tensor_parallel_size": 3})
     with pytest.raises(ValueError, match="pool option, not a DisaggConfig field"):
         AppArgs.from_dict({"mode": "disaggregated", "disagg": {"prefill_tensor_parallel_size": 2}})
     with pytest.raises(ValueError, match="expert parallel .2. and tensor parallel .2."):
@@ -94,13 +94,15 @@ def served(model_dir):
     replica."""
     common = {"model": model_dir, "worker_num_cpus": 0.5, "engine_kwargs": ENGINE, "health_check_period_s": 1}
     tp2 = build_app({**common, "served_model_name": "tiny", "ingress_num_cpus": 0, "tensor_parallel_size": 2})
-    # Disaggregated, prefill TP=2 -> decode TP=1: every prompt of 8+ uncached tokens is
-    # prefilled by the TP=2 group, each of its ranks sending its KV heads.
-    tpd = _decode_pool(AppArgs.from_dict({**common, "mode": "disaggregated", "prefill_tensor_parallel_size": 2,
-                                          "disagg": {"remote_prefill_min_tokens": 8}}), model_dir)
+    # Disaggregated, prefill TP=p -> decode TP=d: every prompt of 8+ uncached tokens is
+    # prefilled remotely, each prefill rank sending its KV heads to the decode ranks holding them.
+    disagg = [serve.RunTarget(_decode_pool(AppArgs.from_dict({
+        **common, "worker_num_cpus": 0.2,  # every bundle of the 5 apps fits the local cluster's 4 CPUs
+        "mode": "disaggregated", "prefill_tensor_parallel_size": p, "tensor_parallel_size": d,
+        "disagg": {"remote_prefill_min_tokens": 8}}), model_dir), f"tpd{p}{d}", None) for p, d in DISAGG_DEGREES]
     with local_serve() as url:
         serve.run_many([serve.RunTarget(_decode_pool(AppArgs.from_dict(common), model_dir), "tp1", None),
-                        serve.RunTarget(tp2, "tp2", "/"), serve.RunTarget(tpd, "tpd", None)])
+                        serve.RunTarget(tp2, "tp2", "/"), *disagg])
         yield {"url": url}
 
 
@@ -134,24 +136,38 @@ def test_tp2_replica_gives_the_tokens_of_tp1(served, model_dir):
     ray.get(ray.get_actor(name, namespace=RANK_NAMESPACE).check_health.remote(), timeout=30)
 
 
+def _rank_transfer_metrics(app: str, deployment: str) -> list:
+    handle = serve.get_deployment_handle(deployment, app)
+    ranks = [ray.get_actor(name, namespace=RANK_NAMESPACE) for name in handle.rank_actor_names.remote().result(timeout_s=30)]
+    return ray.get([rank.kv_metrics.remote() for rank in ranks], timeout=30)
+
+
 @pytest.mark.timeout(300)
-def test_a_tp2_prefill_pool_sends_each_ranks_heads_to_a_tp1_decode_replica(served, model_dir):
-    """Prefill TP=2 -> decode TP=1 gives the tokens of colocated TP=1; the KV crossed (every
+@pytest.mark.parametrize("prefill_tp, decode_tp", DISAGG_DEGREES)
+def test_disaggregated_tp_gives_the_tokens_of_colocated_tp1(served, model_dir, prefill_tp, decode_tp):
+    """Prefill TP=p -> decode TP=d gives the tokens of colocated TP=1; the KV crossed (every
     prompt was prefilled remotely, none recomputed), in one message per rank pair per request
-    (one layer group: all layers fit in one message)."""
+    (one layer group: all layers fit in one message; 2 KV heads: 2 rank pairs in each case)."""
+    app = f"tpd{prefill_tp}{decode_tp}"
     rng = random.Random(4)
     prompts = [[rng.randrange(5, 600) for _ in range(rng.randrange(20, 150))] for _ in range(6)]
     with ThreadPoolExecutor(len(prompts)) as pool:
-        disagg = list(pool.map(lambda ip: _generate("tpd", f"tpd-{ip[0]}", ip[1], "DecodeWorker"), enumerate(prompts)))
-    tp1 = [_generate("tp1", f"tp1-d-{i}", p) for i, p in enumerate(prompts)]
+        disagg = list(pool.map(lambda ip: _generate(app, f"{app}-{ip[0]}", ip[1], "DecodeWorker"), enumerate(prompts)))
+    tp1 = [_generate("tp1", f"tp1-{app}-{i}", p) for i, p in enumerate(prompts)]
     assert disagg == tp1
-    decode = serve.get_deployment_handle("DecodeWorker", "tpd").stats.remote().result(timeout_s=30)
-    assert decode.disagg.remote_prefills_ok == len(prompts) and decode.disagg.remote_prefills_failed == 0
-    assert decode.transfer.messages_received == 2 * len(prompts)  # 2 prefill ranks x 1 decode rank x 1 group
-    prefill = serve.get_deployment_handle("PrefillWorker", "tpd")
-    assert prefill.tensor_parallel_size.remote().result(timeout_s=30) == 2
+    decode = serve.get_deployment_handle("DecodeWorker", app)
+    stats = decode.stats.remote().result(timeout_s=30)
+    assert stats.disagg.remote_prefills_ok == len(prompts) and stats.disagg.remote_prefills_failed == 0
+    received = [stats.transfer] + (_rank_transfer_metrics(app, "DecodeWorker") if decode_tp > 1 else [])
+    assert sum(m.messages_received for m in received) == 2 * len(prompts)
+    assert all(m.transfers_ok == len(prompts) for m in received)  # every decode rank got its heads
+    prefill = serve.get_deployment_handle("PrefillWorker", app)
     stats = prefill.stats.remote().result(timeout_s=30)
-    assert stats.exports_ok == len(prompts) and stats.transfer.messages_sent == len(prompts)  # rank 0's share
+    assert stats.exports_ok == len(prompts) and stats.exports_failed == 0
+    sent = [stats.transfer] + (_rank_transfer_metrics(app, "PrefillWorker") if prefill_tp > 1 else [])
+    assert sum(m.messages_sent for m in sent) == 2 * len(prompts)
+    if decode_tp > 1:
+        assert decode.tensor_parallel_size.remote().result(timeout_s=30) == decode_tp
 
 
 @pytest.mark.timeout(300)
