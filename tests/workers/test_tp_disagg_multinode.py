@@ -1,0 +1,105 @@
+"""Disaggregated tensor parallelism on a multi-node Ray cluster on this machine: a head, a node
+carrying the custom resource `prefill`, one carrying `decode` (the app built as `tandem serve
+--pool-resources` builds it). Prefill/decode degrees 2 -> 1, 1 -> 2 and 2 -> 2 each give the
+offline TP=1 engine's greedy tokens (the colocated TP=1 tokens: `test_tp_replica.py` shows they
+are the same); every prompt's KV crossed from the prefill node to the decode node, in one message
+per rank pair per request (2 KV heads: 2 rank pairs in each case; all layers in one message).
+Slow: a cluster of three raylets and six tensor-parallel groups."""
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import ray
+from ray import serve
+from ray.cluster_utils import Cluster
+
+from tandem.engine.llm import LLM
+from tandem.engine.make_model import make_model
+from tandem.protocol.sampling_params import SamplingParams
+from tandem.protocol.worker import WorkerRequest
+from tandem.workers.app import AppArgs, _decode_pool
+from tandem.workers.rank_group import RANK_NAMESPACE
+from tests.ray_start import start_ray
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+DEGREES = [(2, 1), (1, 2), (2, 2)]  # (prefill, decode)
+ENGINE = {"num_kv_blocks": 128, "block_size": 16, "max_model_len": 512, "max_num_batched_tokens": 64}
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    model = str(make_model(tmp_path_factory.mktemp("tp-multinode") / "llama", "llama", seed=1))
+
+    def start():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        nodes = {"prefill": cluster.add_node(num_cpus=2, resources={"prefill": 6}).node_id,
+                 "decode": cluster.add_node(num_cpus=2, resources={"decode": 6}).node_id}
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        return cluster, nodes
+
+    ray_cluster, nodes = start_ray(start)
+    serve.start(proxy_location="Disabled")
+    try:
+        serve.run_many([serve.RunTarget(_decode_pool(AppArgs.from_dict({
+            "model": model, "mode": "disaggregated", "pool_resources": True, "worker_num_cpus": 0.2,
+            "engine_kwargs": ENGINE, "prefill_tensor_parallel_size": p, "tensor_parallel_size": d,
+            "disagg": {"remote_prefill_min_tokens": 8}}), model), f"tpd{p}{d}", None) for p, d in DEGREES])
+        yield {"model": model, "nodes": nodes}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        ray_cluster.shutdown()
+
+
+def _generate(app: str, rid: str, prompt: list[int]) -> list[int]:
+    handle = serve.get_deployment_handle("DecodeWorker", app)
+    request = WorkerRequest(rid, prompt, temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    tokens, finished = [], False
+    for delta in handle.options(stream=True).generate.remote(request):
+        assert delta.error is None, delta.error
+        tokens += delta.outputs[0].token_ids
+        finished = delta.finished
+    assert finished
+    return tokens
+
+
+def _ranks(app: str, deployment: str) -> list:
+    handle = serve.get_deployment_handle(deployment, app)
+    return [ray.get_actor(name, namespace=RANK_NAMESPACE)
+            for name in handle.rank_actor_names.remote().result(timeout_s=30)]
+
+
+def _node(actor) -> str:
+    return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=30)
+
+
+@pytest.mark.parametrize("prefill_tp, decode_tp", DEGREES)
+def test_tp_groups_on_their_nodes_give_the_tokens_of_tp1(cluster, prefill_tp, decode_tp):
+    app = f"tpd{prefill_tp}{decode_tp}"
+    rng = random.Random(11)
+    prompts = [[rng.randrange(5, 600) for _ in range(rng.randrange(20, 150))] for _ in range(6)]
+    llm = LLM(cluster["model"], dtype="float32", **ENGINE)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    offline = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        served = list(pool.map(lambda ip: _generate(app, f"{app}-{ip[0]}", ip[1]), enumerate(prompts)))
+    assert served == offline
+    prefill_ranks = _ranks(app, "PrefillWorker") if prefill_tp > 1 else []
+    decode_ranks = _ranks(app, "DecodeWorker") if decode_tp > 1 else []
+    assert len(prefill_ranks) == prefill_tp - 1 and len(decode_ranks) == decode_tp - 1
+    assert all(_node(a) == cluster["nodes"]["prefill"] for a in prefill_ranks)
+    assert all(_node(a) == cluster["nodes"]["decode"] for a in decode_ranks)
+    decode = serve.get_deployment_handle("DecodeWorker", app).stats.remote().result(timeout_s=30)
+    assert decode.disagg.remote_prefills_ok == len(prompts) and decode.disagg.remote_prefills_failed == 0
+    received = [decode.transfer] + ray.get([a.kv_metrics.remote() for a in decode_ranks], timeout=30)
+    assert sum(m.messages_received for m in received) == 2 * len(prompts)  # rank pairs x 1 layer group
+    assert all(m.transfers_ok == len(prompts) for m in received)
+    prefill = serve.get_deployment_handle("PrefillWorker", app).stats.remote().result(timeout_s=30)
+    sent = [prefill.transfer] + ray.get([a.kv_metrics.remote() for a in prefill_ranks], timeout=30)
+    assert sum(m.messages_sent for m in sent) == 2 * len(prompts)
+    assert prefill.exports_ok == len(prompts) and prefill.exports_failed == 0
