@@ -74,7 +74,7 @@ class SenderActor:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    init_local(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    init_local(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": __import__("os").path.dirname(__file__)}})
     yield
     ray.shutdown()

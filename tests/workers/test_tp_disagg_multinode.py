@@ -4,10 +4,16 @@ carrying the custom resource `prefill`, one carrying `decode` (the app built as 
 offline TP=1 engine's greedy tokens (the colocated TP=1 tokens: `test_tp_replica.py` shows they
 are the same); every prompt's KV crossed from the prefill node to the decode node, in one message
 per rank pair per request (2 KV heads: 2 rank pairs in each case; all layers in one message).
-Slow: a cluster of three raylets and six tensor-parallel groups."""
+Last, a prefill rank is SIGKILLed mid-run: every request still completes with the offline
+tokens, the decode side (the surviving one) holds no block afterwards, and Serve replaces the
+prefill group, whose KV crosses again. Slow: a cluster of three raylets and six
+tensor-parallel groups."""
 from __future__ import annotations
 
+import os
 import random
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -47,6 +53,7 @@ def cluster(tmp_path_factory):
     try:
         serve.run_many([serve.RunTarget(_decode_pool(AppArgs.from_dict({
             "model": model, "mode": "disaggregated", "pool_resources": True, "worker_num_cpus": 0.2,
+            "health_check_period_s": 1,
             "engine_kwargs": ENGINE, "prefill_tensor_parallel_size": p, "tensor_parallel_size": d,
             "disagg": {"remote_prefill_min_tokens": 8}}), model), f"tpd{p}{d}", None) for p, d in DEGREES])
         yield {"model": model, "nodes": nodes}
@@ -103,3 +110,53 @@ def test_tp_groups_on_their_nodes_give_the_tokens_of_tp1(cluster, prefill_tp, de
     sent = [prefill.transfer] + ray.get([a.kv_metrics.remote() for a in prefill_ranks], timeout=30)
     assert sum(m.messages_sent for m in sent) == 2 * len(prompts)
     assert prefill.exports_ok == len(prompts) and prefill.exports_failed == 0
+
+
+def _settled(read, ok, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while not ok(value := read()):
+        assert time.monotonic() < deadline, f"{what}: {value}"
+        time.sleep(0.2)
+    return value
+
+
+def test_a_prefill_rank_killed_mid_run_loses_no_request_and_no_decode_block(cluster):
+    app = "tpd22"
+    decode = serve.get_deployment_handle("DecodeWorker", app)
+    prefill = serve.get_deployment_handle("PrefillWorker", app)
+    (victim,) = _ranks(app, "PrefillWorker")
+    victim_name = prefill.rank_actor_names.remote().result(timeout_s=30)
+    pid = ray.get(victim.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    rng = random.Random(12)
+    prompts = [[rng.randrange(5, 600) for _ in range(rng.randrange(60, 150))] for _ in range(8)]
+    llm = LLM(cluster["model"], dtype="float32", **ENGINE)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    offline = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    started = decode.stats.remote().result(timeout_s=30).disagg.remote_prefills_started
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(_generate, app, f"kill-{i}", p) for i, p in enumerate(prompts)]
+        _settled(lambda: decode.stats.remote().result(timeout_s=30).disagg.remote_prefills_started,
+                 lambda n: n > started, 60, "no remote prefill started")
+        os.kill(pid, signal.SIGKILL)
+        served = [f.result(timeout=300) for f in futures]
+    assert served == offline  # each prompt's KV crossed, or was recomputed on the decode side
+    _settled(lambda: decode.stats.remote().result(timeout_s=30).engine,
+             lambda e: e.num_free_blocks == e.num_total_blocks, 60, "decode blocks held")
+
+    def names():  # a call may meet the dying replica, or wait for the new one to start
+        try:
+            return prefill.rank_actor_names.remote().result(timeout_s=30)
+        except (TimeoutError, ray.exceptions.RayError):
+            return None
+
+    _settled(names, lambda n: n is not None and n != victim_name, 180, "the prefill group was not replaced")
+    ok = decode.stats.remote().result(timeout_s=30).disagg.remote_prefills_ok
+    deadline = time.monotonic() + 120
+    while True:  # the new group serves remote prefills (once Serve routes to it); fresh prompts, no cache hit
+        prompt = [rng.randrange(5, 600) for _ in range(80)]
+        assert _generate(app, f"after-kill-{time.monotonic()}", prompt) == \
+            llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids
+        if decode.stats.remote().result(timeout_s=30).disagg.remote_prefills_ok > ok:
+            break
+        assert time.monotonic() < deadline, "no remote prefill succeeded after the prefill group was replaced"
+        time.sleep(1)
