@@ -46,3 +46,18 @@ def local_serve() -> Iterator[str]:
         # Not serve.shutdown(): the cluster goes anyway, and Serve's shutdown prints Ray's
         # "Task ServeController.graceful_shutdown failed ... killed by ray.kill" as it stops.
         ray.shutdown()
+
+
+def greedy_tokens(app: str, deployment: str, rid: str, prompt: list[int], max_tokens: int) -> list[int]:
+    """A worker deployment's greedy tokens for `prompt` (ignore_eos), streamed through its handle."""
+    from tandem.protocol.worker import WorkerRequest
+
+    handle = serve.get_deployment_handle(deployment, app)
+    request = WorkerRequest(rid, prompt, temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    tokens, finished = [], False
+    for delta in handle.options(stream=True).generate.remote(request):
+        assert delta.error is None, delta.error
+        tokens += delta.outputs[0].token_ids
+        finished = delta.finished
+    assert finished
+    return tokens

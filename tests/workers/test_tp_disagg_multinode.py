@@ -24,10 +24,10 @@ from ray.cluster_utils import Cluster
 from tandem.engine.llm import LLM
 from tandem.engine.make_model import make_model
 from tandem.protocol.sampling_params import SamplingParams
-from tandem.protocol.worker import WorkerRequest
 from tandem.workers.app import AppArgs, _decode_pool
 from tandem.workers.rank_group import RANK_NAMESPACE
 from tests.ray_start import start_ray
+from tests.router.serve_harness import greedy_tokens
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -64,15 +64,7 @@ def cluster(tmp_path_factory):
 
 
 def _generate(app: str, rid: str, prompt: list[int]) -> list[int]:
-    handle = serve.get_deployment_handle("DecodeWorker", app)
-    request = WorkerRequest(rid, prompt, temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    tokens, finished = [], False
-    for delta in handle.options(stream=True).generate.remote(request):
-        assert delta.error is None, delta.error
-        tokens += delta.outputs[0].token_ids
-        finished = delta.finished
-    assert finished
-    return tokens
+    return greedy_tokens(app, "DecodeWorker", rid, prompt, MAX_TOKENS)
 
 
 def _ranks(app: str, deployment: str) -> list:

@@ -6,6 +6,7 @@ standing for decode ranks (degree 1: all heads; degree 2: one head each). The KV
 equals a TP=1 prefill's of the same prompt, and so does the first token."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -45,6 +46,26 @@ def prefill(engine: LLMEngine, connector: PrefillConnector, destination: KVDesti
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks  # freed after every ack
     assert first is not None and len(first) == 1  # stops after its first token
     return first[0], src_ids
+
+
+@contextlib.contextmanager
+def prefill_to_decode_ranks(engine: LLMEngine, connector: PrefillConnector, full: torch.Tensor,
+                            dst_heads: list[tuple[int, int]], parts):
+    """PROMPT saved to one receiver per decode rank (its heads of `full`'s shape), each expecting
+    its parts in DST_IDS; yields (first token, the receivers) once every part landed; closes them."""
+    receivers = [KVReceiver(torch.zeros((full.shape[0], 2, 64, 16, hi - lo, full.shape[-1])),
+                            KVTransferConfig(**TRANSFER)) for lo, hi in dst_heads]
+    try:
+        handles = [r.expect("r", DST_IDS, full.shape[0], head_ranges=parts_for_dst(parts, rank))
+                   for rank, r in enumerate(receivers)]
+        token, _ = prefill(engine, connector,
+                           KVDestination(receivers[0].address, DST_IDS, 0, [r.address for r in receivers], dst_heads))
+        for handle in handles:
+            handle.wait(10.0)
+        yield token, receivers
+    finally:
+        for r in receivers:
+            r.close()
 
 
 def config(model: str) -> EngineConfig:
@@ -91,15 +112,7 @@ def test_each_prefill_rank_sends_its_heads_to_the_decode_ranks_holding_them(tp2_
     parts = plan_head_parts(rank_kv_heads(hf.num_key_value_heads, 2), dst_heads)
     assert len({(p.src_rank, p.dst_rank) for p in parts}) == len(parts)  # one part per rank pair
     full = reference[1]
-    receivers = [KVReceiver(torch.zeros((num_layers, 2, 64, 16, hi - lo, full.shape[-1])),
-                            KVTransferConfig(**TRANSFER)) for lo, hi in dst_heads]
-    try:
-        handles = [r.expect("r", DST_IDS, num_layers, head_ranges=parts_for_dst(parts, s))
-                   for s, r in enumerate(receivers)]
-        token, _ = prefill(engine, connector,
-                           KVDestination(receivers[0].address, DST_IDS, 0, [r.address for r in receivers], dst_heads))
-        for handle in handles:
-            handle.wait(10.0)
+    with prefill_to_decode_ranks(engine, connector, full, dst_heads, parts) as (token, receivers):
         assert token == reference[0]
         landed = torch.cat([r.kv_cache[:, :, DST_IDS] for r in receivers], dim=4)
         torch.testing.assert_close(landed, full, rtol=1e-5, atol=1e-5)  # TP=2 sums in another order
@@ -108,9 +121,6 @@ def test_each_prefill_rank_sends_its_heads_to_the_decode_ranks_holding_them(tp2_
         # min_message_bytes=0: each layer is its own message, per rank pair: pairs x layers.
         assert sum(r.metrics().messages_received for r in receivers) == len(parts) * num_layers
         assert sum(r.metrics().transfers_ok for r in receivers) == decode_tp
-    finally:
-        for r in receivers:
-            r.close()
 
 
 @pytest.mark.timeout(120)
@@ -122,19 +132,10 @@ def test_a_tp1_prefill_splits_its_heads_over_two_decode_ranks(llama_dir, referen
     num_kv_heads = full.shape[4]
     dst_heads = rank_kv_heads(num_kv_heads, 2)
     parts = plan_head_parts([(0, num_kv_heads)], dst_heads)
-    receivers = [KVReceiver(torch.zeros((full.shape[0], 2, 64, 16, hi - lo, full.shape[-1])),
-                            KVTransferConfig(**TRANSFER)) for lo, hi in dst_heads]
     try:
-        handles = [r.expect("r", DST_IDS, full.shape[0], head_ranges=parts_for_dst(parts, s))
-                   for s, r in enumerate(receivers)]
-        token, _ = prefill(engine, connector,
-                           KVDestination(receivers[0].address, DST_IDS, 0, [r.address for r in receivers], dst_heads))
-        for handle in handles:
-            handle.wait(10.0)
-        assert token == reference[0]
-        assert torch.equal(torch.cat([r.kv_cache[:, :, DST_IDS] for r in receivers], dim=4), full)
-        assert sum(r.metrics().messages_received for r in receivers) == len(parts) * full.shape[0]
+        with prefill_to_decode_ranks(engine, connector, full, dst_heads, parts) as (token, receivers):
+            assert token == reference[0]
+            assert torch.equal(torch.cat([r.kv_cache[:, :, DST_IDS] for r in receivers], dim=4), full)
+            assert sum(r.metrics().messages_received for r in receivers) == len(parts) * full.shape[0]
     finally:
-        for r in receivers:
-            r.close()
         connector.close()

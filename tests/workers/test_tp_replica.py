@@ -24,10 +24,9 @@ from tandem.cluster.status_cli import format_report
 from tandem.engine.llm import LLM
 from tandem.engine.make_model import make_model
 from tandem.protocol.sampling_params import SamplingParams
-from tandem.protocol.worker import WorkerRequest
 from tandem.workers.app import AppArgs, _decode_pool, build_app
 from tandem.workers.rank_group import RANK_NAMESPACE
-from tests.router.serve_harness import local_serve
+from tests.router.serve_harness import greedy_tokens, local_serve
 
 DISAGG_DEGREES = [(2, 1), (1, 2), (2, 2)]  # (prefill, decode) tensor-parallel degrees
 ENGINE = {"num_kv_blocks": 128, "block_size": 16, "max_model_len": 512, "max_num_batched_tokens": 64}
@@ -107,15 +106,7 @@ def served(model_dir):
 
 
 def _generate(app: str, rid: str, prompt: list[int], deployment: str = "LLMWorker") -> list[int]:
-    handle = serve.get_deployment_handle(deployment, app)
-    request = WorkerRequest(rid, prompt, temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    tokens, finished = [], False
-    for delta in handle.options(stream=True).generate.remote(request):
-        assert delta.error is None, delta.error
-        tokens += delta.outputs[0].token_ids
-        finished = delta.finished
-    assert finished
-    return tokens
+    return greedy_tokens(app, deployment, rid, prompt, MAX_TOKENS)
 
 
 @pytest.mark.timeout(300)
