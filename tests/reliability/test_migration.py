@@ -6,11 +6,15 @@ requests: the ingress continued each stream on the live replica from the tokens 
 sent (`router.continuation`). At the end every surviving replica runs nothing and has every KV
 block free.
 
+A replica whose engine loop dies while its process lives (a step raises, as a device fault
+would make it) ends its own process, and its streams continue the same way.
+
 The engine side of a continuation (seeded draws, penalties, stop strings across the seam) is
 `tests/engine/test_continuation.py`; the ingress's wrapper without Ray is
 `tests/router/test_continuation.py`."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import random
@@ -21,7 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import openai
+import psutil
 import pytest
+import ray
 from ray import serve
 
 from tests.reliability.conftest import app_at
@@ -259,3 +265,66 @@ def test_streams_survive_decode_replicas_killed_mid_stream(base_url, client):
     print(f"\nmigration: {len(disturbed)} requests ({len(mix)} distinct), {len(killer.kills)} SIGKILLs in "
           f"{elapsed:.1f} s, {len(hit)} streams hit mid-stream ({kinds['chat']} chat, {kinds['seeded']} seeded), "
           f"{int(migrations)} continuations, 0 lost; blocks free {blocks}")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def break_engine_loop(name: str) -> int:
+    """Makes the next engine step of replica `name` raise, as a device fault would: its engine
+    loop dies while its process lives. Returns how many engines the replica holds."""
+    def inject(_replica) -> int:
+        from tandem.engine import async_engine
+
+        def failing_step():
+            raise RuntimeError("injected: the step failed")
+
+        engines = list(async_engine._LIVE)
+        for llm in engines:
+            llm.engine.step = failing_step
+        return len(engines)
+
+    return ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(inject), timeout=30)
+
+
+def test_a_replica_whose_engine_loop_dies_ends_itself_and_its_streams_continue(base_url, client):
+    deadline = time.monotonic() + 120
+    while running_replicas() < 2 or len(replica_names(APP, "LLMWorker")) < 2:
+        assert time.monotonic() < deadline, "the app's two replicas"
+        time.sleep(0.3)
+    # long streams, so that the fault lands while several run on the victim
+    mix = [dataclasses.replace(spec, max_tokens=300) for spec in specs() if spec.stream][:24]
+    reference = run_all(client, mix)
+    assert all(r.error is None for r in reference), [r.error for r in reference if r.error]
+    migrations_before = metric_values(base_url).get("tandem_ingress_migrations_total", 0)
+    victim = replica_names(APP, "LLMWorker")[0]
+    pid = replica_pid(victim)
+
+    with ThreadPoolExecutor(len(mix)) as pool:
+        futures = [pool.submit(run_one, client, spec) for spec in mix]
+        busy = time.monotonic() + 60
+        while not ((stats := worker_stats(APP).get(victim)) and stats["num_running"] >= 4):
+            assert time.monotonic() < busy, "streams on the victim"
+            time.sleep(0.1)
+        assert break_engine_loop(victim) == 1
+        results = [f.result(timeout=240) for f in futures]
+
+    lost = [(spec.index, r.error) for spec, r in zip(mix, results) if r.error]
+    assert not lost, lost
+    for spec, got, want in zip(mix, results, reference):
+        assert (got.text, got.finish_reason, got.usage) == (want.text, want.finish_reason, want.usage), (spec, want, got)
+    migrations = metric_values(base_url).get("tandem_ingress_migrations_total", 0) - migrations_before
+    assert migrations >= 1, migrations
+    on_victim = sum(r.replica == victim for r in results)
+    gone = time.monotonic() + 30
+    while process_alive(pid):  # the replica ended its own process (no one killed it)
+        assert time.monotonic() < gone, "the replica with the dead engine loop is still running"
+        time.sleep(0.2)
+    stats = wait_until_idle(base_url, timeout_s=120)
+    assert victim not in stats
+    print(f"\nengine loop died on one replica: {len(mix)} streams, {on_victim} on it, {int(migrations)} continued, "
+          f"0 lost; its process ended itself and was replaced")

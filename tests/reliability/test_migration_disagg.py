@@ -2,15 +2,17 @@
 `DecodeWorker`s behind the OpenAI ingress, KV over kvtransfer; the `openai` client streaming):
 - the prefill replica SIGKILLed while remote prefills wait on it: every stream completes with the
   colocated engine's tokens (the decode replicas recompute what did not arrive), and afterwards
-  both pools hold no block;
+  both pools hold no block (56 streams, chat and completions);
 - a decode replica SIGKILLed mid-stream: its streams continue on the other decode replica;
 - the decode pool scaled down (`tandem scale decode 1`, Serve's external scaler) mid-stream: the
   leaving replica stops taking requests, finishes the streams that end within its drain timeout
   (`drain_timeout_s`, Serve's `graceful_shutdown_timeout_s`), and the streams still running when
   it stops continue on the replica that stays.
 
-Expected outputs come from the colocated offline engine on the same weights (`LLM`), prompts are
-token ids, so each request's text and usage are known exactly."""
+Expected outputs come from the colocated offline engine on the same weights (`LLM`): a completion's
+prompt is token ids, a chat's is its messages rendered by the model's chat template and tokenized
+as the ingress does, so each request's text and usage are known exactly. Half the requests of
+each mix are chats."""
 from __future__ import annotations
 
 import os
@@ -32,7 +34,7 @@ from tandem.protocol.sampling_params import SamplingParams
 from tests.reliability.probes import metric_values, replica_names, replica_pid, worker_stats
 
 APP = "migration-disagg"
-ENGINE = {"max_model_len": 1024, "num_kv_blocks": 512, "max_num_seqs": 32, "block_size": 16}
+ENGINE = {"max_model_len": 1024, "num_kv_blocks": 1024, "max_num_seqs": 32, "block_size": 16}
 DISAGG = {"remote_prefill_min_tokens": 32, "prefill_timeout_s": 10.0, "kv_wait_timeout_s": 3.0}
 TRANSFER = {"timeout_s": 3.0, "connect_timeout_s": 3.0, "heartbeat_s": 0.2, "peer_timeout_s": 2.0,
             "min_message_bytes": 0}
@@ -64,9 +66,10 @@ def offline(ray_serve):
 
 @dataclass(frozen=True)
 class Spec:
-    prompt: list[int]
+    prompt: list[int]  # the token ids the worker gets (a chat's: its rendered messages)
     max_tokens: int
     seed: int | None = None  # seeded requests are prefilled on the decode replica (their generator lives there)
+    content: str | None = None  # a chat: its one user message
 
     def params(self) -> SamplingParams:
         if self.seed is None:
@@ -77,15 +80,31 @@ class Spec:
 _PROMPT_SEEDS = iter(range(10**6))
 
 
-def specs(count: int, max_tokens, seeded_every: int = 0, lengths: tuple[int, int] = (64, 160)) -> list[Spec]:
-    """Prompts of `lengths` token ids no worker has seen (a prefix hit would keep them off the
-    prefill pool); `max_tokens(i)` for each."""
+def chat_prompt(tokenizer, content: str) -> list[int]:
+    """The ids the ingress gives the worker for one user message: the chat template rendered as
+    text, then tokenized without special tokens (`router.openai_ingress`)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def specs(offline: LLM, count: int, max_tokens, seeded_every: int = 0,
+          lengths: tuple[int, int] = (64, 160)) -> list[Spec]:
+    """Prompts of about `lengths` token ids no worker has seen (a prefix hit would keep them off
+    the prefill pool); `max_tokens(i)` for each. Requests 1 and 2 of every 4 are chats, whose
+    message is half as many random ids decoded to text (its rendered prompt is about as long as
+    a completion's), so greedy and seeded requests come as both."""
+    tokenizer = offline.get_tokenizer()
     out = []
     for i in range(count):
         rng = random.Random(next(_PROMPT_SEEDS))
-        prompt = [rng.randrange(5, 600) for _ in range(rng.randrange(*lengths))]
+        ids = [rng.randrange(5, 600) for _ in range(rng.randrange(*lengths))]
         seed = 500 + i if seeded_every and i % seeded_every == 0 else None
-        out.append(Spec(prompt, max_tokens(i), seed))
+        if i % 4 in (1, 2):
+            content = tokenizer.decode(ids[:len(ids) // 2], skip_special_tokens=True)
+            out.append(Spec(chat_prompt(tokenizer, content), max_tokens(i), seed, content))
+        else:
+            out.append(Spec(ids, max_tokens(i), seed))
     return out
 
 
@@ -105,16 +124,20 @@ class Result:
 def stream(client: openai.OpenAI, spec: Spec) -> Result:
     result = Result()
     extra = {"seed": spec.seed, "temperature": 0.9} if spec.seed is not None else {"temperature": 0.0}
+    common = dict(model="tiny", max_tokens=spec.max_tokens, stream=True, stream_options={"include_usage": True},
+                  extra_body={"ignore_eos": True}, **extra)
     try:
-        raw = client.completions.with_raw_response.create(
-            model="tiny", prompt=spec.prompt, max_tokens=spec.max_tokens, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **extra)
+        if spec.content is not None:
+            raw = client.chat.completions.with_raw_response.create(
+                messages=[{"role": "user", "content": spec.content}], **common)
+        else:
+            raw = client.completions.with_raw_response.create(prompt=spec.prompt, **common)
         result.replica = raw.headers.get("x-tandem-replica", "")
         for chunk in raw.parse():
             if chunk.usage is not None:
                 result.usage = {"prompt": chunk.usage.prompt_tokens, "completion": chunk.usage.completion_tokens}
             for choice in chunk.choices:
-                result.text += choice.text
+                result.text += (choice.delta.content or "") if spec.content is not None else choice.text
     except Exception as error:  # noqa: BLE001 - reported by the test
         result.error = f"{type(error).__name__}: {error}"
     return result
@@ -182,7 +205,7 @@ def kill(name: str) -> None:
 
 def test_prefill_replica_killed_mid_transfer_loses_no_stream(app, offline):
     wait_for(lambda: running("PrefillWorker") == 1 and running("DecodeWorker") == 2, 120, "the app")
-    mix = specs(24, max_tokens=lambda i: 24, lengths=(300, 600))
+    mix = specs(offline, 56, max_tokens=lambda i: 24, seeded_every=8, lengths=(300, 600))
     want = expected(offline, mix)
     before = {name: s.disagg for name, s in decode_stats().items()}
     [victim] = replica_names(APP, "PrefillWorker")
@@ -230,7 +253,7 @@ def test_prefill_replica_killed_mid_transfer_loses_no_stream(app, offline):
 
 def test_decode_replica_killed_mid_stream_loses_no_stream(app, offline):
     wait_for(lambda: running("PrefillWorker") == 1 and running("DecodeWorker") == 2, 120, "the app")
-    mix = specs(16, max_tokens=lambda i: 120, seeded_every=2)
+    mix = specs(offline, 16, max_tokens=lambda i: 120, seeded_every=2)
     want = expected(offline, mix)
     migrations_before = metric_values(app["url"]).get("tandem_ingress_migrations_total", 0)
     victim = random.Random(3).choice(replica_names(APP, "DecodeWorker"))
@@ -253,8 +276,9 @@ def test_decode_replica_killed_mid_stream_loses_no_stream(app, offline):
 
 def test_scaling_the_decode_pool_down_mid_stream_loses_no_stream(app, offline):
     wait_for(lambda: running("PrefillWorker") == 1 and running("DecodeWorker") == 2, 120, "the app")
-    # Short streams end within the leaving replica's drain; long ones outlive it and continue.
-    mix = specs(16, max_tokens=lambda i: 8 if i % 2 else 250, seeded_every=4)
+    # Short streams end within the leaving replica's drain; long ones outlive it and continue
+    # (800 tokens take several times the drain here, whatever the machine's load).
+    mix = specs(offline, 16, max_tokens=lambda i: 8 if i % 2 else 800, seeded_every=4, lengths=(64, 160))
     want = expected(offline, mix)
     migrations_before = metric_values(app["url"]).get("tandem_ingress_migrations_total", 0)
     replicas = set(replica_names(APP, "DecodeWorker"))
