@@ -1,5 +1,6 @@
 """What a decode worker and a prefill worker exchange through a Serve handle (the KV itself goes
-through `kvtransfer`): the prefill request naming where the blocks go, and its result."""
+through `kvtransfer`): the prefill request naming where the blocks go, the prefill worker's
+keep-alives while it works on it, and its result."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,6 +26,18 @@ class PrefillRequest:
     # first) and the global KV-head range [lo, hi) its cache holds; None for degree 1.
     receiver_addresses: list[str] | None = None
     dst_kv_heads: list[tuple[int, int]] | None = None
+    # Seconds between the prefill worker's `PrefillAlive` messages while it queues, computes or
+    # sends this request (`PrefillWorker.prefill_stream`); None: only the result.
+    keepalive_s: float | None = None
+
+
+@dataclass
+class PrefillAlive:
+    """Prefill → decode, every `keepalive_s` until the result: the replica still works on this
+    transfer. Its silence is how the decode worker tells a replica that hangs before it sends
+    any KV (nothing there yet for the transfer's own heartbeat to watch) from one still busy."""
+
+    transfer_id: str
 
 
 @dataclass

@@ -36,7 +36,7 @@ from tandem.engine.kv_connector import KVConnector, LoadResult
 from tandem.engine.sequence import Sequence
 from tandem.kvtransfer import KVReceiver, KVSender, KVTransferConfig, ReceiveHandle, SendSession, TransferError
 from tandem.kvtransfer.metrics import TransferMetrics
-from tandem.protocol.prefill import PrefillRequest, PrefillResult
+from tandem.protocol.prefill import PrefillAlive, PrefillRequest, PrefillResult
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,11 @@ class DisaggConfig:
     kv_wait_timeout_s: float = 10.0
     """Bound on the KV landing after the prefill worker answered, and on its answer (the first
     token) after the KV landed: it answers once the receiver acknowledged the KV."""
+    prefill_liveness_timeout_s: float = 10.0
+    """Bound on silence from the prefill replica working on a request: it sends a `PrefillAlive`
+    every quarter of this while the request queues, computes or sends there. This is what frees
+    the blocks of a replica that hangs before it sent any KV (frozen, its event loop stuck),
+    which the transfer's heartbeat cannot see: nothing has begun."""
     prefill_tensor_parallel_size: int = 1
     """The prefill pool's degree: its ranks each send their KV heads, one part each here."""
 
@@ -61,7 +66,7 @@ class DisaggConfig:
             raise ValueError("remote_prefill_min_tokens must be >= 1")
         if type(self.prefill_tensor_parallel_size) is not int or self.prefill_tensor_parallel_size < 1:
             raise ValueError("prefill_tensor_parallel_size must be an integer >= 1")
-        if not (self.prefill_timeout_s > 0 and self.kv_wait_timeout_s > 0):
+        if not (self.prefill_timeout_s > 0 and self.kv_wait_timeout_s > 0 and self.prefill_liveness_timeout_s > 0):
             raise ValueError("timeouts must be > 0")
 
 
@@ -191,7 +196,8 @@ class DecodeConnector(KVConnector):
         load = _Load(seq, transfer_id, handle, seq.num_tokens - seq.num_computed_tokens)
         self._loads[seq.seq_key] = load
         request = PrefillRequest(transfer_id, list(seq.prompt_token_ids), seq.sampling_params,
-                                 self.receiver.address, dst_block_ids, skip_blocks)
+                                 self.receiver.address, dst_block_ids, skip_blocks,
+                                 keepalive_s=self.config.prefill_liveness_timeout_s / 4)
         if self._ranks:
             request.receiver_addresses = [self.receiver.address] + [address for _, address in self._ranks]
             request.dst_kv_heads = list(self._rank_heads)
@@ -235,7 +241,8 @@ class DecodeConnector(KVConnector):
     async def _run(self, load: _Load, request: PrefillRequest) -> None:
         """Ask for the prefill and wait for both its answer and the KV. The blocks stay reserved
         for the transfer until whichever comes first of: both arrived (resume with the prompt
-        computed); the call failed (the prefill replica died, refused, timed out); the receiver
+        computed); the call failed (the prefill replica died, refused, timed out, or sent not
+        even a keep-alive for `prefill_liveness_timeout_s`: hung before any KV); the receiver
         failed the transfer (sender silent or gone: `peer_timeout_s`); the KV landed but no
         answer came within `kv_wait_timeout_s`, or an answer came but no KV within it. In
         every failure the transfer is aborted first, so the rest of the prompt can be
@@ -252,8 +259,8 @@ class DecodeConnector(KVConnector):
                                                           self._head_ranges[rank])
                                    for rank, (actor, _) in enumerate(ranks, start=1)))
             kv_ended = asyncio.ensure_future(self._all_landed(rank0_ended, load, ranks))
-            response = self._prefill.prefill.remote(request)
-            answer = asyncio.ensure_future(_awaited(response))
+            response = self._prefill.options(stream=True).prefill_stream.remote(request)
+            answer = asyncio.ensure_future(_answer(response, config.prefill_liveness_timeout_s))
             done, _ = await asyncio.wait({answer, kv_ended}, timeout=config.prefill_timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
             if not done:
@@ -307,8 +314,19 @@ class DecodeConnector(KVConnector):
             self.receiver.close()
 
 
-async def _awaited(response):
-    return await response
+async def _answer(stream, liveness_s: float) -> PrefillResult:
+    """The prefill stream's result, its `PrefillAlive`s skipped; raises `TimeoutError` once the
+    stream stayed silent for `liveness_s`."""
+    while True:
+        try:
+            item = await asyncio.wait_for(stream.__anext__(), liveness_s)
+        except TimeoutError:
+            raise TimeoutError(f"the prefill replica sent nothing for prefill_liveness_timeout_s={liveness_s:g}s "
+                               "(hung?)") from None
+        except StopAsyncIteration:
+            raise RuntimeError("the prefill stream ended without a result") from None
+        if not isinstance(item, PrefillAlive):
+            return item
 
 
 def _set_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:

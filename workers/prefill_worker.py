@@ -8,14 +8,21 @@ blocks the decode worker lacks into its block ids through `kvtransfer` layer by 
 forward pass runs, and returns the first token once the receiver acknowledged them. Its blocks are
 then freed and stay in the prefix cache, so a shared system prompt is prefilled once.
 
+The decode side calls it as `prefill_stream`: the same, with a `PrefillAlive` every
+`keepalive_s` until the result, so that a replica that hangs (frozen, its event loop stuck)
+before it sent any KV is told from a busy one within seconds.
+
 If the caller goes away (Serve cancels the call), the engine request is aborted and its
 blocks are freed at once; an export in flight is aborted too.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 
-from tandem.protocol.prefill import PrefillRequest, PrefillResult
+from tandem.protocol.prefill import PrefillAlive, PrefillRequest, PrefillResult
 from tandem.workers.disagg import KVDestination, PrefillConnector, transfer_config
 from tandem.protocol.worker import WorkerStats
 from tandem.workers.serve_worker import EngineReading, LLMWorker
@@ -68,6 +75,23 @@ class PrefillWorker(LLMWorker):
             return PrefillResult(rid, error=error)
         logprobs = output.logprobs[0] if output.logprobs else None
         return PrefillResult(rid, output.token_ids[0], logprobs, last.num_cached_tokens)
+
+    async def prefill_stream(self, request: PrefillRequest) -> AsyncIterator[PrefillAlive | PrefillResult]:
+        """`prefill` as the decode side calls it through Serve: a `PrefillAlive` every
+        `request.keepalive_s` while it works, then its result. Closing the stream (the caller gave
+        up) cancels the prefill, which aborts the request and forgets its export."""
+        task = asyncio.ensure_future(self.prefill(request))
+        try:
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=request.keepalive_s)
+                if not done:
+                    yield PrefillAlive(request.transfer_id)
+            yield task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def _update_role_metrics(self, reading: EngineReading) -> None:
         self.metrics.update_transfer(self._exporter.transfer_metrics(), "sent")

@@ -2,10 +2,11 @@
 side (in the test's process) sees a real peer die (SIGKILL) or hang (SIGSTOP) at a chosen point
 of a KV transfer.
 
-- `PrefillProcess`: a `PrefillWorker` (outside Serve) whose `prefill(PrefillRequest)` the test's
-  `DecodeWorker` calls through `PrefillPool`, a stand-in for the prefill pool's Serve handle: a
-  call's answer comes back over the pipe, and a call in flight when the process dies raises
-  Ray's `ActorDiedError`, as a Serve call to a dead replica does.
+- `PrefillProcess`: a `PrefillWorker` (outside Serve) whose `prefill_stream(PrefillRequest)` the
+  test's `DecodeWorker` calls through `PrefillPool`, a stand-in for the prefill pool's Serve
+  handle: each item of the call's stream (keep-alives, then the result) comes back over the pipe
+  as the worker yields it, so a frozen process goes silent; a call in flight when the process
+  dies raises Ray's `ActorDiedError`, as a Serve call to a dead replica does.
 - `ReceiverProcess`: a decode worker's `KVReceiver` alone (its blocks are what the test's
   `PrefillWorker` sends to).
 
@@ -79,9 +80,13 @@ def _prefill_main(conn, model: str, engine_kwargs: dict, transfer_kwargs: dict, 
     loop = asyncio.new_event_loop()
 
     def answer(request) -> None:
+        async def relay() -> None:
+            async for item in worker.prefill_stream(request):
+                send(("item", request.transfer_id, item))
+
         try:
-            result = asyncio.run_coroutine_threadsafe(worker.prefill(request), loop).result()
-            send(("result", request.transfer_id, result))
+            asyncio.run_coroutine_threadsafe(relay(), loop).result()
+            send(("end", request.transfer_id, None))
         except BaseException:  # noqa: BLE001 - reported to the test
             send(("exception", request.transfer_id, traceback.format_exc()))
 
@@ -203,7 +208,7 @@ class PrefillProcess(_Child):
         assert point in PREFILL_POINTS
         super().__init__(_prefill_main, (model, engine_kwargs, transfer_kwargs, point))
         self._lock = threading.Lock()
-        self._pending: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._pending: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._replies: dict[str, object] = {}
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -221,10 +226,11 @@ class PrefillProcess(_Child):
                 self._ready.set()
             elif kind == "at":
                 self.reached.set()
-            elif kind in ("result", "exception"):
+            elif kind in ("item", "end", "exception"):
                 _, transfer_id, value = msg
-                error = RuntimeError(f"prefill process raised:\n{value}") if kind == "exception" else None
-                self._settle(transfer_id, value if error is None else None, error)
+                if kind == "exception":
+                    value = RuntimeError(f"prefill process raised:\n{value}")
+                self._deliver(transfer_id, _END if kind == "end" else value, last=kind != "item")
             else:
                 with self._lock:
                     self._replies[kind] = msg[1]
@@ -233,38 +239,32 @@ class PrefillProcess(_Child):
         with self._lock:
             pending = list(self._pending)
         for transfer_id in pending:
-            self._settle(transfer_id, None, ActorDiedError())
+            self._deliver(transfer_id, ActorDiedError(), last=True)
 
-    def _settle(self, transfer_id: str, result, error: BaseException | None) -> None:
+    def _deliver(self, transfer_id: str, item, last: bool) -> None:
         with self._lock:
-            entry = self._pending.pop(transfer_id, None)
+            entry = self._pending.pop(transfer_id, None) if last else self._pending.get(transfer_id)
         if entry is None:
             return
-        loop, future = entry
-
-        def settle() -> None:
-            if not future.done():
-                future.set_exception(error) if error is not None else future.set_result(result)
-
+        loop, queue = entry
         try:
-            loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the test's loop is gone: nobody waits for this call any more
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the test's loop is gone: nobody reads this call any more
             pass
 
-    def call(self, request) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+    def call(self, request) -> "_Stream":
+        queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             dead = not self._reader.is_alive()
             if not dead:
-                self._pending[request.transfer_id] = (loop, future)
+                self._pending[request.transfer_id] = (asyncio.get_running_loop(), queue)
         if dead:
             from ray.exceptions import ActorDiedError
 
-            future.set_exception(ActorDiedError())
-            return future
-        self._conn.send(("prefill", request))
-        return future
+            queue.put_nowait(ActorDiedError())
+        else:
+            self._conn.send(("prefill", request))
+        return _Stream(queue)
 
     def arm(self) -> None:
         self._conn.send(("arm", None))
@@ -274,26 +274,46 @@ class PrefillProcess(_Child):
             time.sleep(0.01)
 
 
-class _Response:
-    """What `handle.prefill.remote(request)` gives: awaitable, with `cancel()`."""
+_END = object()  # the call's stream ended
 
-    def __init__(self, future: asyncio.Future) -> None:
-        self._future = future
 
-    def __await__(self):
-        return self._future.__await__()
+class _Stream:
+    """What `handle.options(stream=True).prefill_stream.remote(request)` gives: an async iterator
+    of the call's items, with `cancel()` (the child's prefill is not stopped: the stand-in only
+    stops reading)."""
+
+    def __init__(self, queue: asyncio.Queue) -> None:
+        self._queue = queue
+
+    def __aiter__(self) -> "_Stream":
+        return self
+
+    async def __anext__(self):
+        item = await self._queue.get()
+        if item is _END:
+            self._queue.put_nowait(_END)
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self._queue.put_nowait(item)
+            raise item
+        return item
 
     def cancel(self) -> None:
-        self._future.cancel()
+        pass
 
 
 class PrefillPool:
-    """A stand-in for the prefill pool's `DeploymentHandle`: `pool.prefill.remote(request)`
-    goes to the current `PrefillProcess` (the test swaps it between cases)."""
+    """A stand-in for the prefill pool's `DeploymentHandle`:
+    `pool.options(stream=True).prefill_stream.remote(request)` goes to the current
+    `PrefillProcess` (the test swaps it between cases)."""
 
     def __init__(self) -> None:
         self.process: PrefillProcess | None = None
-        self.prefill = self
+        self.prefill_stream = self
 
-    def remote(self, request) -> _Response:
-        return _Response(self.process.call(request))
+    def options(self, stream: bool = False) -> "PrefillPool":
+        assert stream, "the decode side streams its prefill calls"
+        return self
+
+    def remote(self, request) -> _Stream:
+        return self.process.call(request)

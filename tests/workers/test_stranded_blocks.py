@@ -7,7 +7,9 @@ Decode side (the prefill replica fails; a real `DecodeWorker` here, the `Prefill
 own process, `disagg_procs.PrefillProcess`): the blocks reserved for the transfer are released
 to the request, which recomputes the rest of its prompt locally and completes with the greedy
 tokens of the colocated engine; afterwards every block is free and the receiver holds nothing.
-- before Begin (the prompt is being computed there; nothing sent): killed.
+- before Begin (the prompt is being computed there; nothing sent): killed; frozen (released
+  within `prefill_liveness_timeout_s`: the replica's keep-alives stop, and nothing has begun for
+  the transfer's heartbeat to watch).
 - mid-layers (layer 0 of 2 sent): killed; frozen (released within `peer_timeout_s`: the
   receiver's heartbeat check fails the transfer, and the decode side stops waiting for the call).
 - after Done, before the decode side resumes (every layer landed and was acknowledged, the first
@@ -42,7 +44,8 @@ from tests.workers.disagg_procs import PrefillPool, PrefillProcess, ReceiverProc
 TRANSFER = {"bind_host": "127.0.0.1", "timeout_s": 2.0, "connect_timeout_s": 2.0, "heartbeat_s": 0.2,
             "peer_timeout_s": 1.5, "min_message_bytes": 0}
 SAVE_DEADLINE_S = 2 * TRANSFER["timeout_s"] + TRANSFER["connect_timeout_s"]
-DISAGG = {"remote_prefill_min_tokens": 32, "prefill_timeout_s": 60.0, "kv_wait_timeout_s": 2.5}
+DISAGG = {"remote_prefill_min_tokens": 32, "prefill_timeout_s": 60.0, "kv_wait_timeout_s": 2.5,
+          "prefill_liveness_timeout_s": 3.0}
 ENGINE = {"num_kv_blocks": 128, "block_size": 16}
 SLACK_S = 2.0  # a busy 2-core machine
 MAX_TOKENS = 6
@@ -99,6 +102,7 @@ async def settled(read, predicate, timeout_s: float, what: str):
 
 @pytest.mark.parametrize("point, fault, bound_s", [
     ("before_begin", "kill", 0.0),
+    ("before_begin", "freeze", DISAGG["prefill_liveness_timeout_s"]),
     ("mid_layers", "kill", 0.0),
     ("mid_layers", "freeze", TRANSFER["peer_timeout_s"]),
     ("after_done", "kill", 0.0),
@@ -128,6 +132,12 @@ def test_a_prefill_replica_failing_mid_transfer_releases_the_decode_blocks(llama
             if point == "after_done":  # every layer landed and was acknowledged
                 await settled(connector.transfer_metrics, lambda m: m.transfers_ok > received.transfers_ok,
                               10, "the KV did not land")
+            if point == "before_begin" and fault == "freeze":
+                # alive but slow (its engine thread is held): its keep-alives keep the decode
+                # side waiting past the liveness bound; only the freeze silences them
+                await asyncio.sleep(1.5 * DISAGG["prefill_liveness_timeout_s"])
+                assert connector.counters().remote_prefills_failed == before.remote_prefills_failed, \
+                    "a live prefill replica was given up"
             failed_at = time.monotonic()
             child.kill() if fault == "kill" else child.freeze()
             await settled(connector.counters, lambda c: c.remote_prefills_failed > before.remote_prefills_failed,
