@@ -17,6 +17,7 @@ dequantized in registers: the weight is still read at one byte per element.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -108,13 +109,15 @@ def fake_quantize_input(x: torch.Tensor, input_scale: torch.Tensor | None) -> to
 def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, group_k: int,
                    bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
                    quantize_input: bool = False) -> torch.Tensor:
-    """Dequantize, then matmul in x's dtype: the CPU path, and (with `quantize_input`, which
-    rounds x through e4m3 first) the oracle of the GPU path, whose tensor cores multiply FP8
-    activations. Returns x's dtype."""
+    """Dequantize, then matmul in x's dtype: the CPU path, and (with `quantize_input`) the oracle
+    of the GPU path (`fp8_linear_scaled_mm`): x rounded through e4m3, float32 accumulation, the
+    output rounded to bfloat16 and the bias added there, as `torch._scaled_mm` with row-wise
+    scales gives them. Returns x's dtype."""
     w = dequantize_weight(weight, weight_scale, group_k)
     if quantize_input:
-        x32 = fake_quantize_input(x, input_scale)
-        out = F.linear(x32, w, None if bias is None else bias.float())
+        out = F.linear(fake_quantize_input(x, input_scale), w).to(torch.bfloat16)
+        if bias is not None:
+            out = out + bias.to(torch.bfloat16)
         return out.to(x.dtype)
     return F.linear(x, w.to(x.dtype), bias)
 
@@ -159,7 +162,8 @@ def _fp8_weight_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stri
                             group_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             DOT_PRECISION: tl.constexpr):
     """y[m, n] = sum_k x[m, k] * (w[n, k] * s[n, k // group_k]), the weight tile dequantized to x's
-    dtype before the dot, float32 accumulation."""
+    dtype before the dot, float32 accumulation. A K tile lies inside one scale group
+    (`scale_group_block_k`): its scales are one [BLOCK_N] vector, not a tile of their own."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
@@ -171,8 +175,8 @@ def _fp8_weight_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stri
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w_mask = mask_k[:, None] & mask_n[None, :]
         w = tl.load(w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None], mask=w_mask, other=0.0)
-        s = tl.load(s_ptr + offs_n[None, :] * stride_sn + (offs_k // group_k)[:, None], mask=w_mask, other=0.0)
-        acc = tl.dot(a, (w.to(tl.float32) * s).to(a.dtype), acc, input_precision=DOT_PRECISION)
+        s = tl.load(s_ptr + offs_n * stride_sn + k0 // group_k, mask=mask_n, other=0.0)
+        acc = tl.dot(a, (w.to(tl.float32) * s[None, :]).to(a.dtype), acc, input_precision=DOT_PRECISION)
     tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
@@ -196,6 +200,22 @@ def pick_gemm_tiles(rows: int, device: torch.device) -> GemmTiles:
     return GemmTiles(128, 128, 64, num_warps=8, num_stages=3)
 
 
+def scale_group_block_k(block_k: int, group_k: int, k: int) -> int:
+    """The largest K tile (at most `block_k`, a power of two) that never straddles two scale groups
+    of `group_k` columns, so the kernels read a tile's scales as one vector per row: a per-element
+    scale tile in float32 would take four times the weight tile's shared memory in every pipeline
+    stage (more than a Hopper SM has at the largest tiles)."""
+    if group_k >= k:
+        return block_k
+    tile = block_k
+    while tile > 16 and group_k % tile:
+        tile //= 2
+    if group_k % tile:
+        raise ValueError(f"FP8 weight scales over groups of {group_k} columns: the Triton kernels need groups of a "
+                         f"multiple of 16 columns")
+    return tile
+
+
 def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, group_k: int,
                     bias: torch.Tensor | None = None, tiles: GemmTiles | None = None) -> torch.Tensor:
     """Triton version of `fp8_linear_ref` (without input quantization): x [M, K] @ dequant(weight)^T
@@ -209,6 +229,7 @@ def fp8_weight_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         x = x.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     t = tiles or pick_gemm_tiles(m, x.device)
+    t = dataclasses.replace(t, block_k=scale_group_block_k(t.block_k, group_k, k))
     _fp8_weight_gemm_kernel[(triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n))](
         x, weight, weight_scale, y, m, n, k, x.stride(0), weight.stride(0), weight_scale.stride(0), y.stride(0),
         group_k, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,

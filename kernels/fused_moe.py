@@ -22,6 +22,7 @@ one byte per element.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 
 from tandem.kernels.activation import silu_and_mul_ref
-from tandem.kernels.fp8 import GemmTiles, dequantize_weight
+from tandem.kernels.fp8 import GemmTiles, dequantize_weight, scale_group_block_k
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ def _gate_up_silu_kernel(
 ):
     """out[row, n] = silu(x[tok] . w[e, n]) * (x[tok] . w[e, inter + n]) for one BLOCK_M run of
     sorted rows (one expert) and BLOCK_N intermediate columns. FP8: w is e4m3, dequantized in
-    registers with s[e, n, k // group_k] to x's dtype before the dot."""
+    registers with s[e, n, k // group_k] to x's dtype before the dot; a K tile lies inside one
+    scale group (`scale_group_block_k`), so its scales are one vector per row."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -145,11 +147,11 @@ def _gate_up_silu_kernel(
             w_up = tl.load(w_base + (offs_n[None, :] + inter) * stride_wn + offs_k[:, None] * stride_wk,
                            mask=w_mask, other=0.0)
             if FP8:
-                s_base = s_ptr + expert * stride_se + (offs_k // group_k)[:, None]
-                s_gate = tl.load(s_base + offs_n[None, :] * stride_sn, mask=w_mask, other=0.0)
-                s_up = tl.load(s_base + (offs_n[None, :] + inter) * stride_sn, mask=w_mask, other=0.0)
-                w_gate = (w_gate.to(tl.float32) * s_gate).to(a.dtype)
-                w_up = (w_up.to(tl.float32) * s_up).to(a.dtype)
+                s_base = s_ptr + expert * stride_se + k0 // group_k
+                s_gate = tl.load(s_base + offs_n * stride_sn, mask=n_mask, other=0.0)
+                s_up = tl.load(s_base + (offs_n + inter) * stride_sn, mask=n_mask, other=0.0)
+                w_gate = (w_gate.to(tl.float32) * s_gate[None, :]).to(a.dtype)
+                w_up = (w_up.to(tl.float32) * s_up[None, :]).to(a.dtype)
             acc_gate = tl.dot(a, w_gate, acc_gate, input_precision=DOT_PRECISION)
             acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION)
         # Round as the reference does: the projection, then silu(gate), then the product.
@@ -189,9 +191,8 @@ def _down_kernel(
             w_mask = k_mask[:, None] & n_mask[None, :]
             w = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
             if FP8:
-                s = tl.load(s_ptr + expert * stride_se + offs_n[None, :] * stride_sn + (offs_k // group_k)[:, None],
-                            mask=w_mask, other=0.0)
-                w = (w.to(tl.float32) * s).to(a.dtype)
+                s = tl.load(s_ptr + expert * stride_se + offs_n * stride_sn + k0 // group_k, mask=n_mask, other=0.0)
+                w = (w.to(tl.float32) * s[None, :]).to(a.dtype)
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         dtype = out_ptr.dtype.element_ty
         weight = tl.load(topk_weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)
@@ -233,6 +234,9 @@ def fused_moe(
         return torch.zeros_like(x)
     x = x.contiguous()
     tiles = tiles or pick_tiles(num_pairs, num_experts, x.device)
+    if scales is not None:  # one K tile for both launches, inside the scale groups of both
+        tiles = dataclasses.replace(tiles, block_k=min(scale_group_block_k(tiles.block_k, scales.gate_up_group_k, hidden),
+                                                       scale_group_block_k(tiles.block_k, scales.down_group_k, inter)))
     blocks = align_by_expert(topk_ids, num_experts, tiles.block_m)
     num_blocks = blocks.block_expert_ids.numel()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"

@@ -59,11 +59,13 @@ def test_reference_with_input_quantization_rounds_activations():
     exact = fp8_linear_ref(x, q, scale, gk)
     assert torch.equal(exact, F.linear(x, dequantize_weight(q, scale, gk)))
     emulated = fp8_linear_ref(x, q, scale, gk, quantize_input=True)
-    assert torch.allclose(emulated, F.linear(fake_quantize_input(x, None), dequantize_weight(q, scale, gk)))
+    # as torch._scaled_mm gives it: a bfloat16 output
+    assert torch.equal(emulated, F.linear(fake_quantize_input(x, None), dequantize_weight(q, scale, gk))
+                       .to(torch.bfloat16).float())
     assert not torch.equal(emulated, exact)
     static = x.abs().max() / FP8_MAX
-    assert torch.allclose(fp8_linear_ref(x, q, scale, gk, input_scale=static, quantize_input=True),
-                          F.linear(fake_quantize_input(x, static), dequantize_weight(q, scale, gk)))
+    assert torch.equal(fp8_linear_ref(x, q, scale, gk, input_scale=static, quantize_input=True),
+                       F.linear(fake_quantize_input(x, static), dequantize_weight(q, scale, gk)).to(torch.bfloat16).float())
 
 
 @pytest.mark.parametrize("n, k, group_k", [(48, 64, 0), (100, 96, 0), (64, 300, 0), (70, 256, 32), (40, 200, 64)])
@@ -117,13 +119,13 @@ def test_ops_linear_on_fp8_layers(monkeypatch):
         assert calls == ([rows] if skinny else [])
 
 
-def fp8_experts(num_experts, hidden, inter, group_k=0):
+def fp8_experts(num_experts, hidden, inter, group_k=0, dev=None):
     q1, s1 = [], []
     q2, s2 = [], []
     for _ in range(num_experts):
-        q, s, _ = quantized_weight(2 * inter, hidden, group_k)
+        q, s, _ = quantized_weight(2 * inter, hidden, group_k, dev=dev)
         q1.append(q), s1.append(s)
-        q, s, _ = quantized_weight(hidden, inter, group_k)
+        q, s, _ = quantized_weight(hidden, inter, group_k, dev=dev)
         q2.append(q), s2.append(s)
     scales = MoeFp8Scales(torch.stack(s1), torch.stack(s2), group_k or hidden, group_k or inter)
     return torch.stack(q1), torch.stack(q2), scales
@@ -223,3 +225,36 @@ def test_quantize_rows_triton_matches_torch(m, k, dtype):
     diff = (q.float() - ref_q.float()).abs()
     assert (diff <= E4M3_REL * 2 * ref_q.float().abs() + 2.0**-9).all()
     assert (diff > 0).float().mean() < 0.01
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 64, 2048])
+@pytest.mark.parametrize("hidden, inter, num_experts, top_k, group_k", [
+    (4096, 14336, 8, 2, 0),  # Mixtral-8x7B, per channel: 2048 tokens take the largest tiles
+    (2048, 768, 128, 8, 128),  # Qwen3-30B-A3B, 128 x 128 blocks
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_moe_fp8_at_model_shapes_on_gpu(num_tokens, hidden, inter, num_experts, top_k, group_k, dtype):
+    """Compiled for the GPU at every tile size `pick_tiles` takes (the interpreter has no shared
+    memory to run out of): per-element float32 scale tiles once needed more than an SM has."""
+    dev = torch.device("cuda")
+    experts = min(num_experts, 8)  # the weights of 8 experts are enough to take every tile size
+    w13, w2, scales = fp8_experts(experts, hidden, inter, group_k, dev=dev)
+    x = torch.randn(num_tokens, hidden, device=dev).to(dtype)
+    weights, ids = torch.topk(torch.softmax(torch.randn(num_tokens, experts, device=dev), -1), min(top_k, experts), -1)
+    out = fused_moe(x, w13, w2, weights, ids, scales=scales)
+    ref = fused_moe_ref(x, w13, w2, weights, ids, scales=scales)
+    assert_close(out, ref, TOLERANCE[dtype])
+
+
+def test_k_tiles_never_straddle_two_scale_groups():
+    from tandem.kernels.fp8 import scale_group_block_k
+
+    assert scale_group_block_k(128, 4096, 4096) == 128  # per channel: one group
+    assert scale_group_block_k(64, 4096, 1000) == 64
+    assert scale_group_block_k(128, 128, 4096) == 128
+    assert scale_group_block_k(128, 64, 4096) == 64
+    assert scale_group_block_k(32, 16, 64) == 16
+    assert scale_group_block_k(128, 48, 4096) == 16
+    with pytest.raises(ValueError, match="multiple of 16"):
+        scale_group_block_k(128, 100, 4096)

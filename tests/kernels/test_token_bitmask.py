@@ -84,7 +84,7 @@ def test_matches_xgrammar_filled_masks(llama_dir):
 @pytest.mark.gpu
 def test_llama3_vocab_256_rows_gpu():
     logits = torch.randn(256, 128256, device="cuda", dtype=torch.bfloat16)
-    packed, _ = _random_bitmask(256, 128256)
+    packed, _ = _random_bitmask(200, 128256)  # one mask per masked row
     rows = torch.randperm(256)[:200].cuda()
     ref = logits.clone()
     apply_token_bitmask_ref(ref, packed.cuda(), rows)
