@@ -271,13 +271,17 @@ def test_high_precision_layer_in_an_fp8_checkpoint_is_refused(fp8_dirs, model_di
 def test_fp8_on_gpu_computes_the_reference_function(model_dirs, arch):
     """The GPU's paths (`torch._scaled_mm` with per-token activation scales, the FP8 GEMV at one
     row, the FP8 fused MoE) against the CPU reference that rounds as each of them does (e4m3
-    activations and a bf16 output where `_scaled_mm` runs): float32 model dtype on both, so only
-    the accumulation order differs, and the e4m3 roundings it flips."""
+    activations and a bf16 output where `_scaled_mm` runs), float32 model dtype on both.
+    `_scaled_mm` itself is not exact: a few per cent of its outputs differ from the exactly
+    rounded product of the same e4m3 operands (its accumulation), and each later layer's e4m3
+    rounding of its input amplifies that. So where it runs, the GPU is held to a fraction of
+    FP8's own error against float32, and to the accuracy the CPU path is held to."""
     gpu = LLM(model_dirs[arch], device="cuda", dtype="float32", num_kv_blocks=64, quantization="fp8").engine.runner.model
     cpu = LLM(model_dirs[arch], num_kv_blocks=64, quantization="fp8").engine.runner.model
+    ref = LLM(model_dirs[arch], num_kv_blocks=64).engine.runner.model
     prompts = prompts_for(cpu.config.vocab_size, lens=[1, 7, 64, 129])
-    # A one-token prompt: projections without a bias through the GEMV (unquantized activations),
-    # those with one (Qwen2's q/k/v) through `_scaled_mm`.
+    # A one-token prompt: projections without a bias through the GEMV (unquantized activations,
+    # exact up to accumulation order), those with one (Qwen2's q/k/v) through `_scaled_mm`.
     for module in cpu.modules():
         if isinstance(module, Fp8Linear):
             module.quantize_input = module.bias is not None
@@ -285,10 +289,23 @@ def test_fp8_on_gpu_computes_the_reference_function(model_dirs, arch):
     one_row_error = ((one_row - expected).norm() / expected.norm()).item()
     set_quantize_input(cpu, True)
     got, expected = prefill_logits(gpu, prompts, every_position=True), prefill_logits(cpu, prompts, every_position=True)
+    full = prefill_logits(ref, prompts, every_position=True)
     batch_error = ((got - expected).norm() / expected.norm()).item()
-    print(f"\n{arch}: relative logit error vs the CPU reference: one row {one_row_error:.2e}, batch {batch_error:.2e}")
-    assert one_row_error < 1e-3
-    assert batch_error < 2e-2
+    fp8_error = ((expected - full).norm() / full.norm()).item()
+    print(f"\n{arch}: relative logit error vs the CPU reference: one row {one_row_error:.2e}, batch {batch_error:.2e} "
+          f"(the reference vs float32: {fp8_error:.2e})")
+    assert one_row_error < (2e-3 if arch == "qwen2" else 1e-5)
+    assert batch_error < 0.6 * fp8_error
+    # and as accurate against float32 as the CPU path must be (test_fp8_logits_within_tolerance_of_float32)
+    want = torch.log_softmax(full, dim=-1)
+    top = want.argmax(dim=-1)
+    best_two = want.topk(2, dim=-1).values
+    decisive = best_two[:, 0] - best_two[:, 1] > 0.25
+    logprobs = torch.log_softmax(got, dim=-1)
+    agree = logprobs.argmax(dim=-1) == top
+    assert agree.float().mean() >= 0.85 and agree[decisive].all(), agree.float().mean()
+    diff = (logprobs.gather(1, top[:, None]) - want.gather(1, top[:, None])).abs().max().item()
+    assert diff <= (0.5 if arch in MOE_ARCHITECTURES else 0.25), diff
 
 
 @pytest.mark.gpu
