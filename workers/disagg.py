@@ -57,7 +57,9 @@ class DisaggConfig:
     """Bound on silence from the prefill replica working on a request: it sends a `PrefillAlive`
     every quarter of this while the request queues, computes or sends there. This is what frees
     the blocks of a replica that hangs before it sent any KV (frozen, its event loop stuck),
-    which the transfer's heartbeat cannot see: nothing has begun."""
+    which the transfer's heartbeat cannot see: nothing has begun. A call that waits this long in
+    Serve's queue for a prefill replica (every one at `max_ongoing_requests`) is given up the
+    same way: the prompt is prefilled here instead."""
     prefill_tensor_parallel_size: int = 1
     """The prefill pool's degree: its ranks each send their KV heads, one part each here."""
 
