@@ -92,10 +92,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn, stride_sn, GROUP_K
 # (`bench/results/probes/gemv_skinny_sweep_h100.json`, M = 1): within 4% of each shape's best tile (qkv
 # 18.4 vs 17.7 us), within 1% for the others.
 TILES = (8, 1024, 4)
-# e4m3 weights: twice the columns per tile and twice the warps, so a program keeps the bf16 tile's
-# bytes of weight in flight with the same registers per thread. Not yet measured against the
-# alternatives (`bench/probes/fp8_gemm_probe.py` sweeps them).
-FP8_TILES = (8, 2048, 8)
+# e4m3 weights: the bf16 tile too. Twice the columns and warps (to keep the bf16 tile's bytes in
+# flight) was the slowest of the six tiles the H100 sweep tried over the four projections, the bf16
+# tile among the fastest (`bench/results/probes/fp8_gemm_probe_h100.json`, M = 1).
+FP8_TILES = (8, 1024, 4)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul_input: bool = False, *,
