@@ -68,6 +68,23 @@ def dense_linear_names(state) -> list[str]:
 #    whose router scores nearly tie can switch experts).
 # Both with the CPU path's activations in float32 and rounded through e4m3 per token as the
 # GPU's FP8 GEMM rounds them (`set_quantize_input`).
+def decisive_positions(logprobs: torch.Tensor) -> torch.Tensor:
+    """Where the top-1 token leads its runner-up by more than 0.25 nats."""
+    best_two = logprobs.topk(2, dim=-1).values
+    return best_two[:, 0] - best_two[:, 1] > 0.25
+
+
+def assert_fp8_accuracy(got_logits: torch.Tensor, float32_logprobs: torch.Tensor, arch: str, what) -> None:
+    """FP8 logits against the float32 model's log-probabilities, by the tolerances above."""
+    top = float32_logprobs.argmax(dim=-1)
+    got = torch.log_softmax(got_logits, dim=-1)
+    agree = got.argmax(dim=-1) == top
+    diff = (got.gather(1, top[:, None]) - float32_logprobs.gather(1, top[:, None])).abs().max().item()
+    assert agree.float().mean() >= 0.85, (what, agree.float().mean())
+    assert agree[decisive_positions(float32_logprobs)].all(), what
+    assert diff <= (0.5 if arch in MOE_ARCHITECTURES else 0.25), (what, diff)
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_fp8_logits_within_tolerance_of_float32(model_dirs, arch):
     ref = LLM(model_dirs[arch], num_kv_blocks=8).engine.runner.model
@@ -76,19 +93,11 @@ def test_fp8_logits_within_tolerance_of_float32(model_dirs, arch):
     assert fp8.layers[0].self_attn.qkv_proj.weight.dtype == FP8_DTYPE
     prompts = prompts_for(ref.config.vocab_size)
     expected = torch.log_softmax(prefill_logits(ref, prompts, every_position=True), dim=-1)
-    top = expected.argmax(dim=-1)
-    best_two = expected.topk(2, dim=-1).values
-    decisive = best_two[:, 0] - best_two[:, 1] > 0.25
-    assert decisive.sum() > 400
-    max_diff = 0.5 if arch in MOE_ARCHITECTURES else 0.25
+    assert decisive_positions(expected).sum() > 400
     for quantize_input in (False, True):
         set_quantize_input(fp8, quantize_input)
-        got = torch.log_softmax(prefill_logits(fp8, prompts, every_position=True), dim=-1)
-        agree = got.argmax(dim=-1) == top
-        diff = (got.gather(1, top[:, None]) - expected.gather(1, top[:, None])).abs().max().item()
-        assert agree.float().mean() >= 0.85, (quantize_input, agree.float().mean())
-        assert agree[decisive].all(), quantize_input
-        assert diff <= max_diff, (quantize_input, diff)
+        assert_fp8_accuracy(prefill_logits(fp8, prompts, every_position=True), expected, arch,
+                            f"quantize_input={quantize_input}")
 
 
 def test_load_time_quantization_is_per_channel(model_dirs):
@@ -297,15 +306,7 @@ def test_fp8_on_gpu_computes_the_reference_function(model_dirs, arch):
     assert one_row_error < (2e-3 if arch == "qwen2" else 1e-5)
     assert batch_error < 0.6 * fp8_error
     # and as accurate against float32 as the CPU path must be (test_fp8_logits_within_tolerance_of_float32)
-    want = torch.log_softmax(full, dim=-1)
-    top = want.argmax(dim=-1)
-    best_two = want.topk(2, dim=-1).values
-    decisive = best_two[:, 0] - best_two[:, 1] > 0.25
-    logprobs = torch.log_softmax(got, dim=-1)
-    agree = logprobs.argmax(dim=-1) == top
-    assert agree.float().mean() >= 0.85 and agree[decisive].all(), agree.float().mean()
-    diff = (logprobs.gather(1, top[:, None]) - want.gather(1, top[:, None])).abs().max().item()
-    assert diff <= (0.5 if arch in MOE_ARCHITECTURES else 0.25), diff
+    assert_fp8_accuracy(got, torch.log_softmax(full, dim=-1), arch, "GPU")
 
 
 @pytest.mark.gpu

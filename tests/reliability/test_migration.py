@@ -137,9 +137,13 @@ def run_one(client: openai.OpenAI, spec: Spec) -> Result:
     return result
 
 
-def run_all(client: openai.OpenAI, mix: list[Spec]) -> list[Result]:
+def run_all(client: openai.OpenAI, mix: list[Spec], during=None) -> list[Result]:
+    """The mix, CONCURRENCY at a time; `during()` runs in this thread meanwhile."""
     with ThreadPoolExecutor(CONCURRENCY) as pool:
-        return list(pool.map(lambda spec: run_one(client, spec), mix))
+        futures = [pool.submit(run_one, client, spec) for spec in mix]
+        if during is not None:
+            during()
+        return [f.result(timeout=240) for f in futures]
 
 
 def run_until(client: openai.OpenAI, mix: list[Spec], done: threading.Event) -> list[tuple[Spec, Result]]:
@@ -306,14 +310,14 @@ def test_a_replica_whose_engine_loop_dies_ends_itself_and_its_streams_continue(b
     victim = replica_names(APP, "LLMWorker")[0]
     pid = replica_pid(victim)
 
-    with ThreadPoolExecutor(len(mix)) as pool:
-        futures = [pool.submit(run_one, client, spec) for spec in mix]
+    def fault_once_streams_run_on_the_victim() -> None:
         busy = time.monotonic() + 60
         while not ((stats := worker_stats(APP).get(victim)) and stats["num_running"] >= 4):
             assert time.monotonic() < busy, "streams on the victim"
             time.sleep(0.1)
         assert break_engine_loop(victim) == 1
-        results = [f.result(timeout=240) for f in futures]
+
+    results = run_all(client, mix, fault_once_streams_run_on_the_victim)
 
     lost = [(spec.index, r.error) for spec, r in zip(mix, results) if r.error]
     assert not lost, lost
