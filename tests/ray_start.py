@@ -6,7 +6,10 @@ Ray gives a new raylet a fixed 30 s to register with the GCS (a constant in
 environment variable). On the busy 2-core CI machine one start missed it (CI of 2026-12-07: a
 module errored at set-up with "The current node timed out during startup"). Before the second try
 the processes the failed start left behind are killed, so they hold no ports and take no CPU from
-the new cluster."""
+the new cluster.
+
+A connection an earlier test left open is closed first: `ray.init` of a new cluster would
+otherwise raise "Maybe you called ray.init twice" (CI of 2026-12-07, six tests of two modules)."""
 from __future__ import annotations
 
 from typing import Callable, TypeVar
@@ -26,6 +29,8 @@ def _descendants() -> dict[int, psutil.Process]:
 def start_ray(start: Callable[[], T], attempts: int = 2) -> T:
     """Runs `start` (a `ray.init`, or a whole `Cluster` and the `ray.init` joining it); when it
     fails because a node timed out during start-up, kills what it started and runs it again."""
+    if ray.is_initialized():
+        ray.shutdown()
     for attempt in range(1, attempts + 1):
         before = _descendants()
         try:

@@ -45,3 +45,22 @@ def test_other_errors_and_a_second_timeout_are_raised():
     with pytest.raises(Exception, match=NODE_START_TIMEOUT):
         start_ray(always_times_out)
     assert len(calls) == 2
+
+
+def test_a_connection_left_open_is_closed_before_the_start():
+    import ray
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        assert start_ray(ray.is_initialized) is False  # `start` ran after the old connection closed
+    finally:
+        ray.shutdown()
+
+
+def test_no_ray_call_starts_a_cluster_by_itself():
+    import ray
+
+    assert not ray.is_initialized()
+    with pytest.raises(Exception):
+        ray.get_actor("not-there")
+    assert not ray.is_initialized()

@@ -34,8 +34,6 @@ def local_serve() -> Iterator[str]:
     """Yields the base URL; stops the whole local Ray (Serve with it) afterwards."""
     port = free_port()
     quiet_ray_logging()
-    if ray.is_initialized():  # a connection an earlier test left (its own cluster is gone or not ours)
-        ray.shutdown()
     # "local": a new cluster even when another run on this machine has one up.
     init_local(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=FORWARD_WORKER_LOGS)
