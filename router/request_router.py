@@ -28,6 +28,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import ray
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from tandem.router.index_actor import get_index_actor, pool_name
@@ -109,25 +110,32 @@ class TandemRequestRouter(RequestRouter):
         return [[by_id[replica_id]] for replica_id in ranked_ids if replica_id in by_id]
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self._index.request_finished.remote(internal_request_id)
+        self._tell_index("request_finished", internal_request_id)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         previous = set(self._replica_id_set)
         super().update_replicas(replicas)
         removed = previous - self._replica_id_set
         if removed:
-            self._index.remove_replicas.remote([r.to_full_id_str() for r in removed])
+            self._tell_index("remove_replicas", [r.to_full_id_str() for r in removed])
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self._index.remove_replicas.remote([replica_id.to_full_id_str()])
+        self._tell_index("remove_replicas", [replica_id.to_full_id_str()])
+
+    def _tell_index(self, method: str, *args: Any) -> None:
+        """A one-way call to the index actor; none once this process has left Ray. A handle's
+        router outlives `ray.shutdown()` in a driver (a request's completion can arrive after
+        it), and a Ray call there would start a new local cluster behind the user's back (Ray
+        auto-initializes on `.remote()`)."""
+        if ray.is_initialized():
+            getattr(self._index, method).remote(*args)
 
     def _register_cleanup(self) -> None:
         # The index actor is detached (it must outlive any one replica or router); ask the Serve
         # controller to kill it on serve.shutdown(), as Ray's own prefix router does. Best
         # effort: the method is private to Serve.
         try:
-            import ray
             from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
             controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)

@@ -11,11 +11,12 @@ HAS_CUDA = torch.cuda.is_available()
 # The tests start many local Ray clusters; on a busy 2-core machine a GCS server has taken over
 # Ray's default 30 s to publish its port (every test of the module then errors at set-up).
 os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
-# No Ray call in this process starts a cluster by itself (Ray's auto-init of `ray.get`,
-# `ray.get_actor`, ...): every test starts its own and stops it. A call after a test's
-# `ray.shutdown()` (CI of 2026-12-07: a Ray connection was still up when the next module
-# started its cluster, and six tests errored with "called ray.init twice") then raises
-# where it is made instead of leaving a hidden local cluster behind. Read when ray is imported.
+# No Ray call in this process starts a cluster by itself (Ray's auto-init of `.remote()`,
+# `ray.get`, ...): every test starts its own cluster and stops it. CI of 2026-12-07: a
+# request's completion reached a handle's request router after the test's `ray.shutdown()`; its
+# call to the index actor started a hidden local Ray, and the next module's `ray.init` failed
+# ("called ray.init twice"). The router no longer calls out after a shutdown
+# (tests/router/test_router_after_shutdown.py); any other such call now raises where it is made.
 os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 if not HAS_CUDA:
     # Must be set before triton is first imported.
