@@ -61,6 +61,6 @@ def test_no_ray_call_starts_a_cluster_by_itself():
     import ray
 
     assert not ray.is_initialized()
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="Ray has not been started yet"):
         ray.get_actor("not-there")
     assert not ray.is_initialized()

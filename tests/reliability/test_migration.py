@@ -21,6 +21,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -137,7 +138,7 @@ def run_one(client: openai.OpenAI, spec: Spec) -> Result:
     return result
 
 
-def run_all(client: openai.OpenAI, mix: list[Spec], during=None) -> list[Result]:
+def run_all(client: openai.OpenAI, mix: list[Spec], during: Callable[[], None] | None = None) -> list[Result]:
     """The mix, CONCURRENCY at a time; `during()` runs in this thread meanwhile."""
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         futures = [pool.submit(run_one, client, spec) for spec in mix]

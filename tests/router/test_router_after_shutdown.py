@@ -16,14 +16,15 @@ from tests.ray_start import init_local
 def test_a_completion_after_ray_shutdown_starts_no_cluster(monkeypatch):
     # What a user's process has (the suite turns Ray's auto-init off: tests/conftest.py).
     monkeypatch.setattr(auto_init_hook, "enable_auto_connect", True)
+    replica = ReplicaID("r", DeploymentID("d", "a"))
     init_local(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         router = TandemRequestRouter.__new__(TandemRequestRouter)  # Serve's constructor needs a controller
         router._index = get_index_actor("after-shutdown/pool")
-        router.on_request_completed(ReplicaID("r", DeploymentID("d", "a")), "request-1")  # connected: sent
+        router.on_request_completed(replica, "request-1")  # connected: sent
     finally:
         ray.shutdown()
-    router.on_request_completed(ReplicaID("r", DeploymentID("d", "a")), "request-2")
+    router.on_request_completed(replica, "request-2")
     try:
         assert not ray.is_initialized()
     finally:
